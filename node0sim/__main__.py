@@ -1,0 +1,3 @@
+from node0sim.app import main
+
+main()

@@ -1,0 +1,233 @@
+"""Typed, validated run configuration built from the Hydra config tree (``conf/``).
+
+Every error names the offending key and the allowed values, so a wrong override fails fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from node0sim.data import DataConfig
+from node0sim.protocol.stage_compute import OptimConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _check_type(path: str, value: Any, hint: Any) -> Any:
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{path}: a value is required")
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"{path}: expected {names}, got {value!r}")
+
+
+def build_section(cls: type, node: Mapping[str, Any], path: str) -> Any:
+    """Instantiate dataclass ``cls`` from ``node``, rejecting unknown keys and wrong types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(node) - set(fields))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name in node:
+            values[name] = _check_type(f"{path}.{name}", node[name], hints[name])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{path}.{name}: missing")
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(str(error) if str(error).startswith(path) else f"{path}: {error}") from None
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, f"{path}: {value!r} is not one of {list(allowed)}")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Access-link bandwidth per peer, latency (uniform or from a region preset) and jitter."""
+
+    name: str
+    up_mbps: float
+    down_mbps: float
+    latency_ms: float | None = None
+    regions: str = "single_region"
+    jitter_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        from node0sim.sim.regions import REGION_PRESETS
+
+        _require(self.up_mbps > 0, f"network.up_mbps: must be > 0, got {self.up_mbps}")
+        _require(self.down_mbps > 0, f"network.down_mbps: must be > 0, got {self.down_mbps}")
+        _require(self.latency_ms is None or self.latency_ms >= 0, f"network.latency_ms: must be >= 0, got {self.latency_ms}")
+        _require(self.jitter_ms >= 0, f"network.jitter_ms: must be >= 0, got {self.jitter_ms}")
+        _one_of("network.regions", self.regions, tuple(REGION_PRESETS))
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    """How many stages and peers the swarm has."""
+
+    num_stages: int
+    peers_per_stage: int = 1
+    num_trainers: int = 1
+
+    def __post_init__(self) -> None:
+        _require(self.num_stages >= 1, f"topology.num_stages: must be >= 1, got {self.num_stages}")
+        _require(
+            self.peers_per_stage == 1,
+            f"topology.peers_per_stage: only 1 is supported so far (in-stage data parallelism is not "
+            f"implemented yet), got {self.peers_per_stage}",
+        )
+        _require(
+            self.num_trainers == 1,
+            f"topology.num_trainers: only 1 is supported so far, got {self.num_trainers}",
+        )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Batch sizes, schedule and stopping rules."""
+
+    steps: int
+    batch_size: int
+    micro_batch_size: int
+    seq_len: int
+    schedule: str = "sync"
+    max_inflight: int = 4
+    max_sim_time_s: float | None = None
+    request_timeout_s: float = 30.0
+    max_retries: int = 3
+    eval_batches: int = 4
+
+    def __post_init__(self) -> None:
+        _require(self.steps >= 1, f"train.steps: must be >= 1, got {self.steps}")
+        _require(self.micro_batch_size >= 1, f"train.micro_batch_size: must be >= 1, got {self.micro_batch_size}")
+        _require(
+            self.batch_size >= self.micro_batch_size and self.batch_size % self.micro_batch_size == 0,
+            f"train.batch_size: must be a multiple of train.micro_batch_size ({self.micro_batch_size}), got {self.batch_size}",
+        )
+        _require(self.seq_len >= 2, f"train.seq_len: must be >= 2, got {self.seq_len}")
+        _one_of("train.schedule", self.schedule, ("sync", "async"))
+        _require(self.max_inflight >= 1, f"train.max_inflight: must be >= 1, got {self.max_inflight}")
+        _require(
+            self.max_sim_time_s is None or self.max_sim_time_s > 0,
+            f"train.max_sim_time_s: must be > 0 or null, got {self.max_sim_time_s}",
+        )
+        _require(self.request_timeout_s > 0, f"train.request_timeout_s: must be > 0, got {self.request_timeout_s}")
+        _require(self.max_retries >= 0, f"train.max_retries: must be >= 0, got {self.max_retries}")
+        _require(self.eval_batches >= 0, f"train.eval_batches: must be >= 0, got {self.eval_batches}")
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches in one global batch."""
+        return self.batch_size // self.micro_batch_size
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Simulator settings: numerics or timing mode, the GPU cost model, DHT latency, limits."""
+
+    numerics: bool = True
+    gpu: str = "rtx3090"
+    utilization: float = 0.4
+    dht_latency_ms: float = 50.0
+    max_message_mb: float = 1024.0
+    timing_dtype: str = "bfloat16"
+    max_numerics_params: int = 500_000_000
+
+    def __post_init__(self) -> None:
+        from node0sim.sim.gpus import GPU_PROFILES
+
+        _one_of("sim.gpu", self.gpu, tuple(GPU_PROFILES))
+        _require(0 < self.utilization <= 1, f"sim.utilization: must be in (0, 1], got {self.utilization}")
+        _require(self.dht_latency_ms >= 0, f"sim.dht_latency_ms: must be >= 0, got {self.dht_latency_ms}")
+        _require(self.max_message_mb > 0, f"sim.max_message_mb: must be > 0, got {self.max_message_mb}")
+        _one_of("sim.timing_dtype", self.timing_dtype, ("float32", "bfloat16", "float16"))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs, validated."""
+
+    backend: str
+    seed: int
+    run_id: str
+    model: Mapping[str, Any]
+    network: NetworkConfig
+    topology: TopologyConfig
+    train: TrainConfig
+    sim: SimConfig
+    optim: OptimConfig
+    data: DataConfig
+    churn: str
+    compression: str
+
+
+SECTIONS = ("backend", "seed", "run_id", "model", "network", "topology", "train", "sim", "optim", "data", "churn", "compression")
+
+
+def _name_only(node: Mapping[str, Any], path: str, allowed: tuple[str, ...]) -> str:
+    extra = sorted(set(node) - {"name"})
+    _require(not extra, f"{path}: unknown key(s) {extra}")
+    _one_of(f"{path}", node.get("name"), allowed)
+    return node["name"]
+
+
+def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
+    """Validate a resolved config mapping (``OmegaConf.to_container(cfg, resolve=True)``)."""
+    unknown = sorted(set(cfg) - set(SECTIONS) - {"hydra"})
+    _require(not unknown, f"unknown top-level key(s) {unknown}; allowed: {list(SECTIONS)}")
+    missing = [s for s in SECTIONS if s not in cfg]
+    _require(not missing, f"missing config section(s) {missing}")
+    optim = dict(cfg["optim"])
+    if optim.get("total_steps") is None:
+        optim["total_steps"] = 0
+    run = RunConfig(
+        backend=_name_only(cfg["backend"], "backend", ("sim",)),
+        seed=_check_type("seed", cfg["seed"], int),
+        run_id=_check_type("run_id", cfg["run_id"], str),
+        model=dict(cfg["model"]),
+        network=build_section(NetworkConfig, cfg["network"], "network"),
+        topology=build_section(TopologyConfig, cfg["topology"], "topology"),
+        train=build_section(TrainConfig, cfg["train"], "train"),
+        sim=build_section(SimConfig, cfg["sim"], "sim"),
+        optim=build_section(OptimConfig, optim, "optim"),
+        data=_data_config(cfg["data"]),
+        churn=_name_only(cfg["churn"], "churn", ("none",)),
+        compression=_name_only(cfg["compression"], "compression", ("none",)),
+    )
+    _one_of("optim.name", run.optim.name, ("adamw",))
+    return run
+
+
+def _data_config(node: Mapping[str, Any]) -> DataConfig:
+    try:
+        return DataConfig.from_mapping(node)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None

@@ -1,0 +1,109 @@
+"""Backend-independent pieces of a run: the model, the stages' compute, the data, evaluation.
+
+A micro-batch's path: ``TokenMicroBatches`` cuts a global batch from the data stream ->
+``Trainer`` sends it through ``StageServer`` handlers -> each server's ``StageCompute`` runs
+the stage (real tensors) or charges its cost (timing mode) -> the tail returns the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from node0sim.config import ConfigError, RunConfig
+from node0sim.data import TokenBatches, build_data
+from node0sim.model import ModelConfig, build_stages, stage_parameter_count, stage_shapes
+from node0sim.protocol.messages import Payload, TensorSpec
+from node0sim.protocol.stage_compute import CostStageCompute, StageCompute, TensorStageCompute
+
+
+def model_config(run: RunConfig, vocab_size: int | None) -> ModelConfig:
+    """The model of the run; ``model.vocab_size: null`` takes the tokenizer's vocabulary."""
+    node = dict(run.model)
+    if node.get("vocab_size") is None:
+        if vocab_size is None:
+            raise ConfigError("model.vocab_size: must be set in timing mode (sim.numerics=false)")
+        node["vocab_size"] = vocab_size
+    elif vocab_size is not None and node["vocab_size"] < vocab_size:
+        raise ConfigError(f"model.vocab_size: {node['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+    try:
+        cfg = ModelConfig.from_mapping(node)
+    except ValueError as error:
+        raise ConfigError(f"model: {error}") from None
+    if run.train.seq_len > cfg.max_seq_len:
+        raise ConfigError(f"train.seq_len: {run.train.seq_len} exceeds model.max_seq_len ({cfg.max_seq_len})")
+    if run.topology.num_stages > cfg.n_layers:
+        raise ConfigError(
+            f"topology.num_stages: {run.topology.num_stages} stages need at least as many layers, "
+            f"model.n_layers is {cfg.n_layers}"
+        )
+    return cfg
+
+
+def stage_computes(run: RunConfig, cfg: ModelConfig) -> list[StageCompute]:
+    """One compute object per stage: real modules in numerics mode, cost-only otherwise."""
+    num_stages = run.topology.num_stages
+    if not run.sim.numerics:
+        dtype = getattr(torch, run.sim.timing_dtype)
+        return [
+            CostStageCompute(cfg, index, num_stages, layers, dtype)
+            for index, (layers, _, _) in enumerate(stage_shapes(cfg, num_stages))
+        ]
+    total = sum(stage_parameter_count(cfg, *shape) for shape in stage_shapes(cfg, num_stages))
+    if total > run.sim.max_numerics_params:
+        raise ConfigError(
+            f"model={cfg.name} has {total:,} parameters, over sim.max_numerics_params "
+            f"({run.sim.max_numerics_params:,}); use timing mode: sim.numerics=false"
+        )
+    optim = run.optim if run.optim.total_steps else replace(run.optim, total_steps=run.train.steps)
+    return [TensorStageCompute(stage, optim) for stage in build_stages(cfg, num_stages, run.seed)]
+
+
+class TokenMicroBatches:
+    """Cuts global batches of the training stream into micro-batches of ``(inputs, targets)``."""
+
+    def __init__(self, batches: TokenBatches, micro_batch_size: int):
+        self.batches = batches
+        self.micro_batch_size = micro_batch_size
+        self._pending: list[torch.Tensor] = []
+
+    def next_micro_batch(self) -> tuple[Payload, Payload]:
+        if not self._pending:
+            self._pending = list(self.batches.next_batch().split(self.micro_batch_size))
+        window = self._pending.pop(0)
+        return window[:, :-1], window[:, 1:]
+
+
+class SpecMicroBatches:
+    """Timing mode: micro-batches described by shape only."""
+
+    def __init__(self, micro_batch_size: int, seq_len: int):
+        self.spec = TensorSpec((micro_batch_size, seq_len), torch.int64)
+
+    def next_micro_batch(self) -> tuple[Payload, Payload]:
+        return self.spec, self.spec
+
+
+def micro_batch_source(run: RunConfig) -> tuple[TokenMicroBatches | SpecMicroBatches, list[torch.Tensor], int | None]:
+    """The trainer's micro-batches, fixed validation batches and the tokenizer's vocabulary size."""
+    if not run.sim.numerics:
+        return SpecMicroBatches(run.train.micro_batch_size, run.train.seq_len), [], None
+    train, validation, tokenizer = build_data(
+        run.data, run.train.seq_len, run.train.batch_size, run.seed, max(1, run.train.eval_batches)
+    )
+    return TokenMicroBatches(train, run.train.micro_batch_size), validation[: run.train.eval_batches], tokenizer.vocab_size
+
+
+def evaluate(computes: list[StageCompute], batches: list[torch.Tensor]) -> float | None:
+    """Mean validation loss of the pipeline (one replica per stage), or None without tensors."""
+    if not batches or not all(isinstance(c, TensorStageCompute) for c in computes):
+        return None
+    losses = []
+    with torch.no_grad():
+        for batch in batches:
+            x = batch[:, :-1]
+            for compute in computes:
+                x = compute.module(x)
+            losses.append(computes[-1].module.loss(x, batch[:, 1:]).item())
+    return sum(losses) / len(losses)

@@ -1,0 +1,82 @@
+"""Run outputs: ``metrics.jsonl`` (one JSON object per logged point), ``summary.json`` and a loss plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+SUMMARY_KEYS = (
+    "backend", "num_stages", "num_peers", "steps", "samples", "tokens", "sim_time_s", "wall_time_s",
+    "tokens_per_s", "loss_first", "loss_last", "bytes_sent", "activation_bytes_per_token",
+    "failed_requests", "retried_requests",
+)
+"""Keys every ``summary.json`` has (MISSION.md); runs add more."""
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+class RunRecorder:
+    """Appends metric records to ``metrics.jsonl`` and prints one progress line per step."""
+
+    def __init__(self, out_dir: Path, total_steps: int, stream: TextIO | None = sys.stdout):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self.total_steps = total_steps
+        self.stream = stream
+        self.records: list[dict[str, Any]] = []
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Record one point (written immediately, so a crashed run keeps its metrics)."""
+        self.records.append(record)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.stream is not None and "step" in record:
+            print(
+                f"step {record['step']:>5}/{self.total_steps} | loss {_fmt(record.get('loss'), '.4f')} | "
+                f"sim {record['time_s']:9.2f} s | {record['tokens_per_s']:11.1f} tok/s",
+                file=self.stream,
+                flush=True,
+            )
+
+    def finish(self, summary: dict[str, Any]) -> dict[str, Path]:
+        """Write ``summary.json`` and ``loss.png``; returns the output paths."""
+        missing = [k for k in SUMMARY_KEYS if k not in summary]
+        if missing:
+            raise KeyError(f"summary lacks {missing}")
+        summary_path = self.out_dir / "summary.json"
+        summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        paths = {"metrics": self.metrics_path, "summary": summary_path}
+        plot = plot_loss(self.records, self.out_dir / "loss.png")
+        if plot is not None:
+            paths["plot"] = plot
+        return paths
+
+
+def plot_loss(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training loss against step and against virtual time; None when no loss was recorded."""
+    points = [r for r in records if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 4))
+    by_step.plot([r["step"] for r in points], [r["loss"] for r in points])
+    by_step.set(xlabel="step (global batch)", ylabel="training loss", title="loss vs step")
+    by_time.plot([r["time_s"] for r in points], [r["loss"] for r in points])
+    by_time.set(xlabel="virtual time (s)", ylabel="training loss", title="loss vs time")
+    for ax in (by_step, by_time):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

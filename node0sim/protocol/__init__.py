@@ -1,0 +1,1 @@
+"""Protocol roles and messages, written once against ``node0sim.runtime.Runtime`` (no backend imports)."""

@@ -1,0 +1,121 @@
+"""Messages between trainers and stage servers, and how many bytes each one puts on the wire.
+
+A payload is either a real tensor (numerics mode) or a :class:`TensorSpec` (timing mode: the
+same shape and dtype, no data). Either way the network is charged the same bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+HEADER_BYTES = 64
+"""Per-message framing: method, stage index, tensor shapes and dtypes."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of a tensor that timing mode does not materialize."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the tensor would occupy."""
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+Payload = torch.Tensor | TensorSpec
+
+
+def payload_bytes(*payloads: Payload | None) -> int:
+    """Wire size of ``payloads`` (``None`` entries are absent fields)."""
+    total = 0
+    for payload in payloads:
+        if isinstance(payload, torch.Tensor):
+            total += payload.numel() * payload.element_size()
+        elif payload is not None:
+            total += payload.nbytes
+    return total
+
+
+def spec_of(payload: Payload) -> TensorSpec:
+    """The shape and dtype of a payload."""
+    if isinstance(payload, TensorSpec):
+        return payload
+    return TensorSpec(tuple(payload.shape), payload.dtype)
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    """Run stage ``stage`` forward on ``inputs`` (token ids for the head, hidden states otherwise)."""
+
+    stage: int
+    inputs: Payload
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES + payload_bytes(self.inputs)
+
+
+@dataclass(frozen=True)
+class ForwardResponse:
+    """The stage's output activations."""
+
+    outputs: Payload
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES + payload_bytes(self.outputs)
+
+
+@dataclass(frozen=True)
+class BackwardRequest:
+    """Backward through stage ``stage``: the forward input is resent and recomputed.
+
+    Carrying the input makes backward independent of per-request server state, so any peer of
+    the stage can serve it (SWARM's stateless backward).
+    """
+
+    stage: int
+    inputs: Payload
+    grad_outputs: Payload
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES + payload_bytes(self.inputs, self.grad_outputs)
+
+
+@dataclass(frozen=True)
+class BackwardResponse:
+    """Gradient with respect to the stage's input (``None`` on the head: token ids have none)."""
+
+    grad_inputs: Payload | None
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES + payload_bytes(self.grad_inputs)
+
+
+@dataclass(frozen=True)
+class TailRequest:
+    """Forward, loss and backward on the last stage in one round trip."""
+
+    stage: int
+    inputs: Payload
+    targets: Payload
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES + payload_bytes(self.inputs, self.targets)
+
+
+@dataclass(frozen=True)
+class TailResponse:
+    """The micro-batch's mean loss (``None`` in timing mode) and the gradient for the previous stage."""
+
+    loss: float | None
+    grad_inputs: Payload | None
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES + 4 + payload_bytes(self.grad_inputs)

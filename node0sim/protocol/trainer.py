@@ -1,0 +1,173 @@
+"""The trainer: pushes micro-batches forward head -> tail and backward tail -> head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from node0sim.protocol.messages import BackwardRequest, ForwardRequest, Payload, TailRequest, spec_of
+from node0sim.protocol.stage_server import stage_key
+from node0sim.runtime import RPCError, Runtime, Task
+
+
+class MicroBatchSource(Protocol):
+    """Where micro-batches come from: ``(inputs, targets)`` token payloads of shape [B, T]."""
+
+    def next_micro_batch(self) -> tuple[Payload, Payload]:
+        """The next micro-batch."""
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """How the trainer drives the pipeline."""
+
+    steps: int
+    micro_batches_per_step: int
+    schedule: str = "sync"
+    max_inflight: int = 4
+    request_timeout_s: float = 30.0
+    max_retries: int = 3
+    discovery_period_s: float = 5.0
+
+
+@dataclass
+class TrainerStats:
+    """What happened to the micro-batches and requests of one trainer."""
+
+    micro_batches_done: int = 0
+    micro_batches_dropped: int = 0
+    samples: int = 0
+    tokens: int = 0
+    failed_requests: int = 0
+    retried_requests: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+class NoPeerForStage(RPCError):
+    """No live peer serves a stage (the pipeline is stalled there)."""
+
+
+class Trainer:
+    """Drives ``steps`` global batches through the pipeline and reports each step to ``on_step``.
+
+    ``schedule="sync"``: the micro-batches of a step run concurrently (GPipe-style) and the
+    next step starts when all are back, so every stage updates exactly once per step on fresh
+    weights. ``schedule="async"``: up to ``max_inflight`` micro-batches are always in flight and
+    stages update whenever they have accumulated a step's worth of samples, so gradients are stale.
+    """
+
+    def __init__(
+        self,
+        rt: Runtime,
+        run_id: str,
+        num_stages: int,
+        source: MicroBatchSource,
+        cfg: TrainerConfig,
+        on_step: Callable[[dict[str, Any]], None],
+    ):
+        if cfg.schedule not in ("sync", "async"):
+            raise ValueError(f"schedule must be 'sync' or 'async', got {cfg.schedule!r}")
+        self.rt = rt
+        self.run_id = run_id
+        self.num_stages = num_stages
+        self.source = source
+        self.cfg = cfg
+        self.on_step = on_step
+        self.stats = TrainerStats()
+        self._peers: list[list[str]] = [[] for _ in range(num_stages)]
+        self._step_losses: list[float] = []
+        self._steps_done = 0
+        self._started_at = 0.0
+
+    async def run(self) -> TrainerStats:
+        """Train until ``cfg.steps`` steps are done."""
+        await self._wait_for_pipeline()
+        self._started_at = self.rt.now()
+        if self.cfg.schedule == "sync":
+            for _ in range(self.cfg.steps):
+                tasks = [self.rt.spawn(self._micro_batch()) for _ in range(self.cfg.micro_batches_per_step)]
+                await self.rt.gather(tasks)
+        else:
+            total = self.cfg.steps * self.cfg.micro_batches_per_step
+            inflight: list[Task] = []
+            for _ in range(total):
+                if len(inflight) >= self.cfg.max_inflight:
+                    await inflight.pop(0).join()
+                inflight.append(self.rt.spawn(self._micro_batch()))
+            await self.rt.gather(inflight)
+        return self.stats
+
+    async def _wait_for_pipeline(self) -> None:
+        while True:
+            await self._discover()
+            if all(self._peers):
+                return
+            await self.rt.sleep(self.cfg.discovery_period_s)
+
+    async def _discover(self) -> None:
+        for stage in range(self.num_stages):
+            record = await self.rt.dht_get(stage_key(self.run_id, stage))
+            self._peers[stage] = sorted(record) if isinstance(record, dict) else []
+
+    async def _call(self, stage: int, method: str, request: Any) -> Any:
+        """Call a peer of ``stage``, retrying (on re-discovered peers) up to ``max_retries`` times."""
+        for attempt in range(self.cfg.max_retries + 1):
+            if attempt:
+                self.stats.retried_requests += 1
+                await self._discover()
+            peers = self._peers[stage]
+            if not peers:
+                self.stats.failed_requests += 1
+                continue
+            try:
+                return await self.rt.call(peers[0], method, request, self.cfg.request_timeout_s)
+            except RPCError:
+                self.stats.failed_requests += 1
+        raise NoPeerForStage(f"stage {stage}: {method} failed after {self.cfg.max_retries} retries")
+
+    async def _micro_batch(self) -> None:
+        inputs, targets = self.source.next_micro_batch()
+        try:
+            loss = await self._forward_backward(inputs, targets)
+        except RPCError:
+            self.stats.micro_batches_dropped += 1
+            return
+        batch, seq_len = spec_of(inputs).shape[:2]
+        self.stats.micro_batches_done += 1
+        self.stats.samples += batch
+        self.stats.tokens += batch * seq_len
+        if loss is not None:
+            self.stats.losses.append(loss)
+            self._step_losses.append(loss)
+        if self.stats.micro_batches_done % self.cfg.micro_batches_per_step == 0:
+            self._finish_step()
+
+    async def _forward_backward(self, inputs: Payload, targets: Payload) -> float | None:
+        last = self.num_stages - 1
+        stage_inputs = [inputs]
+        for stage in range(last):
+            response = await self._call(stage, "forward", ForwardRequest(stage, stage_inputs[-1]))
+            stage_inputs.append(response.outputs)
+        tail = await self._call(last, "tail", TailRequest(last, stage_inputs[last], targets))
+        grad = tail.grad_inputs
+        for stage in reversed(range(last)):
+            grad = (await self._call(stage, "backward", BackwardRequest(stage, stage_inputs[stage], grad))).grad_inputs
+        return tail.loss
+
+    def _finish_step(self) -> None:
+        self._steps_done += 1
+        elapsed = self.rt.now() - self._started_at
+        losses, self._step_losses = self._step_losses, []
+        self.on_step(
+            {
+                "step": self._steps_done,
+                "time_s": self.rt.now(),
+                "loss": sum(losses) / len(losses) if losses else None,
+                "samples": self.stats.samples,
+                "tokens": self.stats.tokens,
+                "tokens_per_s": self.stats.tokens / elapsed if elapsed > 0 else 0.0,
+                "failed_requests": self.stats.failed_requests,
+                "retried_requests": self.stats.retried_requests,
+                "dropped_micro_batches": self.stats.micro_batches_dropped,
+            }
+        )

@@ -1,0 +1,112 @@
+"""The runtime interface: everything protocol code may use, and nothing else.
+
+Protocol roles (trainer, stage server, ...) are ``async`` functions that receive a
+:class:`Runtime` bound to one peer. They never import a backend and never call ``asyncio``
+directly: the SimPy backend (``node0sim.sim``) drives the same coroutines in virtual time,
+the hivemind backend (``swarm``) on a real event loop.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Awaitable, Callable, Coroutine, Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class Message(Protocol):
+    """Anything sent over RPC: it knows how many bytes it occupies on the wire."""
+
+    def wire_bytes(self) -> int:
+        """Size of the serialized message, charged to the network."""
+
+
+Handler = Callable[[str, Any], Awaitable[Any]]
+"""An RPC handler: ``await handler(caller_peer_id, request) -> response``."""
+
+
+class RPCError(Exception):
+    """A remote call did not produce a response."""
+
+
+class RequestTimeout(RPCError):
+    """No response within the call's timeout (the peer may be gone, slow or unreachable)."""
+
+
+class RemoteError(RPCError):
+    """The remote handler rejected the request; the message says why."""
+
+
+class PeerCrashed(BaseException):
+    """Raised inside a peer's own tasks when that peer leaves or crashes.
+
+    A ``BaseException`` (like ``asyncio.CancelledError``) so that ``except Exception`` in
+    protocol code does not swallow the end of its own peer.
+    """
+
+
+class Task(ABC):
+    """A concurrently running coroutine started with :meth:`Runtime.spawn`."""
+
+    @abstractmethod
+    def join(self) -> Awaitable[Any]:
+        """Wait for the task and return its result (or raise its exception)."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Stop the task at its next await."""
+
+    @property
+    @abstractmethod
+    def done(self) -> bool:
+        """Whether the task has finished."""
+
+
+class Runtime(ABC):
+    """What one peer's protocol code can do: time, compute, RPC, DHT and concurrency."""
+
+    peer_id: str
+
+    @abstractmethod
+    def now(self) -> float:
+        """Current time in seconds (virtual in simulation, wall-clock in a live swarm)."""
+
+    @abstractmethod
+    def sleep(self, seconds: float) -> Awaitable[None]:
+        """Wait ``seconds``."""
+
+    @abstractmethod
+    def compute(self, flops: float, fn: Callable[[], T] | None = None) -> Awaitable[T | None]:
+        """Run ``fn`` on this peer's accelerator; ``flops`` is its cost for the cost model.
+
+        The simulator charges ``flops / (peak FLOP/s x utilization)`` of virtual time and runs
+        ``fn`` (if given) for its numerical result; a live backend simply runs ``fn``.
+        """
+
+    @abstractmethod
+    def call(self, peer: str, method: str, request: Message, timeout: float) -> Awaitable[Any]:
+        """Send ``request`` to ``peer``'s handler for ``method`` and return its response.
+
+        Raises :class:`RequestTimeout` after ``timeout`` seconds without a response and
+        :class:`RemoteError` if the handler rejected the request.
+        """
+
+    @abstractmethod
+    def serve(self, method: str, handler: Handler) -> None:
+        """Register ``handler`` for incoming calls of ``method`` on this peer."""
+
+    @abstractmethod
+    def dht_store(self, key: str, value: Any, expires_in: float, subkey: str | None = None) -> Awaitable[None]:
+        """Store ``value`` under ``key`` (or under ``subkey`` of a dictionary record) for ``expires_in`` s."""
+
+    @abstractmethod
+    def dht_get(self, key: str) -> Awaitable[Any]:
+        """The unexpired value under ``key``; a ``{subkey: value}`` dict for dictionary records; ``None`` if absent."""
+
+    @abstractmethod
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> Task:
+        """Run ``coro`` concurrently as a task owned by this peer."""
+
+    @abstractmethod
+    def gather(self, tasks: list[Task]) -> Awaitable[list[Any]]:
+        """Wait for all ``tasks`` and return their results in order (the first failure is raised)."""

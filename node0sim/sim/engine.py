@@ -1,0 +1,273 @@
+"""The SimPy backend of the runtime interface: async protocol code on virtual time.
+
+Each protocol coroutine is driven by one SimPy process: the coroutine awaits runtime
+awaitables, which yield SimPy events; the driver hands each event to SimPy and sends its
+value (or throws its failure) back into the coroutine. See ``shared/reference/async-on-simpy.md``.
+"""
+
+from __future__ import annotations
+
+import random
+import types
+from typing import Any, Callable, Coroutine, Generator, TypeVar
+
+import simpy
+
+from node0sim.runtime import Handler, Message, PeerCrashed, RemoteError, RequestTimeout, Runtime, Task
+from node0sim.sim.gpus import GPUProfile
+from node0sim.sim.network import Endpoint, Network
+
+T = TypeVar("T")
+
+ERROR_REPLY_BYTES = 64
+"""Size of the short error message a peer sends back when it rejects a request."""
+
+
+class _Cancelled(PeerCrashed):
+    """Thrown into a task cancelled by its owner (the caller gave up on an RPC, ...)."""
+
+
+_CRASH = "crash"
+_CANCEL = "cancel"
+
+
+@types.coroutine
+def wait(event: simpy.Event) -> Generator[simpy.Event, Any, Any]:
+    """Await a SimPy event from protocol-side coroutine code."""
+    return (yield event)
+
+
+def _drive(coro: Coroutine[Any, Any, T]) -> Generator[simpy.Event, Any, T | None]:
+    """SimPy process body running ``coro``; a crash or cancel ends it quietly."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            event = coro.throw(error) if error is not None else coro.send(value)
+        except StopIteration as stop:
+            return stop.value
+        except PeerCrashed:
+            return None
+        if not isinstance(event, simpy.Event):
+            coro.close()
+            raise TypeError(f"protocol code awaited {event!r}; only runtime awaitables work on the simulator")
+        try:
+            value, error = (yield event), None
+        except simpy.Interrupt as interrupt:
+            value, error = None, (_Cancelled() if interrupt.cause == _CANCEL else PeerCrashed())
+        except BaseException as failure:  # a failed event: raise it inside the coroutine
+            value, error = None, failure
+
+
+class SimTask(Task):
+    """A coroutine running as a SimPy process owned by one peer."""
+
+    def __init__(self, process: simpy.Process):
+        self.process = process
+
+    def join(self) -> Any:
+        return wait(self.process)
+
+    def cancel(self) -> None:
+        if self.process.is_alive and self.process is not self.process.env.active_process:
+            self.process.interrupt(_CANCEL)
+
+    @property
+    def done(self) -> bool:
+        return not self.process.is_alive
+
+
+class EmulatedDHT:
+    """A global key-value store with expiry, standing in for a Kademlia DHT.
+
+    Every get/store costs ``lookup_latency_s`` of virtual time (a DHT lookup is a few
+    sequential hops; the value is a configuration knob rather than a modelled route).
+    """
+
+    def __init__(self, lookup_latency_s: float):
+        self.lookup_latency_s = lookup_latency_s
+        self._records: dict[str, dict[str | None, tuple[Any, float]]] = {}
+
+    def store(self, key: str, subkey: str | None, value: Any, expires_at: float) -> None:
+        """Write a value (or a subkey of a dictionary record)."""
+        self._records.setdefault(key, {})[subkey] = (value, expires_at)
+
+    def get(self, key: str, now: float) -> Any:
+        """The unexpired value, a ``{subkey: value}`` dict, or None."""
+        record = self._records.get(key)
+        if not record:
+            return None
+        live = {sub: value for sub, (value, expires_at) in record.items() if expires_at > now}
+        if not live:
+            return None
+        if None in live:
+            return live[None]
+        return live
+
+
+class SimPeer:
+    """One virtual machine: a network endpoint, a GPU, RPC handlers and its running tasks."""
+
+    def __init__(self, sim: "Simulation", peer_id: str, endpoint: Endpoint, gpu: GPUProfile, utilization: float):
+        self.sim = sim
+        self.peer_id = peer_id
+        self.endpoint = endpoint
+        self.gpu = gpu
+        self.flops_per_s = gpu.peak_flops * utilization
+        self.accelerator = simpy.Resource(sim.env, capacity=1)
+        self.handlers: dict[str, Handler] = {}
+        self.tasks: dict[simpy.Process, None] = {}
+        self.alive = True
+        self.busy_s = 0.0
+        self.runtime = SimRuntime(self)
+
+    def crash(self) -> None:
+        """Leave without goodbye: every task of this peer stops, calls to it time out."""
+        self.alive = False
+        self.handlers.clear()
+        for process in list(self.tasks):
+            if process.is_alive and process is not self.sim.env.active_process:
+                process.interrupt(_CRASH)
+
+
+class SimRuntime(Runtime):
+    """The runtime interface for one simulated peer."""
+
+    def __init__(self, peer: SimPeer):
+        self.peer = peer
+        self.peer_id = peer.peer_id
+        self._sim = peer.sim
+        self._env = peer.sim.env
+
+    def now(self) -> float:
+        return self._env.now
+
+    async def sleep(self, seconds: float) -> None:
+        await wait(self._env.timeout(seconds))
+
+    async def compute(self, flops: float, fn: Callable[[], T] | None = None) -> T | None:
+        request = self.peer.accelerator.request()
+        try:
+            await wait(request)
+            result = fn() if fn is not None else None
+            seconds = flops / self.peer.flops_per_s
+            self.peer.busy_s += seconds
+            await wait(self._env.timeout(seconds))
+            return result
+        finally:
+            if request.triggered:
+                self.peer.accelerator.release(request)
+            else:
+                request.cancel()
+
+    async def call(self, peer: str, method: str, request: Message, timeout: float) -> Any:
+        size = request.wire_bytes()
+        if size > self._sim.max_message_bytes:
+            raise ValueError(
+                f"{method} request to {peer} is {size} bytes, over the {self._sim.max_message_bytes}-byte message limit"
+            )
+        delivery = self._sim.start(self.peer, self._sim.deliver(self.peer, peer, method, request))
+        timer = self._env.timeout(timeout)
+        await wait(self._env.any_of([delivery, timer]))
+        if delivery.triggered:
+            if delivery.ok:
+                return delivery.value
+            delivery.defused = True
+            raise delivery.value
+        delivery.interrupt(_CANCEL)
+        raise RequestTimeout(f"{method} to peer {peer} got no response within {timeout:g} s")
+
+    def serve(self, method: str, handler: Handler) -> None:
+        self.peer.handlers[method] = handler
+
+    async def dht_store(self, key: str, value: Any, expires_in: float, subkey: str | None = None) -> None:
+        await wait(self._env.timeout(self._sim.dht.lookup_latency_s))
+        self._sim.dht.store(key, subkey, value, self._env.now + expires_in)
+
+    async def dht_get(self, key: str) -> Any:
+        await wait(self._env.timeout(self._sim.dht.lookup_latency_s))
+        return self._sim.dht.get(key, self._env.now)
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> Task:
+        return SimTask(self._sim.start(self.peer, coro))
+
+    async def gather(self, tasks: list[Task]) -> list[Any]:
+        return [await task.join() for task in tasks]
+
+
+class Simulation:
+    """A SimPy environment with peers, a network, an emulated DHT and a seeded RNG."""
+
+    def __init__(
+        self,
+        *,
+        seed: int,
+        latency_s: Callable[[str, str], float],
+        jitter_s: float = 0.0,
+        dht_latency_s: float = 0.05,
+        max_message_bytes: int = 2**31,
+    ):
+        self.env = simpy.Environment()
+        self.rng = random.Random(seed)
+        self.network = Network(self.env, latency_s, jitter_s, random.Random(self.rng.getrandbits(64)))
+        self.dht = EmulatedDHT(dht_latency_s)
+        self.max_message_bytes = max_message_bytes
+        self.peers: dict[str, SimPeer] = {}
+        self.traffic: dict[str, int] = {}
+        """Bytes of requests and responses per RPC method."""
+
+    def add_peer(
+        self, peer_id: str, *, region: str, up_mbps: float, down_mbps: float, gpu: GPUProfile, utilization: float
+    ) -> SimPeer:
+        """Create a peer; its ``runtime`` is what protocol roles receive."""
+        if peer_id in self.peers and self.peers[peer_id].alive:
+            raise ValueError(f"peer {peer_id} already exists")
+        peer = SimPeer(self, peer_id, Endpoint(peer_id, region, up_mbps, down_mbps), gpu, utilization)
+        self.peers[peer_id] = peer
+        return peer
+
+    def start(self, owner: SimPeer, coro: Coroutine[Any, Any, Any]) -> simpy.Process:
+        """Run ``coro`` as a process that ends when ``owner`` crashes."""
+        process = self.env.process(_drive(coro))
+        owner.tasks[process] = None
+        process.callbacks.append(lambda _event: owner.tasks.pop(process, None))
+        return process
+
+    async def deliver(self, src: SimPeer, dst_id: str, method: str, request: Message) -> Any:
+        """One RPC: request bytes, the handler on the destination, response bytes.
+
+        A destination that is gone (or crashes before answering) never replies, so the caller's
+        timeout fires, as on a real network.
+        """
+        dst = self.peers.get(dst_id)
+        if dst is None or not dst.alive:
+            await wait(self.env.event())
+        await self._send(src, dst, request.wire_bytes(), method)
+        handler = dst.handlers.get(method) if dst.alive else None
+        if handler is None:
+            if not dst.alive:
+                await wait(self.env.event())
+            await self._send(dst, src, ERROR_REPLY_BYTES, method)
+            raise RemoteError(f"peer {dst_id} does not serve {method!r}")
+        try:
+            response = await wait(self.start(dst, handler(src.peer_id, request)))
+        except (ValueError, RemoteError) as rejected:
+            await self._send(dst, src, ERROR_REPLY_BYTES, method)
+            raise RemoteError(f"peer {dst_id} rejected {method}: {rejected}") from None
+        if not dst.alive:
+            await wait(self.env.event())
+        await self._send(dst, src, response.wire_bytes(), method)
+        return response
+
+    async def _send(self, src: SimPeer, dst: SimPeer, nbytes: int, method: str) -> None:
+        self.traffic[method] = self.traffic.get(method, 0) + nbytes
+        flow = self.network.transfer(src.endpoint, dst.endpoint, nbytes)
+        try:
+            await wait(flow.done)
+        except PeerCrashed:
+            self.network.abort(flow)
+            raise
+
+    def run(self, until: float | None = None) -> None:
+        """Advance virtual time until ``until`` (or until nothing is left to do)."""
+        self.env.run(until=until)

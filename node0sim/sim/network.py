@@ -1,0 +1,183 @@
+"""Emulated network: per-peer access links shared max-min fairly, plus region latency.
+
+Model (a fluid flow model, as used by flow-level network simulators such as SimGrid):
+- every peer has an uplink and a downlink of fixed capacity; the core of the internet is
+  assumed uncongested, so a flow from A to B is limited only by A's uplink and B's downlink;
+- concurrent flows share links max-min fairly (progressive filling): whenever a flow starts,
+  finishes or is aborted, the rates of the flows connected to it through shared links are
+  recomputed and their completion times rescheduled;
+- a message is delivered one one-way latency (plus optional jitter) after its last byte left,
+  so an isolated transfer of S bytes over B bit/s with latency L takes exactly L + 8S/B.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import simpy
+
+
+class Link:
+    """One direction of a peer's access link, with the flows currently using it."""
+
+    __slots__ = ("capacity", "flows", "name")
+
+    def __init__(self, name: str, capacity_bytes_per_s: float):
+        if not capacity_bytes_per_s > 0:
+            raise ValueError(f"link {name}: bandwidth must be > 0, got {capacity_bytes_per_s * 8 / 1e6} Mb/s")
+        self.name = name
+        self.capacity = capacity_bytes_per_s
+        self.flows: dict[Flow, None] = {}
+
+
+class Flow:
+    """Bytes moving from one uplink to one downlink."""
+
+    __slots__ = ("up", "down", "remaining", "rate", "updated_at", "version", "latency", "done", "active")
+
+    def __init__(self, up: Link, down: Link, nbytes: float, latency: float, done: simpy.Event, now: float):
+        self.up, self.down = up, down
+        self.remaining = float(nbytes)
+        self.rate = 0.0
+        self.updated_at = now
+        self.version = 0
+        self.latency = latency
+        self.done = done
+        self.active = True
+
+
+class Endpoint:
+    """A peer's attachment to the network: its region and its two links."""
+
+    __slots__ = ("peer_id", "region", "up", "down")
+
+    def __init__(self, peer_id: str, region: str, up_mbps: float, down_mbps: float):
+        self.peer_id = peer_id
+        self.region = region
+        self.up = Link(f"{peer_id}/up", up_mbps * 1e6 / 8)
+        self.down = Link(f"{peer_id}/down", down_mbps * 1e6 / 8)
+
+
+class Network:
+    """All links of a simulation; ``transfer`` returns an event that fires on delivery."""
+
+    def __init__(self, env: simpy.Environment, latency_s: Callable[[str, str], float], jitter_s: float, rng: random.Random):
+        self.env = env
+        self._latency_s = latency_s
+        self._jitter_s = jitter_s
+        self._rng = rng
+        self.bytes_sent = 0
+        self.transfers = 0
+
+    def latency(self, src: Endpoint, dst: Endpoint) -> float:
+        """One-way latency of the next message from ``src`` to ``dst`` (jitter drawn from the run's RNG)."""
+        base = self._latency_s(src.region, dst.region)
+        return base + self._rng.uniform(0.0, self._jitter_s) if self._jitter_s > 0 else base
+
+    def transfer(self, src: Endpoint, dst: Endpoint, nbytes: int) -> Flow:
+        """Start sending ``nbytes`` from ``src`` to ``dst``; ``flow.done`` fires when they arrive."""
+        done = self.env.event()
+        self.bytes_sent += nbytes
+        self.transfers += 1
+        if src is dst:
+            done.succeed()
+            return Flow(src.up, dst.down, 0, 0.0, done, self.env.now)
+        flow = Flow(src.up, dst.down, nbytes, self.latency(src, dst), done, self.env.now)
+        if nbytes <= 0:
+            self._deliver_after_latency(flow)
+            return flow
+        flow.up.flows[flow] = None
+        flow.down.flows[flow] = None
+        self._reshare((flow.up, flow.down))
+        return flow
+
+    def abort(self, flow: Flow) -> None:
+        """Stop a flow whose sender gave up; its bandwidth goes back to the others."""
+        if not flow.active:
+            return
+        flow.active = False
+        if flow in flow.up.flows:
+            self._remove(flow)
+
+    def _remove(self, flow: Flow) -> None:
+        del flow.up.flows[flow]
+        del flow.down.flows[flow]
+        self._reshare((flow.up, flow.down))
+
+    def _component(self, seeds: tuple[Link, ...]) -> tuple[dict[Link, None], dict[Flow, None]]:
+        """Links and flows connected to ``seeds`` through shared links (ordered, for determinism)."""
+        links: dict[Link, None] = {}
+        flows: dict[Flow, None] = {}
+        stack = list(seeds)
+        while stack:
+            link = stack.pop()
+            if link in links:
+                continue
+            links[link] = None
+            for flow in link.flows:
+                if flow not in flows:
+                    flows[flow] = None
+                    stack.append(flow.up)
+                    stack.append(flow.down)
+        return links, flows
+
+    def _reshare(self, seeds: tuple[Link, ...]) -> None:
+        """Recompute max-min fair rates around ``seeds`` and reschedule completions."""
+        now = self.env.now
+        links, flows = self._component(seeds)
+        for flow in flows:
+            flow.remaining = max(0.0, flow.remaining - flow.rate * (now - flow.updated_at))
+            flow.updated_at = now
+        new_rates = self._max_min_rates(links, flows)
+        for flow, rate in new_rates.items():
+            if rate != flow.rate or flow.version == 0:
+                flow.rate = rate
+                flow.version += 1
+                timer = self.env.timeout(flow.remaining / rate)
+                timer.callbacks.append(_FlowTimer(self, flow, flow.version))
+
+    @staticmethod
+    def _max_min_rates(links: dict[Link, None], flows: dict[Flow, None]) -> dict[Flow, float]:
+        """Progressive filling: repeatedly saturate the link offering the smallest fair share."""
+        capacity_left = {link: link.capacity for link in links}
+        unfrozen = {link: len(link.flows) for link in links}
+        rates: dict[Flow, float] = {}
+        while len(rates) < len(flows):
+            share = min(capacity_left[l] / unfrozen[l] for l in links if unfrozen[l])
+            for link in links:
+                if unfrozen[link] and capacity_left[link] / unfrozen[link] <= share * (1 + 1e-12):
+                    for flow in link.flows:
+                        if flow not in rates:
+                            rates[flow] = share
+                            for shared in (flow.up, flow.down):
+                                capacity_left[shared] -= share
+                                unfrozen[shared] -= 1
+        return rates
+
+    def _on_timer(self, flow: Flow, version: int) -> None:
+        if not flow.active or flow.version != version:
+            return
+        flow.remaining = 0.0
+        self._remove(flow)
+        self._deliver_after_latency(flow)
+
+    def _deliver_after_latency(self, flow: Flow) -> None:
+        def deliver(_event: simpy.Event) -> None:
+            if flow.active:
+                flow.active = False
+                flow.done.succeed()
+
+        self.env.timeout(flow.latency).callbacks.append(deliver)
+
+
+class _FlowTimer:
+    """Callback of a flow's completion timer; stale timers (rate changed since) do nothing."""
+
+    __slots__ = ("network", "flow", "version")
+
+    def __init__(self, network: Network, flow: Flow, version: int):
+        self.network, self.flow, self.version = network, flow, version
+
+    def __call__(self, _event: simpy.Event) -> None:
+        self.network._on_timer(self.flow, self.version)
