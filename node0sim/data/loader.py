@@ -99,10 +99,7 @@ class DataConfig:
         unknown = sorted(str(k) for k in d if k not in allowed)
         if unknown:
             raise ValueError(f"data: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(allowed)}")
-        values = {k: d[k] for k in d}
-        if "files" in values and not isinstance(values["files"], str):
-            values["files"] = list(values["files"])
-        return cls(**values)
+        return cls(**dict(d))
 
 
 class _TextColumn:

@@ -55,6 +55,9 @@ def _drive(coro: Coroutine[Any, Any, T]) -> Generator[simpy.Event, Any, T | None
             value, error = (yield event), None
         except simpy.Interrupt as interrupt:
             value, error = None, (_Cancelled() if interrupt.cause == _CANCEL else PeerCrashed())
+        except GeneratorExit:  # the simulation ended with this task still waiting
+            coro.close()
+            raise
         except BaseException as failure:  # a failed event: raise it inside the coroutine
             value, error = None, failure
 

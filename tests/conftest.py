@@ -1,0 +1,16 @@
+import os
+
+import pytest
+
+# Never reach a hub from tests; everything they use is local.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+@pytest.fixture(autouse=True)
+def _small_torch_threads():
+    import torch
+
+    torch.set_num_threads(1)
+    yield

@@ -1,0 +1,207 @@
+"""The SimPy runtime: async protocol code on virtual time, RPC, failures, DHT, compute."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from node0sim.runtime import RemoteError, RequestTimeout
+from tests.simutil import add, make_sim
+
+
+@dataclass
+class Blob:
+    nbytes: int
+
+    def wire_bytes(self) -> int:
+        return self.nbytes
+
+
+def _run(sim, peer, coro):
+    task = peer.runtime.spawn(coro)
+    sim.run()
+    assert task.done
+    return task.process.value
+
+
+def test_sleep_and_exceptions_reach_protocol_code_in_virtual_time():
+    sim = make_sim()
+    peer = add(sim, "p")
+    rt = peer.runtime
+
+    async def protocol():
+        await rt.sleep(2.5)
+        try:
+            await rt.call("nobody", "x", Blob(1), timeout=1.0)
+        except RequestTimeout:
+            return rt.now()
+
+    assert _run(sim, peer, protocol()) == pytest.approx(3.5)
+
+
+def test_rpc_time_is_request_plus_compute_plus_response():
+    sim = make_sim(latency_s=0.01)
+    client, server = add(sim, "client", 80, 80), add(sim, "server", 80, 80)
+    flops = 1e12
+
+    async def handler(caller, request):
+        await server.runtime.compute(flops)
+        return Blob(2_000_000)
+
+    server.runtime.serve("work", handler)
+
+    async def protocol():
+        response = await client.runtime.call("server", "work", Blob(1_000_000), timeout=60)
+        return response.nbytes, client.runtime.now()
+
+    nbytes, elapsed = _run(sim, client, protocol())
+    expected = (0.01 + 8e6 / 80e6) + flops / (71e12 * 0.4) + (0.01 + 16e6 / 80e6)
+    assert nbytes == 2_000_000 and elapsed == pytest.approx(expected)
+
+
+def test_call_to_departed_peer_fails_after_its_timeout():
+    sim = make_sim(latency_s=0.01)
+    client, server = add(sim, "client"), add(sim, "server")
+
+    async def handler(caller, request):
+        return Blob(10)
+
+    server.runtime.serve("ping", handler)
+    server.crash()
+
+    async def protocol():
+        start = client.runtime.now()
+        with pytest.raises(RequestTimeout, match="server"):
+            await client.runtime.call("server", "ping", Blob(10), timeout=3.0)
+        return client.runtime.now() - start
+
+    assert _run(sim, client, protocol()) == pytest.approx(3.0)
+
+
+def test_peer_crashing_mid_request_makes_the_caller_time_out():
+    sim = make_sim()
+    client, server = add(sim, "client"), add(sim, "server")
+    handled = []
+
+    async def slow(caller, request):
+        await server.runtime.sleep(5.0)
+        handled.append(True)
+        return Blob(1)
+
+    server.runtime.serve("slow", slow)
+
+    async def crash_later():
+        await client.runtime.sleep(1.0)
+        server.crash()
+
+    client.runtime.spawn(crash_later())
+
+    async def protocol():
+        with pytest.raises(RequestTimeout):
+            await client.runtime.call("server", "slow", Blob(1), timeout=10.0)
+        return client.runtime.now()
+
+    assert _run(sim, client, protocol()) == pytest.approx(10.0)
+    assert handled == []  # the crashed peer's handler never finished
+
+
+def test_rejected_request_raises_remote_error_with_the_reason():
+    sim = make_sim()
+    client, server = add(sim, "client"), add(sim, "server")
+
+    async def picky(caller, request):
+        raise ValueError("tensor has NaN")
+
+    server.runtime.serve("picky", picky)
+
+    async def protocol():
+        with pytest.raises(RemoteError, match="NaN"):
+            await client.runtime.call("server", "picky", Blob(1), timeout=5.0)
+        with pytest.raises(RemoteError, match="does not serve"):
+            await client.runtime.call("server", "unknown", Blob(1), timeout=5.0)
+        return True
+
+    assert _run(sim, client, protocol())
+
+
+def test_oversized_message_is_refused_before_sending():
+    sim = make_sim()
+    client, _ = add(sim, "client"), add(sim, "server")
+    sim.max_message_bytes = 1000
+
+    async def protocol():
+        with pytest.raises(ValueError, match="message limit"):
+            await client.runtime.call("server", "x", Blob(1001), timeout=5.0)
+        return sim.network.bytes_sent
+
+    assert _run(sim, client, protocol()) == 0
+
+
+def test_dht_values_expire_and_subkeys_merge():
+    sim = make_sim(dht_latency_s=0.1)
+    a, b = add(sim, "a"), add(sim, "b")
+
+    async def protocol():
+        await a.runtime.dht_store("k", "v", expires_in=5.0)
+        await a.runtime.dht_store("stage", 1, expires_in=5.0, subkey="a")
+        await b.runtime.dht_store("stage", 2, expires_in=50.0, subkey="b")
+        first = (await b.runtime.dht_get("k"), await b.runtime.dht_get("stage"))
+        await b.runtime.sleep(10)
+        second = (await b.runtime.dht_get("k"), await b.runtime.dht_get("stage"))
+        return first, second, b.runtime.now()
+
+    first, second, now = _run(sim, a, protocol())
+    assert first == ("v", {"a": 1, "b": 2})
+    assert second == (None, {"b": 2})
+    assert now == pytest.approx(10.7)  # 7 DHT operations of 0.1 s + 10 s
+
+
+def test_compute_is_serialized_on_one_gpu_and_runs_the_function():
+    sim = make_sim()
+    peer = add(sim, "p")
+    rt = peer.runtime
+    seconds_per_job = 1e12 / peer.flops_per_s
+
+    async def job(i):
+        value = await rt.compute(1e12, lambda: i * i)
+        return value, rt.now()
+
+    async def protocol():
+        return await rt.gather([rt.spawn(job(i)) for i in range(3)])
+
+    results = _run(sim, peer, protocol())
+    assert [v for v, _ in results] == [0, 1, 4]
+    assert [t for _, t in results] == pytest.approx([seconds_per_job * k for k in (1, 2, 3)])
+
+
+def test_awaiting_a_foreign_awaitable_fails_clearly():
+    import asyncio
+
+    sim = make_sim()
+    peer = add(sim, "p")
+
+    async def bad():
+        await asyncio.sleep(0)
+
+    peer.runtime.spawn(bad())
+    with pytest.raises(TypeError, match="only runtime awaitables"):
+        sim.run()
+
+
+def test_jitter_is_seeded():
+    def arrival(seed):
+        sim = make_sim(latency_s=0.01, seed=seed, jitter_s=0.02)
+        client, server = add(sim, "c"), add(sim, "s")
+
+        async def echo(caller, request):
+            return Blob(1)
+
+        server.runtime.serve("echo", echo)
+
+        async def protocol():
+            for _ in range(5):
+                await client.runtime.call("s", "echo", Blob(1), timeout=5)
+            return client.runtime.now()
+
+        return _run(sim, client, protocol())
+
+    assert arrival(1) == arrival(1) != arrival(2)
