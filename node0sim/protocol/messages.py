@@ -30,25 +30,45 @@ class TensorSpec:
         return count * self.dtype.itemsize
 
 
-Payload = torch.Tensor | TensorSpec
+def _tensor_bytes(part: "torch.Tensor | TensorSpec") -> int:
+    return part.numel() * part.element_size() if isinstance(part, torch.Tensor) else part.nbytes
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A compressed payload: several tensors (or, in timing mode, specs) that travel together.
+
+    ``shape`` is the logical shape of what was compressed (e.g. [B, T, dim]); the wire size is
+    the sum of the parts, so indices, scales and packed nibbles are all charged.
+    """
+
+    parts: dict[str, "torch.Tensor | TensorSpec"]
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all parts."""
+        return sum(_tensor_bytes(part) for part in self.parts.values())
+
+
+Payload = torch.Tensor | TensorSpec | Packed
 
 
 def payload_bytes(*payloads: Payload | None) -> int:
     """Wire size of ``payloads`` (``None`` entries are absent fields)."""
     total = 0
     for payload in payloads:
-        if isinstance(payload, torch.Tensor):
-            total += payload.numel() * payload.element_size()
-        elif payload is not None:
+        if isinstance(payload, Packed):
             total += payload.nbytes
+        elif payload is not None:
+            total += _tensor_bytes(payload)
     return total
 
 
-def spec_of(payload: Payload) -> TensorSpec:
-    """The shape and dtype of a payload."""
-    if isinstance(payload, TensorSpec):
-        return payload
-    return TensorSpec(tuple(payload.shape), payload.dtype)
+def leading_dims(payload: Payload) -> tuple[int, int]:
+    """``(batch, seq_len)`` of a token or activation payload."""
+    shape = payload.shape if isinstance(payload, (Packed, TensorSpec)) else tuple(payload.shape)
+    return shape[0], shape[1]
 
 
 @dataclass(frozen=True)

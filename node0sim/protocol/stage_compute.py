@@ -14,7 +14,7 @@ import torch
 
 from node0sim.model import ModelConfig, PipelineStage
 from node0sim.model.costs import stage_backward_flops, stage_forward_flops, stage_parameter_count
-from node0sim.protocol.messages import Payload, TensorSpec, spec_of
+from node0sim.protocol.messages import Payload, TensorSpec, leading_dims
 
 OPTIMIZER_FLOPS_PER_PARAM = 12
 """AdamW step cost: a dozen elementwise operations per parameter."""
@@ -59,12 +59,12 @@ class StageCompute(ABC):
 
     def forward_flops(self, inputs: Payload) -> float:
         """FLOPs of one forward pass on ``inputs``."""
-        batch, seq_len = spec_of(inputs).shape[:2]
+        batch, seq_len = leading_dims(inputs)
         return stage_forward_flops(self.cfg, self.layer_range, self.is_head, self.is_tail, batch, seq_len)
 
     def backward_flops(self, inputs: Payload) -> float:
         """FLOPs of recomputing the forward pass plus the backward pass."""
-        batch, seq_len = spec_of(inputs).shape[:2]
+        batch, seq_len = leading_dims(inputs)
         backward = stage_backward_flops(self.cfg, self.layer_range, self.is_head, self.is_tail, batch, seq_len)
         return self.forward_flops(inputs) + backward
 
@@ -154,12 +154,12 @@ class CostStageCompute(StageCompute):
         self.dtype = dtype
 
     def _hidden(self, inputs: Payload) -> TensorSpec:
-        batch, seq_len = spec_of(inputs).shape[:2]
+        batch, seq_len = leading_dims(inputs)
         return TensorSpec((batch, seq_len, self.cfg.dim), self.dtype)
 
     def forward(self, inputs: Payload) -> Payload:
         if self.is_tail:
-            batch, seq_len = spec_of(inputs).shape[:2]
+            batch, seq_len = leading_dims(inputs)
             return TensorSpec((batch, seq_len, self.cfg.vocab_size), self.dtype)
         return self._hidden(inputs)
 

@@ -11,7 +11,7 @@ from node0sim.protocol.messages import (
     ForwardResponse,
     TailRequest,
     TailResponse,
-    spec_of,
+    leading_dims,
 )
 from node0sim.protocol.stage_compute import StageCompute
 from node0sim.runtime import Runtime
@@ -99,7 +99,7 @@ class StageServer:
 
     def _counted(self, inputs: Any, result: Any) -> Any:
         """Count the samples whose gradients were just accumulated (in the same compute slot)."""
-        self.samples_accumulated += spec_of(inputs).shape[0]
+        self.samples_accumulated += leading_dims(inputs)[0]
         self.requests_served += 1
         return result
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from node0sim.protocol.messages import BackwardRequest, ForwardRequest, Payload, TailRequest, spec_of
+from node0sim.protocol.messages import BackwardRequest, ForwardRequest, Payload, TailRequest, leading_dims
 from node0sim.protocol.stage_server import stage_key
 from node0sim.runtime import RPCError, Runtime, Task
 
@@ -132,7 +132,7 @@ class Trainer:
         except RPCError:
             self.stats.micro_batches_dropped += 1
             return
-        batch, seq_len = spec_of(inputs).shape[:2]
+        batch, seq_len = leading_dims(inputs)
         self.stats.micro_batches_done += 1
         self.stats.samples += batch
         self.stats.tokens += batch * seq_len
