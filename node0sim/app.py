@@ -6,12 +6,20 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from node0sim.config import ConfigError, load_run_config
+from node0sim.config import ConfigError, RunConfig, load_run_config
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose_run_config(*overrides: str) -> RunConfig:
+    """The validated config for ``overrides``, exactly as the command line builds it (for scripts and tests)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return load_run_config(OmegaConf.to_container(cfg, resolve=True))
 
 
 def run(cfg: DictConfig) -> dict:

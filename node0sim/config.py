@@ -104,10 +104,7 @@ class TopologyConfig:
             f"topology.peers_per_stage: only 1 is supported so far (in-stage data parallelism is not "
             f"implemented yet), got {self.peers_per_stage}",
         )
-        _require(
-            self.num_trainers == 1,
-            f"topology.num_trainers: only 1 is supported so far, got {self.num_trainers}",
-        )
+        _require(self.num_trainers >= 1, f"topology.num_trainers: must be >= 1, got {self.num_trainers}")
 
 
 @dataclass(frozen=True)
@@ -171,6 +168,31 @@ class SimConfig:
         _one_of("sim.timing_dtype", self.timing_dtype, ("float32", "bfloat16", "float16"))
 
 
+COMPRESSIONS = ("none", "subspace", "random_projection", "topk", "quantize")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """How activations and their gradients cross stage boundaries.
+
+    ``rate``: dense bytes / wire bytes (subspace and random_projection: k = dim / rate; topk: values
+    and int16 indices in 1/rate of the dense bytes). ``bits``: 8 or 4 for quantize. ``basis``: where
+    the subspace basis U and fixed embedding T come from: null (generated from ``seed``), a local
+    file, or ``hf://<repo_id>/<filename>`` on the Hugging Face Hub.
+    """
+
+    name: str = "none"
+    rate: float = 1.0
+    bits: int = 8
+    basis: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of("compression", self.name, COMPRESSIONS)
+        _require(self.rate >= 1, f"compression.rate: must be >= 1, got {self.rate}")
+        _require(self.bits in (4, 8), f"compression.bits: must be 8 or 4, got {self.bits}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs, validated."""
@@ -186,7 +208,7 @@ class RunConfig:
     optim: OptimConfig
     data: DataConfig
     churn: str
-    compression: str
+    compression: CompressionConfig
 
 
 SECTIONS = ("backend", "seed", "run_id", "model", "network", "topology", "train", "sim", "optim", "data", "churn", "compression")
@@ -220,9 +242,14 @@ def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         optim=build_section(OptimConfig, optim, "optim"),
         data=_data_config(cfg["data"]),
         churn=_name_only(cfg["churn"], "churn", ("none",)),
-        compression=_name_only(cfg["compression"], "compression", ("none",)),
+        compression=build_section(CompressionConfig, cfg["compression"], "compression"),
     )
     _one_of("optim.name", run.optim.name, ("adamw",))
+    _require(
+        run.train.schedule == "async" or run.topology.num_trainers == 1,
+        "train.schedule=sync needs topology.num_trainers=1 (there is no barrier across trainers); "
+        "use train.schedule=async with several trainers",
+    )
     return run
 
 

@@ -14,6 +14,8 @@ import torch
 from node0sim.config import ConfigError, RunConfig
 from node0sim.data import TokenBatches, build_data
 from node0sim.model import ModelConfig, build_stages, stage_parameter_count, stage_shapes
+from node0sim.model.subspace import SubspaceBasis, load_basis, load_basis_from_hub, make_basis
+from node0sim.protocol.codecs import make_codec, rank_for
 from node0sim.protocol.messages import Payload, TensorSpec
 from node0sim.protocol.stage_compute import CostStageCompute, StageCompute, TensorStageCompute
 
@@ -41,13 +43,33 @@ def model_config(run: RunConfig, vocab_size: int | None) -> ModelConfig:
     return cfg
 
 
+HUB_PREFIX = "hf://"
+
+
+def subspace_basis(run: RunConfig, cfg: ModelConfig) -> SubspaceBasis:
+    """The run's shared basis U and fixed embedding T: generated from the seed, or loaded and checked."""
+    comp = run.compression
+    rank = rank_for(cfg.dim, comp.rate)
+    if comp.basis is None:
+        return make_basis(cfg.dim, rank, cfg.vocab_size, comp.seed)
+    try:
+        if comp.basis.startswith(HUB_PREFIX):
+            repo_id, _, filename = comp.basis.removeprefix(HUB_PREFIX).rpartition("/")
+            return load_basis_from_hub(repo_id, filename, cfg.dim, rank, cfg.vocab_size)
+        return load_basis(comp.basis, cfg.dim, rank, cfg.vocab_size)
+    except (ValueError, FileNotFoundError) as error:
+        raise ConfigError(f"compression.basis: {error}") from None
+
+
 def stage_computes(run: RunConfig, cfg: ModelConfig) -> list[StageCompute]:
     """One compute object per stage: real modules in numerics mode, cost-only otherwise."""
     num_stages = run.topology.num_stages
+    comp = run.compression
     if not run.sim.numerics:
         dtype = getattr(torch, run.sim.timing_dtype)
+        codec = make_codec(comp.name, cfg.dim, comp.rate, comp.bits, activation_bytes=dtype.itemsize)
         return [
-            CostStageCompute(cfg, index, num_stages, layers, dtype)
+            CostStageCompute(cfg, index, num_stages, layers, codec, dtype)
             for index, (layers, _, _) in enumerate(stage_shapes(cfg, num_stages))
         ]
     total = sum(stage_parameter_count(cfg, *shape) for shape in stage_shapes(cfg, num_stages))
@@ -56,8 +78,15 @@ def stage_computes(run: RunConfig, cfg: ModelConfig) -> list[StageCompute]:
             f"model={cfg.name} has {total:,} parameters, over sim.max_numerics_params "
             f"({run.sim.max_numerics_params:,}); use timing mode: sim.numerics=false"
         )
+    basis = subspace_basis(run, cfg) if comp.name in ("subspace", "random_projection") else None
+    codec = make_codec(comp.name, cfg.dim, comp.rate, comp.bits, basis=basis)
+    constraint = basis if comp.name == "subspace" else None
+    fixed = constraint.fixed_embedding if constraint is not None else None
     optim = run.optim if run.optim.total_steps else replace(run.optim, total_steps=run.train.steps)
-    return [TensorStageCompute(stage, optim) for stage in build_stages(cfg, num_stages, run.seed)]
+    return [
+        TensorStageCompute(stage, optim, codec, constraint)
+        for stage in build_stages(cfg, num_stages, run.seed, fixed_embedding=fixed)
+    ]
 
 
 class TokenMicroBatches:
@@ -85,25 +114,31 @@ class SpecMicroBatches:
         return self.spec, self.spec
 
 
-def micro_batch_source(run: RunConfig) -> tuple[TokenMicroBatches | SpecMicroBatches, list[torch.Tensor], int | None]:
-    """The trainer's micro-batches, fixed validation batches and the tokenizer's vocabulary size."""
+def micro_batch_sources(
+    run: RunConfig,
+) -> tuple[list[TokenMicroBatches] | list[SpecMicroBatches], list[torch.Tensor], int | None]:
+    """Each trainer's micro-batches (its own shuffle of the data), validation batches, the vocabulary size."""
+    trainers = run.topology.num_trainers
     if not run.sim.numerics:
-        return SpecMicroBatches(run.train.micro_batch_size, run.train.seq_len), [], None
-    train, validation, tokenizer = build_data(
-        run.data, run.train.seq_len, run.train.batch_size, run.seed, max(1, run.train.eval_batches)
-    )
-    return TokenMicroBatches(train, run.train.micro_batch_size), validation[: run.train.eval_batches], tokenizer.vocab_size
+        return [SpecMicroBatches(run.train.micro_batch_size, run.train.seq_len) for _ in range(trainers)], [], None
+    sources = []
+    for index in range(trainers):
+        train, validation, tokenizer = build_data(
+            run.data, run.train.seq_len, run.train.batch_size, run.seed + 1000 * index, max(1, run.train.eval_batches)
+        )
+        sources.append(TokenMicroBatches(train, run.train.micro_batch_size))
+    return sources, validation[: run.train.eval_batches], tokenizer.vocab_size
 
 
 def evaluate(computes: list[StageCompute], batches: list[torch.Tensor]) -> float | None:
-    """Mean validation loss of the pipeline (one replica per stage), or None without tensors."""
+    """Mean validation loss of the pipeline, through the same boundary codec as training; None without tensors."""
     if not batches or not all(isinstance(c, TensorStageCompute) for c in computes):
         return None
     losses = []
-    with torch.no_grad():
-        for batch in batches:
-            x = batch[:, :-1]
-            for compute in computes:
-                x = compute.module(x)
-            losses.append(computes[-1].module.loss(x, batch[:, 1:]).item())
+    for batch in batches:
+        ids = batch[:, :-1]
+        x = ids
+        for compute in computes:
+            x = compute.forward(x, ids)
+        losses.append(computes[-1].module.loss(x, batch[:, 1:]).item())
     return sum(losses) / len(losses)

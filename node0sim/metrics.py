@@ -6,7 +6,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 SUMMARY_KEYS = (
     "backend", "num_stages", "num_peers", "steps", "samples", "tokens", "sim_time_s", "wall_time_s",
@@ -80,3 +80,43 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+class StepTracker:
+    """Turns finished micro-batches (from any number of trainers) into one record per global batch.
+
+    ``counters()`` supplies run-wide totals (failed and retried requests, ...) added to each record.
+    """
+
+    def __init__(self, micro_batches_per_step: int, emit: Callable[[dict[str, Any]], None], counters: Callable[[], dict[str, Any]]):
+        self.micro_batches_per_step = micro_batches_per_step
+        self.emit = emit
+        self.counters = counters
+        self.steps = 0
+        self.samples = 0
+        self.tokens = 0
+        self._losses: list[float] = []
+        self._pending = 0
+
+    def __call__(self, micro_batch: dict[str, Any]) -> None:
+        self.samples += micro_batch["samples"]
+        self.tokens += micro_batch["tokens"]
+        if micro_batch["loss"] is not None:
+            self._losses.append(micro_batch["loss"])
+        self._pending += 1
+        if self._pending < self.micro_batches_per_step:
+            return
+        self.steps += 1
+        losses, self._losses, self._pending = self._losses, [], 0
+        now = micro_batch["time_s"]
+        self.emit(
+            {
+                "step": self.steps,
+                "time_s": now,
+                "loss": sum(losses) / len(losses) if losses else None,
+                "samples": self.samples,
+                "tokens": self.tokens,
+                "tokens_per_s": self.tokens / now if now > 0 else 0.0,
+                **self.counters(),
+            }
+        )

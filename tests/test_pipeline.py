@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from node0sim.model import Llama, ModelConfig, build_stages
+from node0sim.model.subspace import make_basis, project_gradients_onto_subspace_, subspace_residual
+from node0sim.protocol.codecs import DenseCodec, SubspaceCodec
 from node0sim.protocol.stage_compute import OptimConfig, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.trainer import Trainer, TrainerConfig
@@ -26,27 +28,35 @@ class FixedBatch:
         return window[:, :-1], window[:, 1:]
 
 
-def _pipeline_step(num_stages: int, batch: torch.Tensor, micro: int, schedule: str, update_every: int):
+def _pipeline_step(num_stages, batch, micro, schedule, update_every, codec=None, basis=None):
     sim = make_sim(latency_s=0.02)
-    computes = [TensorStageCompute(s, OptimConfig(lr=1e-2)) for s in build_stages(CFG, num_stages, seed=3)]
+    fixed = basis.fixed_embedding if basis is not None else None
+    computes = [
+        TensorStageCompute(s, OptimConfig(lr=1e-2), codec or DenseCodec(), basis)
+        for s in build_stages(CFG, num_stages, seed=3, fixed_embedding=fixed)
+    ]
     for i, compute in enumerate(computes):
         peer = add(sim, f"s{i}", 50, 50)
         peer.runtime.spawn(StageServer(peer.runtime, "run", compute, update_every_samples=update_every).start())
     trainer_peer = add(sim, "trainer", 50, 50)
-    steps = []
+    micro_batches = batch.shape[0] // micro
     trainer = Trainer(
         trainer_peer.runtime, "run", num_stages, FixedBatch(batch, micro),
-        TrainerConfig(steps=1, micro_batches_per_step=batch.shape[0] // micro, schedule=schedule), steps.append,
+        TrainerConfig(
+            micro_batches=micro_batches, micro_batches_per_step=micro_batches, schedule=schedule,
+            send_token_ids=computes[0].codec.needs_token_ids,
+        ),
+        lambda record: None,
     )
     task = trainer_peer.runtime.spawn(trainer.run())
     sim.run(until=task.process)
-    return computes, steps, trainer.stats
+    return computes, trainer.stats
 
 
 @pytest.mark.parametrize("num_stages,schedule", [(2, "sync"), (4, "sync"), (4, "async")])
 def test_one_step_over_the_network_matches_single_process(num_stages, schedule):
     batch = torch.randint(0, CFG.vocab_size, (6, 17), generator=torch.Generator().manual_seed(0))
-    computes, steps, stats = _pipeline_step(num_stages, batch, micro=2, schedule=schedule, update_every=10**6)
+    computes, stats = _pipeline_step(num_stages, batch, micro=2, schedule=schedule, update_every=10**6)
 
     reference = Llama(CFG, seed=3)
     logits = reference(batch[:, :-1])
@@ -54,7 +64,7 @@ def test_one_step_over_the_network_matches_single_process(num_stages, schedule):
     loss.backward()
 
     assert stats.micro_batches_done == 3 and stats.failed_requests == 0
-    assert steps[0]["loss"] == pytest.approx(loss.item(), abs=1e-5)
+    assert sum(stats.losses) / len(stats.losses) == pytest.approx(loss.item(), abs=1e-5)
     expected = dict(reference.named_parameters())
     checked = 0
     for compute in computes:
@@ -67,7 +77,7 @@ def test_one_step_over_the_network_matches_single_process(num_stages, schedule):
 def test_stages_update_once_per_global_batch_and_weights_change():
     batch = torch.randint(0, CFG.vocab_size, (4, 17), generator=torch.Generator().manual_seed(1))
     before = [p.detach().clone() for p in Llama(CFG, seed=3).parameters()]
-    computes, _, _ = _pipeline_step(2, batch, micro=2, schedule="sync", update_every=4)
+    computes, _ = _pipeline_step(2, batch, micro=2, schedule="sync", update_every=4)
     assert [c.updates for c in computes] == [1, 1]
     after = [p for c in computes for p in c.module.parameters()]
     assert len(after) == len(before)
@@ -80,7 +90,7 @@ def test_wrong_stage_request_is_rejected_not_served():
     from node0sim.runtime import RemoteError
 
     sim = make_sim()
-    compute = TensorStageCompute(build_stages(CFG, 2, seed=0)[1], OptimConfig())
+    compute = TensorStageCompute(build_stages(CFG, 2, seed=0)[1], OptimConfig(), DenseCodec())
     server_peer, client = add(sim, "s1"), add(sim, "c")
     server_peer.runtime.spawn(StageServer(server_peer.runtime, "run", compute, 8).start())
 
@@ -100,3 +110,30 @@ def test_wrong_stage_request_is_rejected_not_served():
     assert "stage 0" in first and "stage 1" in first
     assert "shape" in second
     assert "finite" in third or "NaN" in third
+
+
+def test_subspace_wire_codec_gives_the_same_loss_and_gradients_as_the_constrained_model_without_it():
+    basis = make_basis(CFG.dim, 8, CFG.vocab_size, seed=11)
+    batch = torch.randint(0, CFG.vocab_size, (4, 17), generator=torch.Generator().manual_seed(2))
+    wire, wire_stats = _pipeline_step(4, batch, 2, "sync", 10**6, SubspaceCodec(8, basis), basis)
+    dense, dense_stats = _pipeline_step(4, batch, 2, "sync", 10**6, DenseCodec(), basis)
+    assert wire_stats.losses == pytest.approx(dense_stats.losses, abs=1e-6)
+    # the wire carries k = 8 numbers per token instead of 32, plus the token ids
+    assert wire_stats.stage_bytes[1] < dense_stats.stage_bytes[1] / 2
+    for with_codec, without in zip(wire, dense):
+        project_gradients_onto_subspace_(with_codec.module, basis)
+        project_gradients_onto_subspace_(without.module, basis)
+        for (name, a), (_, b) in zip(with_codec.module.named_parameters(), without.module.named_parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_subspace_reconstruction_stays_exact_through_training_over_the_network():
+    basis = make_basis(CFG.dim, 8, CFG.vocab_size, seed=11)
+    batch = torch.randint(0, CFG.vocab_size, (4, 17), generator=torch.Generator().manual_seed(4))
+    computes, _ = _pipeline_step(4, batch, 2, "sync", 2, SubspaceCodec(8, basis), basis)
+    assert all(c.updates >= 1 for c in computes)
+    ids = batch[:, :-1]
+    x = ids
+    for compute in computes[:-1]:
+        x = compute.module(x)
+        assert subspace_residual(x, ids, basis) <= 1e-5

@@ -240,13 +240,37 @@ def _check_token_ids(x: torch.Tensor, cfg: ModelConfig, where: str) -> None:
         )
 
 
-class Llama(nn.Module):
-    """Full Llama-style decoder; parameters are a deterministic function of ``seed``."""
+def _check_fixed_embedding(fixed_embedding: torch.Tensor, cfg: ModelConfig) -> None:
+    expected = (cfg.vocab_size, cfg.dim)
+    if not isinstance(fixed_embedding, torch.Tensor) or tuple(fixed_embedding.shape) != expected:
+        got = tuple(fixed_embedding.shape) if isinstance(fixed_embedding, torch.Tensor) else type(fixed_embedding)
+        raise ValueError(f"fixed_embedding must have shape (vocab_size, dim) = {expected}, got {got}")
+    if not fixed_embedding.is_floating_point():
+        raise ValueError(f"fixed_embedding must be a floating-point tensor, got dtype {fixed_embedding.dtype}")
 
-    def __init__(self, cfg: ModelConfig, seed: int) -> None:
+
+def _embed(tok_embeddings: nn.Embedding, fixed_embedding: torch.Tensor | None, token_ids: torch.Tensor) -> torch.Tensor:
+    h = tok_embeddings(token_ids)
+    return h if fixed_embedding is None else h + fixed_embedding[token_ids]
+
+
+class Llama(nn.Module):
+    """Full Llama-style decoder; parameters are a deterministic function of ``seed``.
+
+    ``fixed_embedding`` (vocab_size x dim), if given, is a frozen table added to the trainable
+    token embedding (Protocol Models' ``T_fixed``). It is a persistent buffer, not a parameter;
+    without it the module's parameters and state-dict keys are those of the plain model.
+    """
+
+    def __init__(self, cfg: ModelConfig, seed: int, fixed_embedding: torch.Tensor | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.utils.skip_init(nn.Embedding, cfg.vocab_size, cfg.dim)
+        if fixed_embedding is not None:
+            _check_fixed_embedding(fixed_embedding, cfg)
+            fixed_embedding = fixed_embedding.detach().to(self.tok_embeddings.weight.dtype).clone()
+        # A None buffer is absent from state_dict(), so the plain model's keys are unchanged.
+        self.register_buffer("fixed_embedding", fixed_embedding, persistent=True)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.trainable_rmsnorm)
@@ -271,7 +295,7 @@ class Llama(nn.Module):
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Map token ids [B, T] to logits [B, T, vocab_size]."""
         _check_token_ids(token_ids, self.cfg, "Llama")
-        h = self.tok_embeddings(token_ids)
+        h = _embed(self.tok_embeddings, self.fixed_embedding, token_ids)
         for layer in self.layers:
             h = layer(h, self.rope)
         return self.output(self.norm(h))
@@ -294,6 +318,8 @@ def stage_layer_ranges(n_layers: int, num_stages: int) -> list[range]:
 class PipelineStage(nn.Module):
     """One pipeline stage: deep copies of the embedding (head), a run of layers, and norm + LM head (tail).
 
+    The head also copies the model's frozen ``fixed_embedding`` buffer, if it has one.
+
     Layers are kept in a ``ModuleDict`` keyed by their global index, so ``named_parameters()``
     yields the same names as the corresponding parameters of the full :class:`Llama`.
     """
@@ -310,6 +336,8 @@ class PipelineStage(nn.Module):
         self.is_tail = index == num_stages - 1
         self.layer_range = stage_layer_ranges(cfg.n_layers, num_stages)[index]
         self.tok_embeddings = copy.deepcopy(model.tok_embeddings) if self.is_head else None
+        has_fixed = self.is_head and model.fixed_embedding is not None
+        self.register_buffer("fixed_embedding", model.fixed_embedding.clone() if has_fixed else None, persistent=True)
         self.rope = copy.deepcopy(model.rope)
         self.layers = nn.ModuleDict({str(i): copy.deepcopy(model.layers[i]) for i in self.layer_range})
         self.norm = copy.deepcopy(model.norm) if self.is_tail else None
@@ -332,7 +360,7 @@ class PipelineStage(nn.Module):
         """Token ids [B, T] (head) or hidden [B, T, dim] -> hidden [B, T, dim], or logits [B, T, V] on the tail."""
         if self.is_head:
             _check_token_ids(x, self.cfg, f"stage {self.index}")
-            h = self.tok_embeddings(x)
+            h = _embed(self.tok_embeddings, self.fixed_embedding, x)
         else:
             self._check_hidden(x)
             h = x
@@ -354,8 +382,10 @@ class PipelineStage(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def build_stages(cfg: ModelConfig, num_stages: int, seed: int) -> list[PipelineStage]:
-    """Build ``Llama(cfg, seed)`` once and slice it into ``num_stages`` stages sharing no parameters."""
+def build_stages(
+    cfg: ModelConfig, num_stages: int, seed: int, fixed_embedding: torch.Tensor | None = None
+) -> list[PipelineStage]:
+    """Build ``Llama(cfg, seed, fixed_embedding)`` once and slice it into ``num_stages`` stages sharing no parameters."""
     stage_layer_ranges(cfg.n_layers, num_stages)  # validates num_stages before building the model
-    model = Llama(cfg, seed)
+    model = Llama(cfg, seed, fixed_embedding)
     return [PipelineStage(model, index, num_stages) for index in range(num_stages)]

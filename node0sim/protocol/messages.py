@@ -73,13 +73,17 @@ def leading_dims(payload: Payload) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class ForwardRequest:
-    """Run stage ``stage`` forward on ``inputs`` (token ids for the head, hidden states otherwise)."""
+    """Run stage ``stage`` forward on ``inputs`` (token ids for the head, boundary activations otherwise).
+
+    ``token_ids`` travel with the activations when the boundary codec needs them (subspace compression).
+    """
 
     stage: int
     inputs: Payload
+    token_ids: Payload | None = None
 
     def wire_bytes(self) -> int:
-        return HEADER_BYTES + payload_bytes(self.inputs)
+        return HEADER_BYTES + payload_bytes(self.inputs, self.token_ids)
 
 
 @dataclass(frozen=True)
@@ -103,9 +107,10 @@ class BackwardRequest:
     stage: int
     inputs: Payload
     grad_outputs: Payload
+    token_ids: Payload | None = None
 
     def wire_bytes(self) -> int:
-        return HEADER_BYTES + payload_bytes(self.inputs, self.grad_outputs)
+        return HEADER_BYTES + payload_bytes(self.inputs, self.grad_outputs, self.token_ids)
 
 
 @dataclass(frozen=True)
@@ -125,9 +130,10 @@ class TailRequest:
     stage: int
     inputs: Payload
     targets: Payload
+    token_ids: Payload | None = None
 
     def wire_bytes(self) -> int:
-        return HEADER_BYTES + payload_bytes(self.inputs, self.targets)
+        return HEADER_BYTES + payload_bytes(self.inputs, self.targets, self.token_ids)
 
 
 @dataclass(frozen=True)

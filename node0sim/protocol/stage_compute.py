@@ -6,7 +6,6 @@ network see identical traffic and compute time in either mode.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -14,6 +13,8 @@ import torch
 
 from node0sim.model import ModelConfig, PipelineStage
 from node0sim.model.costs import stage_backward_flops, stage_forward_flops, stage_parameter_count
+from node0sim.model.subspace import SubspaceBasis, project_gradients_onto_subspace_, project_onto_subspace_
+from node0sim.protocol.codecs import Codec
 from node0sim.protocol.messages import Payload, TensorSpec, leading_dims
 
 OPTIMIZER_FLOPS_PER_PARAM = 12
@@ -45,13 +46,18 @@ class OptimConfig:
 
 
 class StageCompute(ABC):
-    """Forward, backward (with recomputation), tail and optimizer step of one pipeline stage."""
+    """Forward, backward (with recomputation), tail and optimizer step of one pipeline stage.
 
-    def __init__(self, cfg: ModelConfig, index: int, num_stages: int, layer_range: range):
+    ``inputs`` are token ids on the head and boundary payloads (as encoded by the run's codec)
+    elsewhere; ``token_ids`` are the micro-batch's tokens when the codec needs them.
+    """
+
+    def __init__(self, cfg: ModelConfig, index: int, num_stages: int, layer_range: range, codec: Codec):
         self.cfg = cfg
         self.index = index
         self.num_stages = num_stages
         self.layer_range = layer_range
+        self.codec = codec
         self.is_head = index == 0
         self.is_tail = index == num_stages - 1
         self.num_params = stage_parameter_count(cfg, layer_range, self.is_head, self.is_tail)
@@ -73,16 +79,16 @@ class StageCompute(ABC):
         return OPTIMIZER_FLOPS_PER_PARAM * self.num_params
 
     @abstractmethod
-    def forward(self, inputs: Payload) -> Payload:
-        """The stage's output for ``inputs`` (no state is kept)."""
+    def forward(self, inputs: Payload, token_ids: Payload | None) -> Payload:
+        """The stage's encoded output (logits on the tail); no state is kept."""
 
     @abstractmethod
-    def backward(self, inputs: Payload, grad_outputs: Payload) -> Payload | None:
-        """Recompute the forward pass, accumulate parameter gradients, return the input gradient."""
+    def backward(self, inputs: Payload, token_ids: Payload | None, grad_outputs: Payload) -> Payload | None:
+        """Recompute the forward pass, accumulate parameter gradients, return the encoded input gradient."""
 
     @abstractmethod
-    def tail(self, inputs: Payload, targets: Payload) -> tuple[float | None, Payload | None]:
-        """Forward, loss and backward on the last stage: ``(mean loss, input gradient)``."""
+    def tail(self, inputs: Payload, token_ids: Payload | None, targets: Payload) -> tuple[float | None, Payload | None]:
+        """Forward, loss and backward on the last stage: ``(mean loss, encoded input gradient)``."""
 
     @abstractmethod
     def apply_update(self, samples: int) -> None:
@@ -95,84 +101,94 @@ class TensorStageCompute(StageCompute):
     Gradients are accumulated as sums over samples (the tail backpropagates the loss summed
     over the micro-batch's sequences) and divided by the sample count at the update, so an
     update equals a step on the mean loss of every sample it covers, whatever the micro-batching.
+    With a subspace ``basis``, the boundary-crossing output projections are projected onto it at
+    construction and after every update, which keeps subspace compression exact.
     """
 
-    def __init__(self, stage: PipelineStage, optim: OptimConfig):
-        super().__init__(stage.cfg, stage.index, stage.num_stages, stage.layer_range)
+    def __init__(self, stage: PipelineStage, optim: OptimConfig, codec: Codec, basis: SubspaceBasis | None = None):
+        super().__init__(stage.cfg, stage.index, stage.num_stages, stage.layer_range, codec)
         self.module = stage
         self.optim = optim
+        self.basis = basis
         self.parameters = [p for p in stage.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
+        if basis is not None:
+            project_onto_subspace_(stage, basis)
 
-    def forward(self, inputs: Payload) -> Payload:
+    def _stage_input(self, inputs: Payload, token_ids: Payload | None, requires_grad: bool) -> torch.Tensor:
+        if self.is_head:
+            return inputs
+        x = self.codec.decode(inputs, token_ids)
+        return x.detach().requires_grad_(True) if requires_grad else x
+
+    def forward(self, inputs: Payload, token_ids: Payload | None) -> Payload:
         with torch.no_grad():
-            return self.module(inputs)
+            outputs = self.module(self._stage_input(inputs, token_ids, requires_grad=False))
+            return outputs if self.is_tail else self.codec.encode(outputs, token_ids)
 
-    def _input_leaf(self, inputs: torch.Tensor) -> torch.Tensor:
-        return inputs if self.is_head else inputs.detach().requires_grad_(True)
+    def _encoded_input_grad(self, x: torch.Tensor) -> Payload | None:
+        return None if self.is_head else self.codec.encode_grad(x.grad)
 
-    def backward(self, inputs: Payload, grad_outputs: Payload) -> Payload | None:
-        if not isinstance(grad_outputs, torch.Tensor) or not torch.isfinite(grad_outputs).all():
-            raise ValueError(f"stage {self.index}: gradient from the next stage is missing or not finite")
-        x = self._input_leaf(inputs)
+    def backward(self, inputs: Payload, token_ids: Payload | None, grad_outputs: Payload) -> Payload | None:
+        x = self._stage_input(inputs, token_ids, requires_grad=True)
         outputs = self.module(x)
-        if grad_outputs.shape != outputs.shape or grad_outputs.dtype != outputs.dtype:
+        grad = self.codec.decode_grad(grad_outputs)
+        if grad.shape != outputs.shape or grad.dtype != outputs.dtype:
             raise ValueError(
-                f"stage {self.index}: gradient of shape {tuple(grad_outputs.shape)} {grad_outputs.dtype} does not "
+                f"stage {self.index}: gradient of shape {tuple(grad.shape)} {grad.dtype} does not "
                 f"match the output {tuple(outputs.shape)} {outputs.dtype}"
             )
-        outputs.backward(grad_outputs)
-        return None if self.is_head else x.grad
+        outputs.backward(grad)
+        return self._encoded_input_grad(x)
 
-    def tail(self, inputs: Payload, targets: Payload) -> tuple[float | None, Payload | None]:
-        x = self._input_leaf(inputs)
+    def tail(self, inputs: Payload, token_ids: Payload | None, targets: Payload) -> tuple[float | None, Payload | None]:
+        x = self._stage_input(inputs, token_ids, requires_grad=True)
         loss = self.module.loss(self.module(x), targets)
         (loss * x.shape[0]).backward()
-        return loss.item(), (None if self.is_head else x.grad)
+        return loss.item(), self._encoded_input_grad(x)
 
     def apply_update(self, samples: int) -> None:
         for param in self.parameters:
             if param.grad is not None:
                 param.grad.div_(samples)
+        if self.basis is not None:
+            project_gradients_onto_subspace_(self.module, self.basis)
         if self.optim.clip_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.parameters, self.optim.clip_grad_norm)
         for group in self.optimizer.param_groups:
             group["lr"] = self.optim.lr * self.optim.lr_factor(self.updates)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.basis is not None:
+            project_onto_subspace_(self.module, self.basis)
         self.updates += 1
 
 
 class CostStageCompute(StageCompute):
-    """Timing mode: shapes and FLOPs only, so Node0-scale models simulate in seconds."""
+    """Timing mode: payload shapes and FLOPs only, so Node0-scale models simulate in seconds."""
 
-    def __init__(self, cfg: ModelConfig, index: int, num_stages: int, layer_range: range, dtype: torch.dtype):
-        super().__init__(cfg, index, num_stages, layer_range)
+    def __init__(self, cfg: ModelConfig, index: int, num_stages: int, layer_range: range, codec: Codec, dtype: torch.dtype):
+        super().__init__(cfg, index, num_stages, layer_range, codec)
         self.dtype = dtype
 
-    def _hidden(self, inputs: Payload) -> TensorSpec:
+    def forward(self, inputs: Payload, token_ids: Payload | None) -> Payload:
         batch, seq_len = leading_dims(inputs)
-        return TensorSpec((batch, seq_len, self.cfg.dim), self.dtype)
-
-    def forward(self, inputs: Payload) -> Payload:
         if self.is_tail:
-            batch, seq_len = leading_dims(inputs)
             return TensorSpec((batch, seq_len, self.cfg.vocab_size), self.dtype)
-        return self._hidden(inputs)
+        return self.codec.activation_spec(batch, seq_len, self.cfg.dim, self.dtype)
 
-    def backward(self, inputs: Payload, grad_outputs: Payload) -> Payload | None:
-        return None if self.is_head else self._hidden(inputs)
+    def _grad_spec(self, inputs: Payload) -> Payload | None:
+        batch, seq_len = leading_dims(inputs)
+        return None if self.is_head else self.codec.grad_spec(batch, seq_len, self.cfg.dim, self.dtype)
 
-    def tail(self, inputs: Payload, targets: Payload) -> tuple[float | None, Payload | None]:
-        return None, (None if self.is_head else self._hidden(inputs))
+    def backward(self, inputs: Payload, token_ids: Payload | None, grad_outputs: Payload) -> Payload | None:
+        return self._grad_spec(inputs)
+
+    def tail(self, inputs: Payload, token_ids: Payload | None, targets: Payload) -> tuple[float | None, Payload | None]:
+        return None, self._grad_spec(inputs)
 
     def apply_update(self, samples: int) -> None:
         self.updates += 1
-
-
-def is_finite_number(value: float | None) -> bool:
-    """True for a finite float (used to validate losses reported by peers)."""
-    return value is not None and math.isfinite(value)

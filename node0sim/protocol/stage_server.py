@@ -64,6 +64,10 @@ class StageServer:
             await self.rt.sleep(self.announce_period_s)
             await self._announce()
 
+    def _token_ids(self, request: ForwardRequest | BackwardRequest | TailRequest) -> Any:
+        """The micro-batch's tokens: the head's own input, or the side channel sent with the activations."""
+        return request.inputs if self.compute.is_head else request.token_ids
+
     def _check_stage(self, stage: int) -> None:
         if stage != self.stage:
             raise ValueError(f"request for stage {stage} sent to a server of stage {self.stage}")
@@ -72,7 +76,7 @@ class StageServer:
         """Forward pass; nothing is kept for the backward pass."""
         self._check_stage(request.stage)
         outputs = await self.rt.compute(
-            self.compute.forward_flops(request.inputs), lambda: self.compute.forward(request.inputs)
+            self.compute.forward_flops(request.inputs), lambda: self.compute.forward(request.inputs, self._token_ids(request))
         )
         self.requests_served += 1
         return ForwardResponse(outputs)
@@ -82,7 +86,7 @@ class StageServer:
         self._check_stage(request.stage)
         grad_inputs = await self.rt.compute(
             self.compute.backward_flops(request.inputs),
-            lambda: self._counted(request.inputs, self.compute.backward(request.inputs, request.grad_outputs)),
+            lambda: self._counted(request.inputs, self.compute.backward(request.inputs, self._token_ids(request), request.grad_outputs)),
         )
         await self._maybe_update()
         return BackwardResponse(grad_inputs)
@@ -92,7 +96,7 @@ class StageServer:
         self._check_stage(request.stage)
         loss, grad_inputs = await self.rt.compute(
             self.compute.backward_flops(request.inputs),
-            lambda: self._counted(request.inputs, self.compute.tail(request.inputs, request.targets)),
+            lambda: self._counted(request.inputs, self.compute.tail(request.inputs, self._token_ids(request), request.targets)),
         )
         await self._maybe_update()
         return TailResponse(loss, grad_inputs)

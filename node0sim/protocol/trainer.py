@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from node0sim.protocol.messages import BackwardRequest, ForwardRequest, Payload, TailRequest, leading_dims
+import torch
+
+from node0sim.protocol.messages import BackwardRequest, ForwardRequest, Payload, TailRequest, TensorSpec, leading_dims
 from node0sim.protocol.stage_server import stage_key
 from node0sim.runtime import RPCError, Runtime, Task
 
@@ -19,15 +21,20 @@ class MicroBatchSource(Protocol):
 
 @dataclass(frozen=True)
 class TrainerConfig:
-    """How the trainer drives the pipeline."""
+    """How the trainer drives the pipeline.
 
-    steps: int
+    The trainer pushes ``micro_batches`` micro-batches in total; with ``schedule="sync"`` it
+    pushes them ``micro_batches_per_step`` at a time and waits for each group to come back.
+    """
+
+    micro_batches: int
     micro_batches_per_step: int
     schedule: str = "sync"
     max_inflight: int = 4
     request_timeout_s: float = 30.0
     max_retries: int = 3
     discovery_period_s: float = 5.0
+    send_token_ids: bool = False
 
 
 @dataclass
@@ -41,6 +48,8 @@ class TrainerStats:
     failed_requests: int = 0
     retried_requests: int = 0
     losses: list[float] = field(default_factory=list)
+    stage_bytes: dict[int, int] = field(default_factory=dict)
+    """Bytes of successful requests and responses, per stage called."""
 
 
 class NoPeerForStage(RPCError):
@@ -48,7 +57,7 @@ class NoPeerForStage(RPCError):
 
 
 class Trainer:
-    """Drives ``steps`` global batches through the pipeline and reports each step to ``on_step``.
+    """Drives micro-batches through the pipeline and reports each finished one to ``on_micro_batch``.
 
     ``schedule="sync"``: the micro-batches of a step run concurrently (GPipe-style) and the
     next step starts when all are back, so every stage updates exactly once per step on fresh
@@ -63,7 +72,7 @@ class Trainer:
         num_stages: int,
         source: MicroBatchSource,
         cfg: TrainerConfig,
-        on_step: Callable[[dict[str, Any]], None],
+        on_micro_batch: Callable[[dict[str, Any]], None],
     ):
         if cfg.schedule not in ("sync", "async"):
             raise ValueError(f"schedule must be 'sync' or 'async', got {cfg.schedule!r}")
@@ -72,25 +81,20 @@ class Trainer:
         self.num_stages = num_stages
         self.source = source
         self.cfg = cfg
-        self.on_step = on_step
+        self.on_micro_batch = on_micro_batch
         self.stats = TrainerStats()
         self._peers: list[list[str]] = [[] for _ in range(num_stages)]
-        self._step_losses: list[float] = []
-        self._steps_done = 0
-        self._started_at = 0.0
 
     async def run(self) -> TrainerStats:
-        """Train until ``cfg.steps`` steps are done."""
+        """Train until ``cfg.micro_batches`` micro-batches are done (or dropped)."""
         await self._wait_for_pipeline()
-        self._started_at = self.rt.now()
         if self.cfg.schedule == "sync":
-            for _ in range(self.cfg.steps):
-                tasks = [self.rt.spawn(self._micro_batch()) for _ in range(self.cfg.micro_batches_per_step)]
-                await self.rt.gather(tasks)
+            for first in range(0, self.cfg.micro_batches, self.cfg.micro_batches_per_step):
+                count = min(self.cfg.micro_batches_per_step, self.cfg.micro_batches - first)
+                await self.rt.gather([self.rt.spawn(self._micro_batch()) for _ in range(count)])
         else:
-            total = self.cfg.steps * self.cfg.micro_batches_per_step
             inflight: list[Task] = []
-            for _ in range(total):
+            for _ in range(self.cfg.micro_batches):
                 if len(inflight) >= self.cfg.max_inflight:
                     await inflight.pop(0).join()
                 inflight.append(self.rt.spawn(self._micro_batch()))
@@ -120,9 +124,14 @@ class Trainer:
                 self.stats.failed_requests += 1
                 continue
             try:
-                return await self.rt.call(peers[0], method, request, self.cfg.request_timeout_s)
+                response = await self.rt.call(peers[0], method, request, self.cfg.request_timeout_s)
             except RPCError:
                 self.stats.failed_requests += 1
+                continue
+            self.stats.stage_bytes[stage] = (
+                self.stats.stage_bytes.get(stage, 0) + request.wire_bytes() + response.wire_bytes()
+            )
+            return response
         raise NoPeerForStage(f"stage {stage}: {method} failed after {self.cfg.max_retries} retries")
 
     async def _micro_batch(self) -> None:
@@ -138,36 +147,26 @@ class Trainer:
         self.stats.tokens += batch * seq_len
         if loss is not None:
             self.stats.losses.append(loss)
-            self._step_losses.append(loss)
-        if self.stats.micro_batches_done % self.cfg.micro_batches_per_step == 0:
-            self._finish_step()
+        self.on_micro_batch({"time_s": self.rt.now(), "loss": loss, "samples": batch, "tokens": batch * seq_len})
+
+    def _side_channel(self, inputs: Payload) -> Payload | None:
+        """Token ids sent with boundary activations (as int32) when the codec needs them."""
+        if not self.cfg.send_token_ids:
+            return None
+        if isinstance(inputs, TensorSpec):
+            return TensorSpec(inputs.shape, torch.int32)
+        return inputs.to(torch.int32)
 
     async def _forward_backward(self, inputs: Payload, targets: Payload) -> float | None:
         last = self.num_stages - 1
+        ids = self._side_channel(inputs)
         stage_inputs = [inputs]
         for stage in range(last):
-            response = await self._call(stage, "forward", ForwardRequest(stage, stage_inputs[-1]))
-            stage_inputs.append(response.outputs)
-        tail = await self._call(last, "tail", TailRequest(last, stage_inputs[last], targets))
+            request = ForwardRequest(stage, stage_inputs[-1], None if stage == 0 else ids)
+            stage_inputs.append((await self._call(stage, "forward", request)).outputs)
+        tail = await self._call(last, "tail", TailRequest(last, stage_inputs[last], targets, None if last == 0 else ids))
         grad = tail.grad_inputs
         for stage in reversed(range(last)):
-            grad = (await self._call(stage, "backward", BackwardRequest(stage, stage_inputs[stage], grad))).grad_inputs
+            request = BackwardRequest(stage, stage_inputs[stage], grad, None if stage == 0 else ids)
+            grad = (await self._call(stage, "backward", request)).grad_inputs
         return tail.loss
-
-    def _finish_step(self) -> None:
-        self._steps_done += 1
-        elapsed = self.rt.now() - self._started_at
-        losses, self._step_losses = self._step_losses, []
-        self.on_step(
-            {
-                "step": self._steps_done,
-                "time_s": self.rt.now(),
-                "loss": sum(losses) / len(losses) if losses else None,
-                "samples": self.stats.samples,
-                "tokens": self.stats.tokens,
-                "tokens_per_s": self.stats.tokens / elapsed if elapsed > 0 else 0.0,
-                "failed_requests": self.stats.failed_requests,
-                "retried_requests": self.stats.retried_requests,
-                "dropped_micro_batches": self.stats.micro_batches_dropped,
-            }
-        )
