@@ -2,7 +2,9 @@
 
     .venv/bin/python experiments/convergence.py [--out DIR] [--steps N] [extra Hydra overrides...]
 
-Trains the tiny model (d=128, 4 stages) on the embedded corpus with: dense boundaries; subspace
+Trains the tiny model (d=128, 4 stages) on the embedded corpus with: dense boundaries; dense
+boundaries plus the frozen N(0, 1) token table of the subspace model (subspace at k = d, where the
+constraint is vacuous: the control that separates the table's effect from the compression's); subspace
 compression at rates 32, 16, 8 (k = d/32, d/16, d/8); and, at rate 8, random projection without
 the weight constraint and top-k (values + int16 indices). Writes ``convergence.md`` (table),
 ``convergence.json`` and ``convergence.png`` (loss vs tokens) into the output folder.
@@ -17,6 +19,7 @@ from common import RESULTS, markdown_table, run_cell, save_json
 
 CELLS = [
     ("dense", ("compression=none",)),
+    ("dense + fixed table (subspace k=d)", ("compression=subspace", "compression.rate=1")),
     ("subspace k=d/32", ("compression=subspace", "compression.rate=32")),
     ("subspace k=d/16", ("compression=subspace", "compression.rate=16")),
     ("subspace k=d/8", ("compression=subspace", "compression.rate=8")),
@@ -35,7 +38,7 @@ def main() -> None:
 
     runs = {}
     for label, overrides in CELLS:
-        slug = label.replace(" ", "_").replace("/", "")
+        slug = "".join(c if c.isalnum() else "_" for c in label)
         summary, records = run_cell(args.out / "cells" / slug, f"train.steps={args.steps}", *overrides, *args.overrides)
         runs[label] = {"summary": summary, "curve": [(r["tokens"], r["loss"]) for r in records]}
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from node0sim.data import DataConfig
+from node0sim.protocol.averaging import AveragingConfig
+from node0sim.sim.churn import ChurnConfig
 from node0sim.protocol.stage_compute import OptimConfig
 
 
@@ -34,6 +36,8 @@ def _check_type(path: str, value: Any, hint: Any) -> Any:
             return float(value)
         if option is str and isinstance(value, str):
             return value
+        if option is dict and isinstance(value, Mapping):
+            return dict(value)
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"{path}: expected {names}, got {value!r}")
 
@@ -91,20 +95,20 @@ class NetworkConfig:
 
 @dataclass(frozen=True)
 class TopologyConfig:
-    """How many stages and peers the swarm has."""
+    """How many stages, servers and trainers the swarm starts with, and how servers rebalance."""
 
     num_stages: int
     peers_per_stage: int = 1
     num_trainers: int = 1
+    rebalance_period_s: float = 300.0
+    rebalance_margin: float = 0.2
 
     def __post_init__(self) -> None:
         _require(self.num_stages >= 1, f"topology.num_stages: must be >= 1, got {self.num_stages}")
-        _require(
-            self.peers_per_stage == 1,
-            f"topology.peers_per_stage: only 1 is supported so far (in-stage data parallelism is not "
-            f"implemented yet), got {self.peers_per_stage}",
-        )
+        _require(self.peers_per_stage >= 1, f"topology.peers_per_stage: must be >= 1, got {self.peers_per_stage}")
         _require(self.num_trainers >= 1, f"topology.num_trainers: must be >= 1, got {self.num_trainers}")
+        _require(self.rebalance_period_s >= 0, f"topology.rebalance_period_s: must be >= 0, got {self.rebalance_period_s}")
+        _require(self.rebalance_margin >= 0, f"topology.rebalance_margin: must be >= 0, got {self.rebalance_margin}")
 
 
 @dataclass(frozen=True)
@@ -157,11 +161,19 @@ class SimConfig:
     max_message_mb: float = 1024.0
     timing_dtype: str = "bfloat16"
     max_numerics_params: int = 500_000_000
+    gpu_mix: dict = dataclasses.field(default_factory=dict)
+    snapshot_period_s: float = 60.0
+    link_sharing: str = "maxmin"
 
     def __post_init__(self) -> None:
         from node0sim.sim.gpus import GPU_PROFILES
 
         _one_of("sim.gpu", self.gpu, tuple(GPU_PROFILES))
+        for name, weight in self.gpu_mix.items():
+            _one_of("sim.gpu_mix", name, tuple(GPU_PROFILES))
+            _require(weight >= 0, f"sim.gpu_mix.{name}: weight must be >= 0, got {weight}")
+        _require(self.snapshot_period_s > 0, f"sim.snapshot_period_s: must be > 0, got {self.snapshot_period_s}")
+        _one_of("sim.link_sharing", self.link_sharing, ("maxmin", "equal"))
         _require(0 < self.utilization <= 1, f"sim.utilization: must be in (0, 1], got {self.utilization}")
         _require(self.dht_latency_ms >= 0, f"sim.dht_latency_ms: must be >= 0, got {self.dht_latency_ms}")
         _require(self.max_message_mb > 0, f"sim.max_message_mb: must be > 0, got {self.max_message_mb}")
@@ -207,11 +219,15 @@ class RunConfig:
     sim: SimConfig
     optim: OptimConfig
     data: DataConfig
-    churn: str
+    churn: ChurnConfig
     compression: CompressionConfig
+    averaging: AveragingConfig
 
 
-SECTIONS = ("backend", "seed", "run_id", "model", "network", "topology", "train", "sim", "optim", "data", "churn", "compression")
+SECTIONS = (
+    "backend", "seed", "run_id", "model", "network", "topology", "train", "sim", "optim", "data", "churn",
+    "compression", "averaging",
+)
 
 
 def _name_only(node: Mapping[str, Any], path: str, allowed: tuple[str, ...]) -> str:
@@ -240,9 +256,10 @@ def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         train=build_section(TrainConfig, cfg["train"], "train"),
         sim=build_section(SimConfig, cfg["sim"], "sim"),
         optim=build_section(OptimConfig, optim, "optim"),
-        data=_data_config(cfg["data"]),
-        churn=_name_only(cfg["churn"], "churn", ("none",)),
+        data=_from_mapping(DataConfig, cfg["data"]),
+        churn=_from_mapping(ChurnConfig, cfg["churn"]),
         compression=build_section(CompressionConfig, cfg["compression"], "compression"),
+        averaging=_averaging(cfg["averaging"], cfg["train"].get("batch_size")),
     )
     _one_of("optim.name", run.optim.name, ("adamw",))
     _require(
@@ -253,8 +270,15 @@ def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     return run
 
 
-def _data_config(node: Mapping[str, Any]) -> DataConfig:
+def _from_mapping(cls: type, node: Mapping[str, Any]) -> Any:
     try:
-        return DataConfig.from_mapping(node)
+        return cls.from_mapping(node)
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def _averaging(node: Mapping[str, Any], batch_size: Any) -> AveragingConfig:
+    node = dict(node)
+    if node.get("target_batch_size") is None:
+        node["target_batch_size"] = batch_size
+    return build_section(AveragingConfig, node, "averaging")

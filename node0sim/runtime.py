@@ -62,6 +62,23 @@ class Task(ABC):
         """Whether the task has finished."""
 
 
+class Future(ABC):
+    """A value one task sets and other tasks await (e.g. "all parts of this all-reduce arrived")."""
+
+    @abstractmethod
+    def set_result(self, value: Any) -> None:
+        """Resolve the future (once; later calls are ignored)."""
+
+    @property
+    @abstractmethod
+    def done(self) -> bool:
+        """Whether a result was set."""
+
+    @abstractmethod
+    def wait(self, timeout: float | None = None) -> Awaitable[Any]:
+        """The result; raises ``TimeoutError`` if none is set within ``timeout`` seconds."""
+
+
 class Runtime(ABC):
     """What one peer's protocol code can do: time, compute, RPC, DHT and concurrency."""
 
@@ -106,6 +123,10 @@ class Runtime(ABC):
     @abstractmethod
     def spawn(self, coro: Coroutine[Any, Any, T]) -> Task:
         """Run ``coro`` concurrently as a task owned by this peer."""
+
+    @abstractmethod
+    def future(self) -> Future:
+        """A new unresolved :class:`Future`."""
 
     @abstractmethod
     def gather(self, tasks: list[Task]) -> Awaitable[list[Any]]:

@@ -205,3 +205,25 @@ def test_jitter_is_seeded():
         return _run(sim, client, protocol())
 
     assert arrival(1) == arrival(1) != arrival(2)
+
+
+def test_future_wakes_waiters_and_times_out():
+    sim = make_sim()
+    peer = add(sim, "p")
+    rt = peer.runtime
+    fut, never = rt.future(), rt.future()
+
+    async def setter():
+        await rt.sleep(2.0)
+        fut.set_result("ready")
+        fut.set_result("ignored")
+
+    async def protocol():
+        rt.spawn(setter())
+        value = await fut.wait(timeout=5.0)
+        at = rt.now()
+        with pytest.raises(TimeoutError):
+            await never.wait(timeout=1.5)
+        return value, at, rt.now(), await fut.wait()
+
+    assert _run(sim, peer, protocol()) == ("ready", 2.0, 3.5, "ready")

@@ -100,3 +100,18 @@ def test_bytes_are_counted_and_zero_bandwidth_is_refused():
     assert net.bytes_sent == 200
     with pytest.raises(ValueError, match="bandwidth"):
         Endpoint("z", "r", 0, 8)
+
+
+def test_equal_share_model_splits_each_link_and_takes_the_smaller_share():
+    env = simpy.Environment()
+    net = Network(env, lambda a, b: 0.0, 0.0, random.Random(0), sharing="equal")
+    fast = Endpoint("fast", "r", 30, 1000)
+    slow_receiver = Endpoint("slow", "r", 1000, 10)
+    other = Endpoint("other", "r", 1000, 1000)
+    f1 = net.transfer(fast, slow_receiver, 1)
+    f2 = net.transfer(fast, other, 1)
+    # each gets half the 30 Mb/s uplink, f1 is further capped by the 10 Mb/s downlink (no redistribution)
+    assert f1.rate == pytest.approx(10e6 / 8) and f2.rate == pytest.approx(15e6 / 8)
+    env.run()
+    with pytest.raises(ValueError, match="link_sharing"):
+        Network(env, lambda a, b: 0.0, 0.0, random.Random(0), sharing="fancy")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -15,7 +16,7 @@ from node0sim.model import ModelConfig, PipelineStage
 from node0sim.model.costs import stage_backward_flops, stage_forward_flops, stage_parameter_count
 from node0sim.model.subspace import SubspaceBasis, project_gradients_onto_subspace_, project_onto_subspace_
 from node0sim.protocol.codecs import Codec
-from node0sim.protocol.messages import Payload, TensorSpec, leading_dims
+from node0sim.protocol.messages import Packed, Payload, TensorSpec, leading_dims
 
 OPTIMIZER_FLOPS_PER_PARAM = 12
 """AdamW step cost: a dozen elementwise operations per parameter."""
@@ -91,8 +92,40 @@ class StageCompute(ABC):
         """Forward, loss and backward on the last stage: ``(mean loss, encoded input gradient)``."""
 
     @abstractmethod
+    def take_gradients(self) -> Payload:
+        """The accumulated gradients as one flat vector (sums over samples); accumulation restarts from zero."""
+
+    @abstractmethod
+    def step_with(self, mean_gradients: Payload) -> None:
+        """One optimizer step with these (mean, flat) gradients; gradients accumulated meanwhile are kept."""
+
+    @abstractmethod
+    def sparta_index(self, fraction: float, seed: int) -> Any:
+        """The ``fraction`` of parameter entries averaged this round: the same for every peer given ``seed``."""
+
+    @abstractmethod
+    def parameter_values(self, index: torch.Tensor | None) -> Payload:
+        """The flat parameter vector, or its entries at ``index`` (SPARTA's partial averaging)."""
+
+    @abstractmethod
+    def set_parameter_values(self, values: Payload, index: torch.Tensor | None) -> None:
+        """Overwrite the flat parameter vector (or the entries at ``index``)."""
+
+    @abstractmethod
+    def export_state(self) -> Payload:
+        """Parameters and optimizer state, for a peer that joins or fell too far behind."""
+
+    @abstractmethod
+    def import_state(self, state: Payload) -> None:
+        """Load what :meth:`export_state` produced on another peer of the same stage."""
+
     def apply_update(self, samples: int) -> None:
-        """Optimizer step with the gradients accumulated over ``samples`` samples, then clear them."""
+        """Local optimizer step with the gradients accumulated over ``samples`` samples."""
+        self.step_with(_divide(self.take_gradients(), samples))
+
+
+def _divide(flat: Payload, samples: int) -> Payload:
+    return flat / samples if isinstance(flat, torch.Tensor) else flat
 
 
 class TensorStageCompute(StageCompute):
@@ -150,10 +183,27 @@ class TensorStageCompute(StageCompute):
         (loss * x.shape[0]).backward()
         return loss.item(), self._encoded_input_grad(x)
 
-    def apply_update(self, samples: int) -> None:
-        for param in self.parameters:
-            if param.grad is not None:
-                param.grad.div_(samples)
+    def _flat_grads(self) -> torch.Tensor:
+        return torch.cat([
+            (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.parameters
+        ])
+
+    def _load_grads(self, flat: torch.Tensor) -> None:
+        for param, chunk in zip(self.parameters, flat.split([p.numel() for p in self.parameters])):
+            param.grad = chunk.view_as(param).clone()
+
+    def take_gradients(self) -> Payload:
+        flat = self._flat_grads()
+        self.optimizer.zero_grad(set_to_none=True)
+        return flat
+
+    def step_with(self, mean_gradients: Payload) -> None:
+        if not isinstance(mean_gradients, torch.Tensor) or mean_gradients.shape != (self.num_trainable,):
+            raise ValueError(f"stage {self.index}: averaged gradients must be a flat tensor of {self.num_trainable} values")
+        if not torch.isfinite(mean_gradients).all():
+            raise ValueError(f"stage {self.index}: averaged gradients are not finite")
+        accumulated_meanwhile = self._flat_grads()
+        self._load_grads(mean_gradients)
         if self.basis is not None:
             project_gradients_onto_subspace_(self.module, self.basis)
         if self.optim.clip_grad_norm > 0:
@@ -161,10 +211,68 @@ class TensorStageCompute(StageCompute):
         for group in self.optimizer.param_groups:
             group["lr"] = self.optim.lr * self.optim.lr_factor(self.updates)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._load_grads(accumulated_meanwhile)
         if self.basis is not None:
             project_onto_subspace_(self.module, self.basis)
         self.updates += 1
+
+    @property
+    def num_trainable(self) -> int:
+        """Number of trainable parameter values (the length of flat vectors)."""
+        return sum(p.numel() for p in self.parameters)
+
+    def sparta_index(self, fraction: float, seed: int) -> Any:
+        count = max(1, int(self.num_trainable * fraction))
+        generator = torch.Generator().manual_seed(seed % 2**63)
+        return torch.randperm(self.num_trainable, generator=generator)[:count]
+
+    @torch.no_grad()
+    def parameter_values(self, index: torch.Tensor | None) -> Payload:
+        flat = torch.cat([p.reshape(-1) for p in self.parameters])
+        return flat if index is None else flat[index]
+
+    @torch.no_grad()
+    def set_parameter_values(self, values: Payload, index: torch.Tensor | None) -> None:
+        flat = self.parameter_values(None)
+        if index is None:
+            flat = values
+        else:
+            flat[index] = values
+        if not isinstance(flat, torch.Tensor) or flat.shape != (self.num_trainable,) or not torch.isfinite(flat).all():
+            raise ValueError(f"stage {self.index}: parameter values have the wrong shape or are not finite")
+        for param, chunk in zip(self.parameters, flat.split([p.numel() for p in self.parameters])):
+            param.copy_(chunk.view_as(param))
+        if self.basis is not None:
+            project_onto_subspace_(self.module, self.basis)
+
+    def _moments(self, key: str) -> torch.Tensor:
+        return torch.cat([
+            self.optimizer.state.get(p, {}).get(key, torch.zeros_like(p)).reshape(-1) for p in self.parameters
+        ])
+
+    def export_state(self) -> Payload:
+        parts = {
+            "parameters": self.parameter_values(None).clone(),
+            "exp_avg": self._moments("exp_avg"),
+            "exp_avg_sq": self._moments("exp_avg_sq"),
+            "updates": torch.tensor([self.updates], dtype=torch.int64),
+        }
+        return Packed(parts, shape=(self.num_trainable,))
+
+    def import_state(self, state: Payload) -> None:
+        if not isinstance(state, Packed) or set(state.parts) != {"parameters", "exp_avg", "exp_avg_sq", "updates"}:
+            raise ValueError(f"stage {self.index}: malformed state payload")
+        self.set_parameter_values(state.parts["parameters"], None)
+        updates = int(state.parts["updates"].item())
+        sizes = [p.numel() for p in self.parameters]
+        for param, avg, avg_sq in zip(
+            self.parameters, state.parts["exp_avg"].split(sizes), state.parts["exp_avg_sq"].split(sizes)
+        ):
+            self.optimizer.state[param] = {
+                "step": torch.tensor(float(updates)), "exp_avg": avg.view_as(param).clone(),
+                "exp_avg_sq": avg_sq.view_as(param).clone(),
+            }
+        self.updates = updates
 
 
 class CostStageCompute(StageCompute):
@@ -190,5 +298,27 @@ class CostStageCompute(StageCompute):
     def tail(self, inputs: Payload, token_ids: Payload | None, targets: Payload) -> tuple[float | None, Payload | None]:
         return None, self._grad_spec(inputs)
 
-    def apply_update(self, samples: int) -> None:
+    def _flat_spec(self, index: torch.Tensor | None = None) -> TensorSpec:
+        return TensorSpec((self.num_params if index is None else len(index),), torch.float32)
+
+    def take_gradients(self) -> Payload:
+        return self._flat_spec()
+
+    def step_with(self, mean_gradients: Payload) -> None:
         self.updates += 1
+
+    def sparta_index(self, fraction: float, seed: int) -> Any:
+        return range(max(1, int(self.num_params * fraction)))
+
+    def parameter_values(self, index: torch.Tensor | None) -> Payload:
+        return self._flat_spec(index)
+
+    def set_parameter_values(self, values: Payload, index: torch.Tensor | None) -> None:
+        """Nothing to overwrite in timing mode."""
+
+    def export_state(self) -> Payload:
+        spec = self._flat_spec()
+        return Packed({"parameters": spec, "exp_avg": spec, "exp_avg_sq": spec}, shape=spec.shape)
+
+    def import_state(self, state: Payload) -> None:
+        """Nothing to load in timing mode."""

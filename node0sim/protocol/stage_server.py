@@ -1,69 +1,139 @@
-"""A stage server: serves forward/backward/tail for one pipeline stage and updates its weights."""
+"""A stage server: serves one pipeline stage and keeps its weights in step with the stage's other peers.
+
+Per epoch (``averaging.target_batch_size`` samples across the stage's peers) the peers that are
+ready average their gradients (sample-weighted) and step; every ``average_state_every`` epochs
+they also average a random fraction of their parameters (SPARTA); a peer that falls more than
+``max_allowed_stale`` epochs behind, or joins, downloads the stage's state from a peer.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import random
+from dataclasses import dataclass
 from typing import Any
 
+from node0sim.protocol.averaging import AveragingConfig, GroupAverager, group_key
 from node0sim.protocol.messages import (
+    HEADER_BYTES,
     BackwardRequest,
     BackwardResponse,
     ForwardRequest,
     ForwardResponse,
+    Payload,
     TailRequest,
     TailResponse,
     leading_dims,
+    payload_bytes,
 )
 from node0sim.protocol.stage_compute import StageCompute
-from node0sim.runtime import Runtime
+from node0sim.runtime import RPCError, Runtime, Task
 
 
 def stage_key(run_id: str, stage: int) -> str:
-    """DHT key under which the servers of ``stage`` announce themselves (one subkey per peer)."""
+    """DHT key under which the servers of ``stage`` report themselves (one subkey per peer)."""
     return f"{run_id}/stage/{stage}"
 
 
+@dataclass(frozen=True)
+class StateRequest:
+    """Ask a peer for its stage state."""
+
+    stage: int
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES
+
+
+@dataclass(frozen=True)
+class StateResponse:
+    """A stage's parameters and optimizer state at ``epoch``."""
+
+    epoch: int
+    state: Payload
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES + payload_bytes(self.state)
+
+
+@dataclass
+class ServerStats:
+    """What a stage server did."""
+
+    samples: int = 0
+    epochs: int = 0
+    averaging_rounds: int = 0
+    last_group_size: int = 0
+    solo_steps: int = 0
+    state_averaging_rounds: int = 0
+    state_downloads: int = 0
+    failed_state_downloads: int = 0
+
+
 class StageServer:
-    """Serves one stage; steps the optimizer whenever ``update_every_samples`` samples have been backpropagated."""
+    """Serves forward/backward (or tail) for one stage and runs its in-stage averaging."""
 
     def __init__(
         self,
         rt: Runtime,
         run_id: str,
         compute: StageCompute,
-        update_every_samples: int,
-        announce_period_s: float = 30.0,
+        averaging: AveragingConfig,
+        *,
+        throughput: float,
+        bandwidth_mbps: float,
+        seed: int = 0,
     ):
-        if update_every_samples < 1:
-            raise ValueError(f"update_every_samples must be >= 1, got {update_every_samples}")
         self.rt = rt
         self.run_id = run_id
         self.compute = compute
         self.stage = compute.index
-        self.update_every_samples = update_every_samples
-        self.announce_period_s = announce_period_s
-        self.samples_accumulated = 0
-        self.requests_served = 0
-        self._update_pending = False
+        self.cfg = averaging
+        self.throughput = throughput
+        self.bandwidth_mbps = bandwidth_mbps
+        self.seed = seed
+        self.rng = random.Random(_stable_hash(seed, rt.peer_id))
+        self.averager = GroupAverager(rt, self.stage, averaging)
+        self.epoch = 0
+        self.samples = 0
+        self.stats = ServerStats()
+        self.records: dict[str, dict[str, Any]] = {}
+        self._ending_epoch = False
+        self._rate = 0.0
+        self._last_report = (0.0, 0)
+        self._loops: list[Task] = []
+        self.ready = False
 
-    async def start(self) -> None:
-        """Register the handlers, announce this peer in the DHT and keep the announcement fresh."""
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self, load_state: bool = False) -> None:
+        """Load state from the stage's peers if asked (a joiner), then serve and keep averaging.
+
+        While it downloads, the peer is already announced (so the balancing rule counts it) but
+        marked not ready (so trainers do not route to it and peers do not average with it).
+        """
+        self._loops = [self.rt.spawn(self._heartbeat())]
+        self.records = await self._read_records()
+        if load_state and self._others():
+            await self._report()
+            await self.load_state_from_peers()
+        self.ready = True
         self.rt.serve("forward", self.handle_forward)
-        self.rt.serve("tail" if self.compute.is_tail else "backward",
-                      self.handle_tail if self.compute.is_tail else self.handle_backward)
-        await self._announce()
-        self.rt.spawn(self._keep_announcing())
+        if self.compute.is_tail:
+            self.rt.serve("tail", self.handle_tail)
+        else:
+            self.rt.serve("backward", self.handle_backward)
+        self.rt.serve("get_state", self.handle_get_state)
+        self.averager.serve()
+        await self._report()
+        self._loops.append(self.rt.spawn(self._epoch_loop()))
 
-    async def _announce(self) -> None:
-        record = {"stage": self.stage, "updates": self.compute.updates}
-        await self.rt.dht_store(
-            stage_key(self.run_id, self.stage), record, expires_in=3 * self.announce_period_s, subkey=self.rt.peer_id
-        )
+    async def leave(self) -> None:
+        """Say goodbye: stop averaging and withdraw this peer's record so others stop counting on it."""
+        for loop in self._loops:
+            loop.cancel()
+        await self.rt.dht_store(stage_key(self.run_id, self.stage), None, expires_in=0.0, subkey=self.rt.peer_id)
 
-    async def _keep_announcing(self) -> None:
-        while True:
-            await self.rt.sleep(self.announce_period_s)
-            await self._announce()
-
+    # ---- serving ---------------------------------------------------------------------------
     def _token_ids(self, request: ForwardRequest | BackwardRequest | TailRequest) -> Any:
         """The micro-batch's tokens: the head's own input, or the side channel sent with the activations."""
         return request.inputs if self.compute.is_head else request.token_ids
@@ -76,9 +146,9 @@ class StageServer:
         """Forward pass; nothing is kept for the backward pass."""
         self._check_stage(request.stage)
         outputs = await self.rt.compute(
-            self.compute.forward_flops(request.inputs), lambda: self.compute.forward(request.inputs, self._token_ids(request))
+            self.compute.forward_flops(request.inputs),
+            lambda: self.compute.forward(request.inputs, self._token_ids(request)),
         )
-        self.requests_served += 1
         return ForwardResponse(outputs)
 
     async def handle_backward(self, caller: str, request: BackwardRequest) -> BackwardResponse:
@@ -86,9 +156,11 @@ class StageServer:
         self._check_stage(request.stage)
         grad_inputs = await self.rt.compute(
             self.compute.backward_flops(request.inputs),
-            lambda: self._counted(request.inputs, self.compute.backward(request.inputs, self._token_ids(request), request.grad_outputs)),
+            lambda: self._counted(
+                request.inputs, self.compute.backward(request.inputs, self._token_ids(request), request.grad_outputs)
+            ),
         )
-        await self._maybe_update()
+        await self._end_epoch_if_alone_and_due()
         return BackwardResponse(grad_inputs)
 
     async def handle_tail(self, caller: str, request: TailRequest) -> TailResponse:
@@ -98,24 +170,192 @@ class StageServer:
             self.compute.backward_flops(request.inputs),
             lambda: self._counted(request.inputs, self.compute.tail(request.inputs, self._token_ids(request), request.targets)),
         )
-        await self._maybe_update()
+        await self._end_epoch_if_alone_and_due()
         return TailResponse(loss, grad_inputs)
 
     def _counted(self, inputs: Any, result: Any) -> Any:
         """Count the samples whose gradients were just accumulated (in the same compute slot)."""
-        self.samples_accumulated += leading_dims(inputs)[0]
-        self.requests_served += 1
+        batch = leading_dims(inputs)[0]
+        self.samples += batch
+        self.stats.samples += batch
         return result
 
-    async def _maybe_update(self) -> None:
-        if self._update_pending or self.samples_accumulated < self.update_every_samples:
-            return
-        self._update_pending = True
-        try:
-            await self.rt.compute(self.compute.step_flops(), self._update)
-        finally:
-            self._update_pending = False
+    async def handle_get_state(self, caller: str, request: StateRequest) -> StateResponse:
+        """Send this peer's parameters and optimizer state to a joiner."""
+        self._check_stage(request.stage)
+        state = await self.rt.compute(0.0, self.compute.export_state)
+        return StateResponse(self.epoch, state)
 
-    def _update(self) -> None:
-        self.compute.apply_update(self.samples_accumulated)
-        self.samples_accumulated = 0
+    # ---- epochs and averaging --------------------------------------------------------------
+    def _others(self) -> dict[str, dict[str, Any]]:
+        """The stage's other peers that serve (joiners still downloading their state are left out)."""
+        return {peer: r for peer, r in self.records.items() if peer != self.rt.peer_id and r["ready"]}
+
+    async def _read_records(self) -> dict[str, dict[str, Any]]:
+        records = await self.rt.dht_get(stage_key(self.run_id, self.stage))
+        return {p: r for p, r in records.items() if r is not None} if isinstance(records, dict) else {}
+
+    async def _report(self) -> None:
+        now = self.rt.now()
+        last_time, last_samples = self._last_report
+        if now > last_time:
+            self._rate = 0.5 * self._rate + 0.5 * (self.stats.samples - last_samples) / (now - last_time)
+        self._last_report = (now, self.stats.samples)
+        record = {
+            "epoch": self.epoch, "samples": self.samples, "rate": self._rate, "time": now,
+            "throughput": self.throughput, "bandwidth": self.bandwidth_mbps, "ready": self.ready,
+            "averaging": self.epoch if self._ending_epoch else None,
+        }
+        await self.rt.dht_store(
+            stage_key(self.run_id, self.stage), record, expires_in=3 * self.cfg.progress_period_s, subkey=self.rt.peer_id
+        )
+
+    def _global_epoch(self) -> int:
+        return max([r["epoch"] for r in self._others().values()] + [self.epoch])
+
+    def _estimated_samples(self) -> float:
+        """Samples the stage has accumulated at this peer's epoch (others extrapolated from their reports)."""
+        now = self.rt.now()
+        others = sum(
+            r["samples"] + r["rate"] * (now - r["time"]) for r in self._others().values() if r["epoch"] == self.epoch
+        )
+        return self.samples + others
+
+    def _epoch_due(self) -> bool:
+        """Another peer is ahead, or already averaging this epoch (join it), or the target is reached."""
+        if self._global_epoch() > self.epoch:
+            return True
+        if any(r.get("averaging") == self.epoch for r in self._others().values()):
+            return True
+        return self._estimated_samples() >= self.cfg.target_batch_size
+
+    async def _end_epoch_if_alone_and_due(self) -> None:
+        """Without other peers, step as soon as the target is reached (exact synchronous updates)."""
+        if not self._ending_epoch and not self._others() and self.samples >= self.cfg.target_batch_size:
+            await self._end_epoch()
+
+    async def _heartbeat(self) -> None:
+        """Keep this peer's record fresh, even while it is busy averaging or downloading."""
+        while True:
+            await self.rt.sleep(self.cfg.progress_period_s)
+            await self._report()
+
+    async def _epoch_loop(self) -> None:
+        while True:
+            self.records = await self._read_records()
+            if self._global_epoch() - self.epoch > self.cfg.max_allowed_stale:
+                await self.load_state_from_peers()
+            elif not self._ending_epoch and self._epoch_due():
+                await self._end_epoch()
+            else:
+                await self.rt.sleep(self._next_check_in())
+
+    def _next_check_in(self) -> float:
+        rate = self._rate + sum(r["rate"] for r in self._others().values() if r["epoch"] == self.epoch)
+        missing = self.cfg.target_batch_size - self._estimated_samples()
+        eta = missing / rate if rate > 0 else self.cfg.progress_period_s
+        return min(self.cfg.progress_period_s, max(eta, 0.01 * self.cfg.progress_period_s))
+
+    async def _end_epoch(self) -> None:
+        self._ending_epoch = True
+        try:
+            epoch, target_epoch = self.epoch, self._global_epoch()
+            if self._others():
+                await self._report()  # tell the stage: peers at this epoch join the round now
+            gradients, samples = await self.rt.compute(0.0, self._take_gradients)
+            members, bandwidths = await self._matchmake(epoch)
+            mean, contributors = await self.averager.all_reduce(f"grad/{epoch}", members, bandwidths, gradients, samples)
+            if mean is not None:
+                await self.rt.compute(self.compute.step_flops(), lambda: self.compute.step_with(mean))
+            self.stats.last_group_size = contributors
+            if contributors > 1:
+                self.stats.averaging_rounds += 1
+            else:
+                self.stats.solo_steps += 1
+            self.epoch = max(epoch + 1, target_epoch)
+            self.stats.epochs += 1
+            if self.cfg.average_state_every and self.epoch % self.cfg.average_state_every == 0 and len(members) > 1:
+                await self._average_parameters(members, bandwidths)
+            await self._report()
+        finally:
+            self._ending_epoch = False
+
+    def _take_gradients(self) -> tuple[Payload, int]:
+        samples, self.samples = self.samples, 0
+        return self.compute.take_gradients(), samples
+
+    async def _matchmake(self, epoch: int) -> tuple[list[str], list[float]]:
+        """The group for this epoch: peers registered within ``matchmaking_time_s`` of the first."""
+        me = self.rt.peer_id
+        if not self._others():
+            return [me], [self.bandwidth_mbps]
+        key = group_key(self.run_id, self.stage, epoch)
+        ttl = self.cfg.matchmaking_time_s + self.cfg.averaging_timeout_s
+        await self.rt.dht_store(key, {"time": self.rt.now(), "bandwidth": self.bandwidth_mbps}, expires_in=ttl, subkey=me)
+        group = await self.rt.dht_get(key) or {}
+        deadline = min(r["time"] for r in group.values()) + self.cfg.matchmaking_time_s
+        await self.rt.sleep(max(0.0, deadline + self.cfg.matchmaking_slack_s - self.rt.now()))
+        group = await self.rt.dht_get(key) or {}
+        members = sorted(peer for peer, r in group.items() if r["time"] <= deadline)
+        if me not in members:
+            return [me], [self.bandwidth_mbps]
+        return members, [group[peer]["bandwidth"] for peer in members]
+
+    async def _average_parameters(self, members: list[str], bandwidths: list[float]) -> None:
+        """SPARTA: average a random fraction of the parameters, the same entries on every member."""
+        index = self.compute.sparta_index(self.cfg.sparta_fraction, _stable_hash(self.seed, self.stage, self.epoch))
+        values = await self.rt.compute(0.0, lambda: self.compute.parameter_values(index))
+        mean, contributors = await self.averager.all_reduce(f"state/{self.epoch}", members, bandwidths, values, 1.0)
+        if mean is not None and contributors > 1:
+            await self.rt.compute(0.0, lambda: self.compute.set_parameter_values(mean, index))
+            self.stats.state_averaging_rounds += 1
+
+    async def load_state_from_peers(self, attempts: int = 3) -> bool:
+        """Download parameters, optimizer state and epoch from an up-to-date peer (random, so joiners spread).
+
+        A state taken while its donor is averaging is one step old by the time it lands, so the peer
+        first waits for a running round to finish, and downloads again (up to ``attempts`` times) if
+        the stage moved to a newer epoch while the state was in flight.
+        """
+        loaded = False
+        for _ in range(attempts):
+            self.records = await self._read_records()
+            if self._newest_epoch_is_averaging():
+                await self.rt.sleep(self.cfg.progress_period_s)
+                self.records = await self._read_records()
+            others = self._others()
+            newest = max((r["epoch"] for r in others.values()), default=-1)
+            if loaded and newest <= self.epoch:
+                break
+            candidates = sorted(peer for peer, r in others.items() if r["epoch"] == newest)
+            self.rng.shuffle(candidates)
+            loaded = await self._download_from(candidates[:3]) or loaded
+        return loaded
+
+    def _newest_epoch_is_averaging(self) -> bool:
+        others = self._others().values()
+        newest = max((r["epoch"] for r in others), default=-1)
+        return any(r["epoch"] == newest and r.get("averaging") is not None for r in others)
+
+    async def _download_from(self, donors: list[str]) -> bool:
+        for donor in donors:
+            try:
+                response = await self.rt.call(donor, "get_state", StateRequest(self.stage), self.cfg.state_timeout_s)
+            except RPCError:
+                self.stats.failed_state_downloads += 1
+                continue
+            await self.rt.compute(0.0, lambda: self._import(response))
+            self.stats.state_downloads += 1
+            return True
+        return False
+
+    def _import(self, response: StateResponse) -> None:
+        self.compute.import_state(response.state)
+        self.compute.take_gradients()
+        self.samples = 0
+        self.epoch = response.epoch
+
+
+def _stable_hash(*parts: Any) -> int:
+    """A seed derived from ``parts`` that is the same in every process (unlike ``hash``)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "big")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
 
 from node0sim.protocol.messages import BackwardRequest, ForwardRequest, Payload, TailRequest, TensorSpec, leading_dims
+from node0sim.protocol.routing import Router
 from node0sim.protocol.stage_server import stage_key
 from node0sim.runtime import RPCError, Runtime, Task
 
@@ -34,6 +36,8 @@ class TrainerConfig:
     request_timeout_s: float = 30.0
     max_retries: int = 3
     discovery_period_s: float = 5.0
+    startup_poll_s: float = 0.5
+    ban_s: float = 60.0
     send_token_ids: bool = False
 
 
@@ -41,6 +45,7 @@ class TrainerConfig:
 class TrainerStats:
     """What happened to the micro-batches and requests of one trainer."""
 
+    micro_batches_started: int = 0
     micro_batches_done: int = 0
     micro_batches_dropped: int = 0
     samples: int = 0
@@ -83,11 +88,19 @@ class Trainer:
         self.cfg = cfg
         self.on_micro_batch = on_micro_batch
         self.stats = TrainerStats()
-        self._peers: list[list[str]] = [[] for _ in range(num_stages)]
+        self.router = Router(random.Random(rt.peer_id), ban_s=cfg.ban_s)
 
     async def run(self) -> TrainerStats:
         """Train until ``cfg.micro_batches`` micro-batches are done (or dropped)."""
         await self._wait_for_pipeline()
+        discovery = self.rt.spawn(self._keep_discovering())
+        try:
+            await self._train()
+        finally:
+            discovery.cancel()
+        return self.stats
+
+    async def _train(self) -> None:
         if self.cfg.schedule == "sync":
             for first in range(0, self.cfg.micro_batches, self.cfg.micro_batches_per_step):
                 count = min(self.cfg.micro_batches_per_step, self.cfg.micro_batches - first)
@@ -99,35 +112,47 @@ class Trainer:
                     await inflight.pop(0).join()
                 inflight.append(self.rt.spawn(self._micro_batch()))
             await self.rt.gather(inflight)
-        return self.stats
 
     async def _wait_for_pipeline(self) -> None:
         while True:
             await self._discover()
-            if all(self._peers):
+            if all(self.router.peers(stage) for stage in range(self.num_stages)):
                 return
+            await self.rt.sleep(self.cfg.startup_poll_s)
+
+    async def _keep_discovering(self) -> None:
+        while True:
             await self.rt.sleep(self.cfg.discovery_period_s)
+            await self._discover()
 
     async def _discover(self) -> None:
-        for stage in range(self.num_stages):
-            record = await self.rt.dht_get(stage_key(self.run_id, stage))
-            self._peers[stage] = sorted(record) if isinstance(record, dict) else []
+        """Refresh every stage's peers and their announced throughputs from the DHT."""
+        lookups = [self.rt.spawn(self.rt.dht_get(stage_key(self.run_id, stage))) for stage in range(self.num_stages)]
+        for stage, records in enumerate(await self.rt.gather(lookups)):
+            live = {p: r["throughput"] for p, r in records.items() if r and r["ready"]} if isinstance(records, dict) else {}
+            self.router.update_peers(stage, live)
 
-    async def _call(self, stage: int, method: str, request: Any) -> Any:
-        """Call a peer of ``stage``, retrying (on re-discovered peers) up to ``max_retries`` times."""
+    async def _call(self, stage: int, method: str, request: Any, samples: int, backward: bool = False) -> Any:
+        """Call the peer of ``stage`` expected to finish first; on failure ban it and retry on another."""
+        tried: list[str] = []
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
                 self.stats.retried_requests += 1
-                await self._discover()
-            peers = self._peers[stage]
-            if not peers:
+            peer = self.router.choose(stage, samples, self.rt.now(), backward, exclude=tried)
+            if peer is None:  # nobody serves this stage right now: the pipeline stalls here
                 self.stats.failed_requests += 1
+                await self.rt.sleep(self.cfg.discovery_period_s)
+                await self._discover()
                 continue
+            started = self.rt.now()
             try:
-                response = await self.rt.call(peers[0], method, request, self.cfg.request_timeout_s)
+                response = await self.rt.call(peer, method, request, self.cfg.request_timeout_s)
             except RPCError:
                 self.stats.failed_requests += 1
+                self.router.report_failure(stage, peer, self.rt.now())
+                tried.append(peer)
                 continue
+            self.router.report_success(stage, peer, samples, self.rt.now() - started, self.rt.now(), backward)
             self.stats.stage_bytes[stage] = (
                 self.stats.stage_bytes.get(stage, 0) + request.wire_bytes() + response.wire_bytes()
             )
@@ -135,6 +160,7 @@ class Trainer:
         raise NoPeerForStage(f"stage {stage}: {method} failed after {self.cfg.max_retries} retries")
 
     async def _micro_batch(self) -> None:
+        self.stats.micro_batches_started += 1
         inputs, targets = self.source.next_micro_batch()
         try:
             loss = await self._forward_backward(inputs, targets)
@@ -160,13 +186,15 @@ class Trainer:
     async def _forward_backward(self, inputs: Payload, targets: Payload) -> float | None:
         last = self.num_stages - 1
         ids = self._side_channel(inputs)
+        samples = leading_dims(inputs)[0]
         stage_inputs = [inputs]
         for stage in range(last):
             request = ForwardRequest(stage, stage_inputs[-1], None if stage == 0 else ids)
-            stage_inputs.append((await self._call(stage, "forward", request)).outputs)
-        tail = await self._call(last, "tail", TailRequest(last, stage_inputs[last], targets, None if last == 0 else ids))
+            stage_inputs.append((await self._call(stage, "forward", request, samples)).outputs)
+        tail_request = TailRequest(last, stage_inputs[last], targets, None if last == 0 else ids)
+        tail = await self._call(last, "tail", tail_request, samples, backward=True)
         grad = tail.grad_inputs
         for stage in reversed(range(last)):
             request = BackwardRequest(stage, stage_inputs[stage], grad, None if stage == 0 else ids)
-            grad = (await self._call(stage, "backward", request)).grad_inputs
+            grad = (await self._call(stage, "backward", request, samples, backward=True)).grad_inputs
         return tail.loss

@@ -13,7 +13,7 @@ from typing import Any, Callable, Coroutine, Generator, TypeVar
 
 import simpy
 
-from node0sim.runtime import Handler, Message, PeerCrashed, RemoteError, RequestTimeout, Runtime, Task
+from node0sim.runtime import Future, Handler, Message, PeerCrashed, RemoteError, RequestTimeout, Runtime, Task
 from node0sim.sim.gpus import GPUProfile
 from node0sim.sim.network import Endpoint, Network
 
@@ -78,6 +78,30 @@ class SimTask(Task):
     @property
     def done(self) -> bool:
         return not self.process.is_alive
+
+
+class SimFuture(Future):
+    """A future backed by a SimPy event."""
+
+    def __init__(self, env: simpy.Environment):
+        self._env = env
+        self._event = env.event()
+
+    def set_result(self, value: Any) -> None:
+        if not self._event.triggered:
+            self._event.succeed(value)
+
+    @property
+    def done(self) -> bool:
+        return self._event.triggered
+
+    async def wait(self, timeout: float | None = None) -> Any:
+        if timeout is None or self._event.triggered:
+            return await wait(self._event)
+        await wait(self._env.any_of([self._event, self._env.timeout(timeout)]))
+        if not self._event.triggered:
+            raise TimeoutError(f"no result within {timeout:g} s")
+        return self._event.value
 
 
 class EmulatedDHT:
@@ -194,6 +218,9 @@ class SimRuntime(Runtime):
     def spawn(self, coro: Coroutine[Any, Any, T]) -> Task:
         return SimTask(self._sim.start(self.peer, coro))
 
+    def future(self) -> Future:
+        return SimFuture(self._env)
+
     async def gather(self, tasks: list[Task]) -> list[Any]:
         return [await task.join() for task in tasks]
 
@@ -209,10 +236,11 @@ class Simulation:
         jitter_s: float = 0.0,
         dht_latency_s: float = 0.05,
         max_message_bytes: int = 2**31,
+        link_sharing: str = "maxmin",
     ):
         self.env = simpy.Environment()
         self.rng = random.Random(seed)
-        self.network = Network(self.env, latency_s, jitter_s, random.Random(self.rng.getrandbits(64)))
+        self.network = Network(self.env, latency_s, jitter_s, random.Random(self.rng.getrandbits(64)), link_sharing)
         self.dht = EmulatedDHT(dht_latency_s)
         self.max_message_bytes = max_message_bytes
         self.peers: dict[str, SimPeer] = {}

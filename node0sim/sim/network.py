@@ -5,7 +5,10 @@ Model (a fluid flow model, as used by flow-level network simulators such as SimG
   assumed uncongested, so a flow from A to B is limited only by A's uplink and B's downlink;
 - concurrent flows share links max-min fairly (progressive filling): whenever a flow starts,
   finishes or is aborted, the rates of the flows connected to it through shared links are
-  recomputed and their completion times rescheduled;
+  recomputed and their completion times rescheduled (``sharing="maxmin"``, the default);
+- or, for very large swarms, each link is split equally among its flows and a flow gets the
+  smaller of its two shares (``sharing="equal"``): only the flows on the two links a change
+  touches are updated, at the price of leaving capacity unused when a flow is limited elsewhere;
 - a message is delivered one one-way latency (plus optional jitter) after its last byte left,
   so an isolated transfer of S bytes over B bit/s with latency L takes exactly L + 8S/B.
 """
@@ -16,6 +19,9 @@ import random
 from typing import Callable
 
 import simpy
+
+
+SHARING_MODELS = ("maxmin", "equal")
 
 
 class Link:
@@ -62,8 +68,18 @@ class Endpoint:
 class Network:
     """All links of a simulation; ``transfer`` returns an event that fires on delivery."""
 
-    def __init__(self, env: simpy.Environment, latency_s: Callable[[str, str], float], jitter_s: float, rng: random.Random):
+    def __init__(
+        self,
+        env: simpy.Environment,
+        latency_s: Callable[[str, str], float],
+        jitter_s: float,
+        rng: random.Random,
+        sharing: str = "maxmin",
+    ):
+        if sharing not in SHARING_MODELS:
+            raise ValueError(f"sim.link_sharing: {sharing!r} is not one of {list(SHARING_MODELS)}")
         self.env = env
+        self.sharing = sharing
         self._latency_s = latency_s
         self._jitter_s = jitter_s
         self._rng = rng
@@ -125,11 +141,17 @@ class Network:
     def _reshare(self, seeds: tuple[Link, ...]) -> None:
         """Recompute max-min fair rates around ``seeds`` and reschedule completions."""
         now = self.env.now
-        links, flows = self._component(seeds)
+        if self.sharing == "maxmin":
+            links, flows = self._component(seeds)
+        else:
+            flows = {flow: None for link in seeds for flow in link.flows}
         for flow in flows:
             flow.remaining = max(0.0, flow.remaining - flow.rate * (now - flow.updated_at))
             flow.updated_at = now
-        new_rates = self._max_min_rates(links, flows)
+        if self.sharing == "maxmin":
+            new_rates = self._max_min_rates(links, flows)
+        else:
+            new_rates = {f: min(f.up.capacity / len(f.up.flows), f.down.capacity / len(f.down.flows)) for f in flows}
         for flow, rate in new_rates.items():
             if rate != flow.rate or flow.version == 0:
                 flow.rate = rate

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import copy
+import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Generator
+
+import simpy
+import torch
 
 from node0sim.config import RunConfig
 from node0sim.experiment import evaluate, micro_batch_sources, model_config, stage_computes
 from node0sim.metrics import RunRecorder, StepTracker
+from node0sim.protocol.messages import TensorSpec
+from node0sim.protocol.stage_compute import StageCompute, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
+from node0sim.protocol.swarm_peer import BalanceConfig, SwarmPeer
 from node0sim.protocol.trainer import Trainer, TrainerConfig
-from node0sim.sim.engine import Simulation
+from node0sim.sim.churn import churn_schedule
+from node0sim.sim.engine import SimPeer, Simulation
 from node0sim.sim.gpus import gpu_profile
 from node0sim.sim.regions import region_preset
 
 STAGE_METHODS = ("forward", "backward", "tail")
+AVERAGING_METHODS = ("reduce_part", "gather_part")
+DEFAULT_CHURN_HORIZON_S = 24 * 3600.0
 
 
 def build_simulation(run: RunConfig) -> Simulation:
@@ -38,104 +49,229 @@ def build_simulation(run: RunConfig) -> Simulation:
         jitter_s=net.jitter_ms / 1000,
         dht_latency_s=run.sim.dht_latency_ms / 1000,
         max_message_bytes=int(run.sim.max_message_mb * 2**20),
+        link_sharing=run.sim.link_sharing,
     )
 
 
 def steady_throughput(records: list[dict[str, Any]]) -> float | None:
     """Tokens per second over the second half of the logged steps (excludes pipeline fill)."""
-    if len(records) < 2:
+    steps = [r for r in records if "step" in r]
+    if len(steps) < 2:
         return None
-    mid, last = records[(len(records) - 1) // 2], records[-1]
+    mid, last = steps[(len(steps) - 1) // 2], steps[-1]
     elapsed = last["time_s"] - mid["time_s"]
     return (last["tokens"] - mid["tokens"]) / elapsed if elapsed > 0 else None
 
 
-def run_simulation(run: RunConfig, out_dir: Path, recorder: RunRecorder | None = None) -> dict[str, Any]:
-    """Train ``run`` in virtual time; write metrics, summary and plot into ``out_dir``; return the summary."""
-    wall_start = time.perf_counter()
-    recorder = recorder or RunRecorder(out_dir, run.train.steps)
-    sources, validation, vocab_size = micro_batch_sources(run)
-    cfg = model_config(run, vocab_size)
-    computes = stage_computes(run, cfg)
-    sim = build_simulation(run)
-    regions = region_preset(run.network.regions).regions if run.network.latency_ms is None else ("local",)
-    gpu = gpu_profile(run.sim.gpu)
+class VirtualSwarm:
+    """The stage servers of a simulated run: initial peers, joiners and departures."""
 
-    def add_peer(peer_id: str, index: int):
-        return sim.add_peer(
-            peer_id, region=regions[index % len(regions)], up_mbps=run.network.up_mbps,
-            down_mbps=run.network.down_mbps, gpu=gpu, utilization=run.sim.utilization,
+    def __init__(self, run: RunConfig, sim: Simulation, templates: list[StageCompute]):
+        self.run = run
+        self.sim = sim
+        self.templates = templates
+        self.regions = region_preset(run.network.regions).regions if run.network.latency_ms is None else ("local",)
+        self.gpu_rng = random.Random(run.seed + 17)
+        self.balance = BalanceConfig(run.topology.rebalance_period_s, run.topology.rebalance_margin)
+        self.members: dict[str, tuple[SimPeer, SwarmPeer]] = {}
+        self.departed: list[SwarmPeer] = []
+        self.events = {"join": 0, "leave": 0, "crash": 0}
+        per_sample = [c.backward_flops(_one_sample(run)) + c.forward_flops(_one_sample(run)) for c in templates]
+        self.flops_per_sample = sum(per_sample) / len(per_sample)
+
+    def add_peer(self, peer_id: str, index: int, gpu_name: str | None) -> SimPeer:
+        """A peer on the network with this run's links and a GPU from the mix."""
+        mix = self.run.sim.gpu_mix
+        name = gpu_name or (self.gpu_rng.choices(sorted(mix), [mix[k] for k in sorted(mix)])[0] if mix else self.run.sim.gpu)
+        return self.sim.add_peer(
+            peer_id, region=self.regions[index % len(self.regions)], up_mbps=self.run.network.up_mbps,
+            down_mbps=self.run.network.down_mbps, gpu=gpu_profile(name), utilization=self.run.sim.utilization,
         )
 
-    servers = []
-    for index, compute in enumerate(computes):
-        peer = add_peer(f"stage{index}-peer0", index)
-        server = StageServer(peer.runtime, run.run_id, compute, update_every_samples=run.train.batch_size)
-        peer.runtime.spawn(server.start())
-        servers.append(server)
+    def _compute_for(self, stage: int) -> StageCompute:
+        template = self.templates[stage]
+        if isinstance(template, TensorStageCompute):
+            return TensorStageCompute(copy.deepcopy(template.module), template.optim, template.codec, template.basis)
+        return copy.copy(template)
 
-    trainers: list[Trainer] = []
+    def launch(self, peer_id: str, stage: int | None, gpu_name: str | None = None, load_state: bool = True) -> None:
+        """Start a server peer (at ``stage``, or wherever the balancing rule puts it)."""
+        peer = self.add_peer(peer_id, len(self.members), gpu_name)
+        throughput = peer.flops_per_s / self.flops_per_sample
 
-    def totals() -> dict[str, int]:
+        def make_server(stage_index: int) -> StageServer:
+            return StageServer(
+                peer.runtime, self.run.run_id, self._compute_for(stage_index), self.run.averaging,
+                throughput=throughput, bandwidth_mbps=self.run.network.up_mbps, seed=self.run.seed,
+            )
+
+        member = SwarmPeer(peer.runtime, self.run.run_id, len(self.templates), throughput, make_server, self.balance)
+        self.members[peer_id] = (peer, member)
+        peer.runtime.spawn(member.run(stage, load_state))
+
+    def churn(self, horizon_s: float) -> Generator[simpy.Event, None, None]:
+        """SimPy process replaying the churn schedule."""
+        schedule = churn_schedule(self.run.churn, sorted(self.members), horizon_s, random.Random(self.run.seed + 29))
+        for event in schedule:
+            yield self.sim.env.timeout(max(0.0, event.time - self.sim.env.now))
+            if event.action == "join":
+                self.events["join"] += 1
+                self.launch(event.peer, None, event.gpu)
+                continue
+            if event.peer not in self.members:
+                continue
+            peer, member = self.members.pop(event.peer)
+            self.departed.append(member)
+            self.events[event.action] += 1
+            if event.action == "crash":
+                peer.crash()
+            else:
+                goodbye = self.sim.start(peer, member.leave())
+                goodbye.callbacks.append(lambda _event, peer=peer: peer.crash())
+
+    def snapshot(self) -> dict[str, Any]:
+        """Peers per stage and averaging progress right now."""
+        per_stage = [0] * len(self.templates)
+        for _, member in self.members.values():
+            if member.stage is not None:
+                per_stage[member.stage] += 1
+        servers = self.servers()
         return {
-            "failed_requests": sum(t.stats.failed_requests for t in trainers),
-            "retried_requests": sum(t.stats.retried_requests for t in trainers),
-            "dropped_micro_batches": sum(t.stats.micro_batches_dropped for t in trainers),
-            "bytes_sent": sim.network.bytes_sent,
+            "event": "swarm", "time_s": self.sim.env.now, "peers_per_stage": per_stage, "peers": len(self.members),
+            "averaging_rounds": sum(s.stats.averaging_rounds for s in servers),
+            "max_epoch_per_stage": [max((s.epoch for s in servers if s.stage == i), default=0) for i in range(len(per_stage))],
         }
 
-    tracker = StepTracker(run.train.micro_batches_per_step, recorder.log, totals)
-    total_micro_batches = run.train.steps * run.train.micro_batches_per_step
-    tasks = []
-    for index, source in enumerate(sources):
-        share = total_micro_batches // len(sources) + (index < total_micro_batches % len(sources))
-        trainer_cfg = TrainerConfig(
-            micro_batches=share, micro_batches_per_step=run.train.micro_batches_per_step,
-            schedule=run.train.schedule, max_inflight=run.train.max_inflight,
-            request_timeout_s=run.train.request_timeout_s, max_retries=run.train.max_retries,
-            send_token_ids=computes[0].codec.needs_token_ids,
-        )
-        peer = add_peer(f"trainer{index}", index)
-        trainer = Trainer(peer.runtime, run.run_id, len(computes), source, trainer_cfg, tracker)
-        trainers.append(trainer)
-        tasks.append(peer.runtime.spawn(trainer.run()).process)
+    def servers(self) -> list[StageServer]:
+        """Every server that ever ran (current and departed peers)."""
+        return [m.server for _, m in self.members.values() if m.server] + [m.server for m in self.departed if m.server]
 
-    stop = sim.env.all_of(tasks)
-    if run.train.max_sim_time_s is not None:
-        stop = sim.env.any_of([stop, sim.env.timeout(run.train.max_sim_time_s)])
-    sim.run(until=stop)
 
-    sim_time = sim.env.now
-    step_losses = [r["loss"] for r in recorder.records if r.get("loss") is not None]
-    done = sum(t.stats.micro_batches_done for t in trainers)
-    activation_bytes = sum(sim.traffic.get(m, 0) for m in STAGE_METHODS)
-    counters = totals()
-    summary = {
-        "backend": "sim",
-        "numerics": run.sim.numerics,
-        "model": cfg.name,
-        "seed": run.seed,
-        "num_stages": len(computes),
-        "num_peers": len(servers),
-        "num_trainers": len(trainers),
-        "schedule": run.train.schedule,
-        "compression": run.compression.name,
-        "compression_rate": run.compression.rate,
-        "steps": done // run.train.micro_batches_per_step,
-        "samples": tracker.samples,
-        "tokens": tracker.tokens,
-        "sim_time_s": sim_time,
-        "wall_time_s": time.perf_counter() - wall_start,
-        "tokens_per_s": tracker.tokens / sim_time if sim_time > 0 else 0.0,
-        "tokens_per_s_steady": steady_throughput(recorder.records),
-        "loss_first": step_losses[0] if step_losses else None,
-        "loss_last": step_losses[-1] if step_losses else None,
-        "val_loss": evaluate(computes, validation),
-        "activation_bytes_per_token": activation_bytes / tracker.tokens if tracker.tokens else None,
-        **counters,
-        "rpc_bytes_per_stage": [sum(t.stats.stage_bytes.get(i, 0) for t in trainers) for i in range(len(computes))],
-        "optimizer_updates": [c.updates for c in computes],
-        "gpu_utilization": {p.peer_id: round(p.busy_s / sim_time, 4) if sim_time else 0.0 for p in sim.peers.values()},
-    }
-    summary["outputs"] = {k: str(v) for k, v in recorder.finish(summary).items()}
-    return summary
+def _one_sample(run: RunConfig) -> TensorSpec:
+    return TensorSpec((1, run.train.seq_len), torch.int64)
+
+
+class SimulatedRun:
+    """One run on the simulator: ``sim``, ``swarm`` and ``trainers`` can be inspected (or given extra
+    events) before :meth:`execute` trains and summarizes."""
+
+    def __init__(self, run: RunConfig, out_dir: Path, recorder: RunRecorder | None = None):
+        self.wall_start = time.perf_counter()
+        self.run = run
+        self.recorder = recorder or RunRecorder(out_dir, run.train.steps)
+        sources, self.validation, vocab_size = micro_batch_sources(run)
+        self.model_cfg = model_config(run, vocab_size)
+        self.templates = stage_computes(run, self.model_cfg)
+        self.sim = build_simulation(run)
+        self.swarm = VirtualSwarm(run, self.sim, self.templates)
+        for stage in range(len(self.templates)):
+            for k in range(run.topology.peers_per_stage):
+                self.swarm.launch(f"s{stage}p{k}", stage, load_state=False)
+        self.trainers: list[Trainer] = []
+        self.tracker = StepTracker(run.train.micro_batches_per_step, self.recorder.log, self.totals)
+        total = run.train.steps * run.train.micro_batches_per_step
+        self.tasks = []
+        for index, source in enumerate(sources):
+            trainer_cfg = TrainerConfig(
+                micro_batches=total // len(sources) + (index < total % len(sources)),
+                micro_batches_per_step=run.train.micro_batches_per_step, schedule=run.train.schedule,
+                max_inflight=run.train.max_inflight, request_timeout_s=run.train.request_timeout_s,
+                max_retries=run.train.max_retries, send_token_ids=self.templates[0].codec.needs_token_ids,
+            )
+            peer = self.swarm.add_peer(f"trainer{index}", index, None)
+            trainer = Trainer(peer.runtime, run.run_id, len(self.templates), source, trainer_cfg, self.tracker)
+            self.trainers.append(trainer)
+            self.tasks.append(peer.runtime.spawn(trainer.run()).process)
+
+    def totals(self) -> dict[str, int]:
+        """Run-wide counters, added to every step record."""
+        return {
+            "failed_requests": sum(t.stats.failed_requests for t in self.trainers),
+            "retried_requests": sum(t.stats.retried_requests for t in self.trainers),
+            "dropped_micro_batches": sum(t.stats.micro_batches_dropped for t in self.trainers),
+            "bytes_sent": self.sim.network.bytes_sent,
+        }
+
+    def execute(self) -> dict[str, Any]:
+        """Train until every trainer is done (or ``train.max_sim_time_s``); write outputs; return the summary."""
+        run, sim, swarm = self.run, self.sim, self.swarm
+        sim.env.process(swarm.churn(run.train.max_sim_time_s or DEFAULT_CHURN_HORIZON_S))
+        sim.env.process(_snapshots(sim, swarm, self.recorder, run.sim.snapshot_period_s))
+        stop = sim.env.all_of(self.tasks)
+        if run.train.max_sim_time_s is not None:
+            stop = sim.env.any_of([stop, sim.env.timeout(run.train.max_sim_time_s)])
+        sim.run(until=stop)
+        self.recorder.log(swarm.snapshot())
+        summary = self.summary()
+        summary["outputs"] = {k: str(v) for k, v in self.recorder.finish(summary).items()}
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        """The run's ``summary.json`` content."""
+        run, sim, swarm, trainers, tracker = self.run, self.sim, self.swarm, self.trainers, self.tracker
+        sim_time = sim.env.now
+        step_losses = [r["loss"] for r in self.recorder.records if r.get("loss") is not None]
+        done = sum(t.stats.micro_batches_done for t in trainers)
+        servers = swarm.servers()
+        return {
+            "backend": "sim",
+            "numerics": run.sim.numerics,
+            "model": self.model_cfg.name,
+            "seed": run.seed,
+            "num_stages": len(self.templates),
+            "num_peers": run.topology.peers_per_stage * len(self.templates),
+            "num_trainers": len(trainers),
+            "schedule": run.train.schedule,
+            "compression": run.compression.name,
+            "compression_rate": run.compression.rate,
+            "churn": run.churn.name,
+            "steps": done // run.train.micro_batches_per_step,
+            "samples": tracker.samples,
+            "tokens": tracker.tokens,
+            "sim_time_s": sim_time,
+            "wall_time_s": time.perf_counter() - self.wall_start,
+            "tokens_per_s": tracker.tokens / sim_time if sim_time > 0 else 0.0,
+            "tokens_per_s_steady": steady_throughput(self.recorder.records),
+            "loss_first": step_losses[0] if step_losses else None,
+            "loss_last": step_losses[-1] if step_losses else None,
+            "val_loss": evaluate(_replica(swarm, self.templates), self.validation),
+            "activation_bytes_per_token": (
+                sum(sim.traffic.get(m, 0) for m in STAGE_METHODS) / tracker.tokens if tracker.tokens else None
+            ),
+            "averaging_bytes": sum(sim.traffic.get(m, 0) for m in AVERAGING_METHODS),
+            "state_download_bytes": sim.traffic.get("get_state", 0),
+            **self.totals(),
+            "micro_batches_started": sum(t.stats.micro_batches_started for t in trainers),
+            "micro_batches_done": done,
+            "rpc_bytes_per_stage": [sum(t.stats.stage_bytes.get(i, 0) for t in trainers) for i in range(len(self.templates))],
+            "churn_events": swarm.events,
+            "final_peers_per_stage": swarm.snapshot()["peers_per_stage"],
+            "averaging_rounds": sum(s.stats.averaging_rounds for s in servers),
+            "solo_steps": sum(s.stats.solo_steps for s in servers),
+            "state_averaging_rounds": sum(s.stats.state_averaging_rounds for s in servers),
+            "state_downloads": sum(s.stats.state_downloads for s in servers),
+            "failed_state_downloads": sum(s.stats.failed_state_downloads for s in servers),
+            "averaging_timeouts": sum(s.averager.timeouts for s in servers),
+            "stage_moves": sum(m.moves for _, m in swarm.members.values()) + sum(m.moves for m in swarm.departed),
+            "gpu_utilization": {p.peer_id: round(p.busy_s / sim_time, 4) if sim_time else 0.0 for p in sim.peers.values()},
+        }
+
+
+def run_simulation(run: RunConfig, out_dir: Path, recorder: RunRecorder | None = None) -> dict[str, Any]:
+    """Train ``run`` in virtual time; write metrics, summary and plots into ``out_dir``; return the summary."""
+    return SimulatedRun(run, out_dir, recorder).execute()
+
+
+def _replica(swarm: VirtualSwarm, templates: list[StageCompute]) -> list[StageCompute]:
+    """One live server's weights per stage (the first alive peer), for validation."""
+    replica = []
+    for stage, template in enumerate(templates):
+        live = [m.server.compute for _, m in swarm.members.values() if m.server and m.server.stage == stage]
+        replica.append(live[0] if live else template)
+    return replica
+
+
+def _snapshots(sim: Simulation, swarm: VirtualSwarm, recorder: RunRecorder, period_s: float) -> Generator:
+    while True:
+        yield sim.env.timeout(period_s)
+        recorder.log(swarm.snapshot())

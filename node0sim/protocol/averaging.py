@@ -1,0 +1,232 @@
+"""In-stage data parallelism: matchmaking and a butterfly all-reduce over the runtime's RPC.
+
+Mirrors hivemind's Optimizer/DecentralizedAverager semantics (hivemind docs, "Optimizer" and
+"DecentralizedAverager"): peers that reach the end of an epoch register in the DHT, the group
+is everyone registered within ``matchmaking_time_s`` of the first, and the group all-reduces by
+reduce-scatter then all-gather, each member owning a part of the vector proportional to its
+bandwidth. A member that vanishes costs the others at most ``averaging_timeout_s``: parts it
+owned fall back to each member's local values, contributions it never sent are left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from node0sim.protocol.messages import HEADER_BYTES, Payload, TensorSpec, payload_bytes
+from node0sim.runtime import Future, RPCError, Runtime
+
+
+@dataclass(frozen=True)
+class AveragingConfig:
+    """When and how the peers of a stage average (names follow hivemind.Optimizer where they exist)."""
+
+    target_batch_size: int
+    matchmaking_time_s: float = 5.0
+    matchmaking_slack_s: float = 1.0
+    averaging_timeout_s: float = 60.0
+    progress_period_s: float = 5.0
+    average_state_every: int = 5
+    sparta_fraction: float = 0.05
+    max_allowed_stale: int = 5
+    state_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.target_batch_size < 1:
+            raise ValueError(f"averaging.target_batch_size: must be >= 1, got {self.target_batch_size}")
+        if not 0 < self.sparta_fraction <= 1:
+            raise ValueError(f"averaging.sparta_fraction: must be in (0, 1], got {self.sparta_fraction}")
+        for name in ("matchmaking_time_s", "matchmaking_slack_s", "averaging_timeout_s", "progress_period_s", "state_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"averaging.{name}: must be > 0, got {getattr(self, name)}")
+        if self.average_state_every < 0 or self.max_allowed_stale < 0:
+            raise ValueError("averaging.average_state_every and averaging.max_allowed_stale must be >= 0")
+
+
+def group_key(run_id: str, stage: int, epoch: int) -> str:
+    """DHT key where the peers of ``stage`` that finished ``epoch`` register for averaging."""
+    return f"{run_id}/group/{stage}/{epoch}"
+
+
+@dataclass(frozen=True)
+class ReducePart:
+    """Reduce-scatter: the sender's weighted sum for the part owned by the receiver."""
+
+    stage: int
+    tag: str
+    values: Payload
+    weight: float
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES + payload_bytes(self.values)
+
+
+@dataclass(frozen=True)
+class GatherPart:
+    """All-gather: the averaged part ``part`` from its owner."""
+
+    stage: int
+    tag: str
+    part: int
+    values: Payload
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES + payload_bytes(self.values)
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Receipt of a part."""
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES
+
+
+def part_bounds(length: int, bandwidths: list[float]) -> list[tuple[int, int]]:
+    """Split ``length`` values into contiguous parts proportional to each member's bandwidth."""
+    total = sum(bandwidths)
+    bounds, start, acc = [], 0, 0.0
+    for i, bandwidth in enumerate(bandwidths):
+        acc += bandwidth
+        end = length if i == len(bandwidths) - 1 else round(length * acc / total)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _slice(vector: Payload, start: int, end: int) -> Payload:
+    return vector[start:end] if isinstance(vector, torch.Tensor) else TensorSpec((end - start,), vector.dtype)
+
+
+def _length(vector: Payload) -> int:
+    return vector.numel() if isinstance(vector, torch.Tensor) else vector.shape[0]
+
+
+@dataclass
+class _Round:
+    """What one all-reduce (identified by its tag) has received so far."""
+
+    contributions: dict[str, tuple[Payload, float]] = field(default_factory=dict)
+    gathered: dict[int, Payload] = field(default_factory=dict)
+    expected: int | None = None
+    reduced: Future | None = None
+    complete: Future | None = None
+
+    def check(self) -> None:
+        if self.expected is None:
+            return
+        if len(self.contributions) >= self.expected - 1:
+            self.reduced.set_result(None)
+        if len(self.gathered) >= self.expected - 1:
+            self.complete.set_result(None)
+
+
+class GroupAverager:
+    """One peer's side of in-stage all-reduces: serves incoming parts and runs its own rounds."""
+
+    def __init__(self, rt: Runtime, stage: int, cfg: AveragingConfig):
+        self.rt = rt
+        self.stage = stage
+        self.cfg = cfg
+        self._rounds: dict[str, _Round] = {}
+        self._finished: set[str] = set()
+        self.timeouts = 0
+
+    def serve(self) -> None:
+        """Register the all-reduce handlers on this peer."""
+        self.rt.serve("reduce_part", self.handle_reduce_part)
+        self.rt.serve("gather_part", self.handle_gather_part)
+
+    def _round(self, tag: str) -> _Round:
+        if tag not in self._rounds:
+            self._rounds[tag] = _Round(reduced=self.rt.future(), complete=self.rt.future())
+        return self._rounds[tag]
+
+    def _check_stage(self, stage: int) -> None:
+        if stage != self.stage:
+            raise ValueError(f"all-reduce part for stage {stage} sent to a peer of stage {self.stage}")
+
+    async def handle_reduce_part(self, caller: str, msg: ReducePart) -> Ack:
+        """A group member's contribution to the part this peer owns."""
+        self._check_stage(msg.stage)
+        if isinstance(msg.values, torch.Tensor) and not torch.isfinite(msg.values).all():
+            raise ValueError(f"all-reduce part from {caller} is not finite")
+        if msg.tag not in self._finished:
+            round_ = self._round(msg.tag)
+            round_.contributions[caller] = (msg.values, msg.weight)
+            round_.check()
+        return Ack()
+
+    async def handle_gather_part(self, caller: str, msg: GatherPart) -> Ack:
+        """An averaged part from its owner."""
+        self._check_stage(msg.stage)
+        if msg.tag not in self._finished:
+            round_ = self._round(msg.tag)
+            round_.gathered[msg.part] = msg.values
+            round_.check()
+        return Ack()
+
+    async def all_reduce(
+        self, tag: str, members: list[str], bandwidths: list[float], vector: Payload, weight: float
+    ) -> tuple[Payload | None, int]:
+        """Weighted average ``sum(vector_i) / sum(weight_i)`` over ``members`` (``vector`` is this peer's
+        weighted sum). Returns ``(average or None if every weight was 0, number of contributors)``.
+        """
+        me = members.index(self.rt.peer_id)
+        bounds = part_bounds(_length(vector), bandwidths)
+        # reduce-scatter gets the first half of the time budget, so that owners' averaged parts
+        # still reach everyone before the all-gather deadline when some member is missing
+        started = self.rt.now()
+        reduce_deadline = started + self.cfg.averaging_timeout_s / 2
+        deadline = started + self.cfg.averaging_timeout_s
+        round_ = self._round(tag)
+        round_.expected = len(members)
+        for j, peer in enumerate(members):
+            if j != me:
+                self.rt.spawn(self._send(peer, "reduce_part", ReducePart(self.stage, tag, _slice(vector, *bounds[j]), weight)))
+        round_.check()
+        await self._wait(round_.reduced, reduce_deadline)
+        total_weight = weight + sum(w for _, w in round_.contributions.values())
+        own = _slice(vector, *bounds[me])
+        if isinstance(own, torch.Tensor):
+            own = own.clone()
+            for values, _ in round_.contributions.values():
+                own += values
+            own = own / total_weight if total_weight > 0 else own
+        for j, peer in enumerate(members):
+            if j != me:
+                self.rt.spawn(self._send(peer, "gather_part", GatherPart(self.stage, tag, me, own)))
+        await self._wait(round_.complete, deadline)
+        contributors = 1 + len(round_.contributions)
+        result = self._assemble(round_, me, own, vector, weight, bounds)
+        del self._rounds[tag]
+        self._finished.add(tag)
+        return (result if total_weight > 0 else None), contributors
+
+    @staticmethod
+    def _assemble(round_: _Round, me: int, own: Payload, vector: Payload, weight: float, bounds: list) -> Payload:
+        if not isinstance(vector, torch.Tensor):
+            return vector
+        parts = []
+        for j, (start, end) in enumerate(bounds):
+            if j == me:
+                parts.append(own)
+            elif j in round_.gathered:
+                parts.append(round_.gathered[j])
+            else:  # the owner vanished: keep this peer's own values for that part
+                parts.append(vector[start:end] / weight if weight > 0 else vector[start:end])
+        return torch.cat(parts)
+
+    async def _wait(self, future: Future, deadline: float) -> None:
+        try:
+            await future.wait(timeout=max(0.0, deadline - self.rt.now()))
+        except TimeoutError:
+            self.timeouts += 1
+
+    async def _send(self, peer: str, method: str, message: Any) -> None:
+        try:
+            await self.rt.call(peer, method, message, timeout=self.cfg.averaging_timeout_s)
+        except RPCError:
+            pass  # the receiver is gone: it will not wait for us either

@@ -1,0 +1,159 @@
+"""Trainer-side routing: which peer of a stage gets the next request.
+
+SWARM's "expected finish time" balancing (Ryabinin et al., 2023, "SWARM Parallelism", Sec. 3.2, and
+its ``ExpertBalancer``): the router keeps a throughput estimate per peer (an exponential moving
+average of observed rates) and the time until which its own in-flight requests keep each peer busy,
+sends a request to the peer that would finish it earliest, counts a backward request as
+``backward_weight`` forwards (2.5 in SWARM), and bans a peer that failed for a while.
+
+Plain Python: times are seconds passed in by the caller, so this works on any backend.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Collection
+from dataclasses import dataclass
+
+
+@dataclass
+class PeerState:
+    """What the router knows about one peer of a stage."""
+
+    throughput: float
+    """Samples/s, an EMA of observed rates, seeded with the peer's announced throughput."""
+    busy_until: float = 0.0
+    """Time until which the requests this router sent are expected to keep the peer busy."""
+    banned_until: float = 0.0
+    """The peer is not chosen before this time."""
+    tie_rank: float = 0.0
+    """Random rank breaking ties between equally good peers (drawn once per peer)."""
+
+
+class Router:
+    """Picks, per stage, the peer expected to finish a request earliest (SWARM's balancer).
+
+    Ties between peers with the same expected finish time go to the lowest ``tie_rank`` (drawn from
+    ``rng`` when the peer is first seen, then the peer id): deterministic for a seeded ``rng``, yet
+    trainers with different seeds do not all pile onto the same peer when everything is idle.
+    """
+
+    def __init__(
+        self,
+        rng: random.Random,
+        ema_alpha: float = 0.2,
+        ban_s: float = 60.0,
+        backward_weight: float = 2.5,
+        default_throughput: float = 1.0,
+    ):
+        if not 0.0 < ema_alpha <= 1.0:
+            raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha}")
+        if ban_s < 0:
+            raise ValueError(f"ban_s must be >= 0, got {ban_s}")
+        if backward_weight <= 0:
+            raise ValueError(f"backward_weight must be > 0, got {backward_weight}")
+        if default_throughput <= 0:
+            raise ValueError(f"default_throughput must be > 0, got {default_throughput}")
+        self.rng = rng
+        self.ema_alpha = ema_alpha
+        self.ban_s = ban_s
+        self.backward_weight = backward_weight
+        self.default_throughput = default_throughput
+        self._stages: dict[int, dict[str, PeerState]] = {}
+
+    def _cost(self, samples: int, backward: bool) -> float:
+        return samples * (self.backward_weight if backward else 1.0)
+
+    def _state(self, stage: int, peer: str) -> PeerState | None:
+        return self._stages.get(stage, {}).get(peer)
+
+    def state(self, stage: int, peer: str) -> PeerState:
+        """The router's state for ``peer`` of ``stage`` (KeyError if it is not a known peer)."""
+        return self._stages[stage][peer]
+
+    def update_peers(self, stage: int, announced: dict[str, float]) -> None:
+        """Set the current peers of ``stage`` with their announced throughputs (samples/s).
+
+        New peers start from the announced value (``default_throughput`` if it is not a positive
+        number); known peers keep their learned estimate and ban; peers no longer listed are forgotten.
+        """
+        old = self._stages.get(stage, {})
+        new: dict[str, PeerState] = {}
+        for peer in sorted(announced):
+            if peer in old:
+                new[peer] = old[peer]
+                continue
+            value = announced[peer]
+            throughput = value if math.isfinite(value) and value > 0 else self.default_throughput
+            new[peer] = PeerState(throughput=throughput, tie_rank=self.rng.random())
+        self._stages[stage] = new
+
+    def peers(self, stage: int) -> list[str]:
+        """The known peers of ``stage``, sorted by id."""
+        return sorted(self._stages.get(stage, {}))
+
+    def available(self, stage: int, now: float) -> list[str]:
+        """The peers of ``stage`` that are not banned at ``now``, sorted by id."""
+        return sorted(p for p, s in self._stages.get(stage, {}).items() if s.banned_until <= now)
+
+    def choose(
+        self,
+        stage: int,
+        samples: int,
+        now: float,
+        backward: bool = False,
+        exclude: Collection[str] = (),
+    ) -> str | None:
+        """The available, non-excluded peer of ``stage`` that would finish this request earliest.
+
+        Expected finish = ``max(now, busy_until) + cost / throughput`` with ``cost = samples`` for a
+        forward and ``samples * backward_weight`` for a backward. The chosen peer's ``busy_until``
+        moves to that finish time. None if no peer is available.
+        """
+        cost = self._cost(samples, backward)
+        best: tuple[float, float, str] | None = None
+        for peer, st in self._stages.get(stage, {}).items():
+            if st.banned_until > now or peer in exclude:
+                continue
+            key = (max(now, st.busy_until) + cost / st.throughput, st.tie_rank, peer)
+            if best is None or key < best:
+                best = key
+        if best is None:
+            return None
+        finish, _, peer = best
+        self._stages[stage][peer].busy_until = finish
+        return peer
+
+    def report_success(
+        self,
+        stage: int,
+        peer: str,
+        samples: int,
+        elapsed_s: float,
+        now: float,
+        backward: bool = False,
+    ) -> None:
+        """A request of ``samples`` to ``peer`` took ``elapsed_s`` and completed at ``now``.
+
+        The throughput EMA moves toward the observed rate ``cost / elapsed_s``. If the request
+        finished earlier than predicted (``cost / throughput``), the peer's queue is shorter than
+        assumed: ``busy_until`` moves back by the difference, but not before ``now`` (so it lands on
+        ``now`` when this was the only request in flight). Unknown (forgotten) peers are ignored.
+        """
+        st = self._state(stage, peer)
+        if st is None or elapsed_s <= 0:
+            return
+        cost = self._cost(samples, backward)
+        saved = cost / st.throughput - elapsed_s
+        if saved > 0:
+            st.busy_until = max(now, st.busy_until - saved)
+        st.throughput += self.ema_alpha * (cost / elapsed_s - st.throughput)
+
+    def report_failure(self, stage: int, peer: str, now: float) -> None:
+        """``peer`` failed a request: ban it until ``now + ban_s`` and forget its queue."""
+        st = self._state(stage, peer)
+        if st is None:
+            return
+        st.banned_until = now + self.ban_s
+        st.busy_until = now
