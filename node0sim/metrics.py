@@ -53,10 +53,20 @@ class RunRecorder:
         summary_path = self.out_dir / "summary.json"
         summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         paths = {"metrics": self.metrics_path, "summary": summary_path}
-        plot = plot_loss(self.records, self.out_dir / "loss.png")
-        if plot is not None:
-            paths["plot"] = plot
+        for name, plot in (("plot", plot_loss(self.records, self.out_dir / "loss.png")),
+                           ("swarm_plot", plot_swarm(self.records, self.out_dir / "swarm.png"))):
+            if plot is not None:
+                paths[name] = plot
         return paths
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path) -> Path | None:
@@ -64,17 +74,41 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> Path | None:
     points = [r for r in records if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
     if not points:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 4))
     by_step.plot([r["step"] for r in points], [r["loss"] for r in points])
     by_step.set(xlabel="step (global batch)", ylabel="training loss", title="loss vs step")
     by_time.plot([r["time_s"] for r in points], [r["loss"] for r in points])
     by_time.set(xlabel="virtual time (s)", ylabel="training loss", title="loss vs time")
     for ax in (by_step, by_time):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_swarm(records: list[dict[str, Any]], path: Path) -> Path | None:
+    """Throughput and peers per stage against virtual time; None without swarm snapshots."""
+    snapshots = [r for r in records if r.get("event") == "swarm"]
+    steps = [r for r in records if "step" in r]
+    if len(snapshots) < 2:
+        return None
+    plt = _pyplot()
+    fig, (throughput, peers) = plt.subplots(1, 2, figsize=(10, 4))
+    window = [(b["time_s"], (b["tokens"] - a["tokens"]) / (b["time_s"] - a["time_s"]))
+              for a, b in zip(steps, steps[1:]) if b["time_s"] > a["time_s"]]
+    if window:
+        throughput.plot(*zip(*window))
+    throughput.set(xlabel="virtual time (s)", ylabel="tokens/s (between steps)", title="throughput")
+    times = [r["time_s"] for r in snapshots]
+    per_stage = list(zip(*[r["peers_per_stage"] for r in snapshots]))
+    for stage, counts in enumerate(per_stage):
+        peers.step(times, counts, where="post", label=f"stage {stage}" if len(per_stage) <= 8 else None)
+    peers.set(xlabel="virtual time (s)", ylabel="peers", title="peers per stage")
+    if len(per_stage) <= 8:
+        peers.legend(fontsize=7)
+    for ax in (throughput, peers):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

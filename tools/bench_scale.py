@@ -1,0 +1,75 @@
+"""How the simulator's wall time grows with the swarm: Node0-scale timing runs.
+
+    .venv/bin/python tools/bench_scale.py [--peers 100 300 1000] [--virtual-s 600] [--link-sharing equal]
+
+Each run: model=node0_8b in timing mode, 32 stages, peers spread evenly over the stages, 32
+trainers, volunteer churn, subspace compression at rate 100, Node0's averaging settings. Prints
+wall time, SimPy events and events per second for each size, and the exponent b of
+wall ~ peers^b from a least-squares fit in log-log space (b = 1 is linear).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from node0sim.app import compose_run_config  # noqa: E402
+from node0sim.metrics import RunRecorder  # noqa: E402
+from node0sim.sim.runner import SimulatedRun  # noqa: E402
+
+
+def node0_scale_overrides(peers: int, virtual_s: float, link_sharing: str) -> list[str]:
+    """Hydra overrides for a Node0-scale timing run with ``peers`` stage servers."""
+    return [
+        "model=node0_8b", "sim.numerics=false", "topology.num_stages=32", f"topology.peers_per_stage={max(1, peers // 32)}",
+        "topology.num_trainers=32", "train.schedule=async", "train.steps=10000000", "train.batch_size=1024",
+        "train.micro_batch_size=1", "train.seq_len=4096", f"train.max_sim_time_s={virtual_s}", "averaging=node0",
+        "churn=volunteer", "compression=subspace", "compression.rate=100", "sim.gpu=l4", "train.request_timeout_s=30",
+        f"sim.link_sharing={link_sharing}",
+    ]
+
+
+def measure(peers: int, virtual_s: float, link_sharing: str) -> tuple[float, int, dict]:
+    """(wall seconds, SimPy events, summary) of one run."""
+    with tempfile.TemporaryDirectory() as out:
+        run = compose_run_config(*node0_scale_overrides(peers, virtual_s, link_sharing))
+        sim_run = SimulatedRun(run, Path(out), RunRecorder(Path(out), run.train.steps, stream=None))
+        start = time.perf_counter()
+        summary = sim_run.execute()
+        wall = time.perf_counter() - start
+        events = next(sim_run.sim.env._eid)  # SimPy numbers every scheduled event
+    return wall, events, summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", type=int, nargs="+", default=[100, 300, 1000])
+    parser.add_argument("--virtual-s", type=float, default=600.0)
+    parser.add_argument("--link-sharing", default="equal", choices=["equal", "maxmin"])
+    args = parser.parse_args()
+    points = []
+    for peers in args.peers:
+        wall, events, summary = measure(peers, args.virtual_s, args.link_sharing)
+        points.append((peers, wall))
+        print(
+            f"{peers:5d} peers, {args.virtual_s:g} s virtual: wall {wall:7.1f} s, {events:,} events, "
+            f"{events / wall:,.0f} events/s, {summary['tokens_per_s']:,.0f} tok/s simulated, "
+            f"churn {summary['churn_events']}",
+            flush=True,
+        )
+    if len(points) >= 2:
+        xs = [math.log(p) for p, _ in points]
+        ys = [math.log(w) for _, w in points]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        print(f"growth exponent: wall ~ peers^{slope:.2f}")
+
+
+if __name__ == "__main__":
+    main()
