@@ -258,7 +258,32 @@ class RandomProjectionCodec(_ProjectionCodec):
     subtract_fixed = False
 
 
-class TopKCodec(Codec):
+class _TokenwiseCodec(Codec):
+    """A codec that treats activations and gradients alike, with no token ids: subclasses give
+    ``_encode(what, x)`` and ``_decode(what, wire)``, ``what`` naming the payload in errors."""
+
+    @abstractmethod
+    def _encode(self, what: str, x: torch.Tensor) -> Packed:
+        """Compress ``x``."""
+
+    @abstractmethod
+    def _decode(self, what: str, wire: Payload) -> torch.Tensor:
+        """Validate and decompress ``wire``."""
+
+    def encode(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Payload:
+        return self._encode("activations", x)
+
+    def decode(self, wire: Payload, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self._decode("activations", wire)
+
+    def encode_grad(self, g: torch.Tensor) -> Payload:
+        return self._encode("gradients", g)
+
+    def decode_grad(self, wire: Payload) -> torch.Tensor:
+        return self._decode("gradients", wire)
+
+
+class TopKCodec(_TokenwiseCodec):
     """Lossy sparsification: per token, the ``keep`` largest-magnitude entries as values + int16 indices."""
 
     name = "topk"
@@ -304,18 +329,6 @@ class TopKCodec(Codec):
             raise ValueError(f"topk codec got {what} indices out of range [0, {dim}): min {lo.item()}, max {hi.item()}")
         return values.new_zeros((batch, seq_len, dim)).scatter_(-1, indices.long(), values)
 
-    def encode(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Payload:
-        return self._encode("activations", x)
-
-    def decode(self, wire: Payload, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self._decode("activations", wire)
-
-    def encode_grad(self, g: torch.Tensor) -> Payload:
-        return self._encode("gradients", g)
-
-    def decode_grad(self, wire: Payload) -> torch.Tensor:
-        return self._decode("gradients", wire)
-
     def activation_spec(self, batch: int, seq_len: int, dim: int, dtype: torch.dtype) -> Payload:
         _check_spec(dtype, batch, seq_len, dim)
         self._check_dim(dim)
@@ -326,7 +339,7 @@ class TopKCodec(Codec):
         return Packed(parts, shape=(batch, seq_len, dim))
 
 
-class QuantizeCodec(Codec):
+class QuantizeCodec(_TokenwiseCodec):
     """Lossy per-token absmax symmetric quantization to int8, or int4 packed two per byte, with a float32 scale per token.
 
     Decoded tensors are float32 (the scales' dtype).
@@ -389,18 +402,6 @@ class QuantizeCodec(Codec):
         if self.bits == 4:
             q = torch.stack(((q & 0xF).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8), dim=-1).flatten(-2)
         return q.float() * scales
-
-    def encode(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> Payload:
-        return self._encode("activations", x)
-
-    def decode(self, wire: Payload, token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self._decode("activations", wire)
-
-    def encode_grad(self, g: torch.Tensor) -> Payload:
-        return self._encode("gradients", g)
-
-    def decode_grad(self, wire: Payload) -> torch.Tensor:
-        return self._decode("gradients", wire)
 
     def activation_spec(self, batch: int, seq_len: int, dim: int, dtype: torch.dtype) -> Payload:
         _check_spec(dtype, batch, seq_len, dim)
