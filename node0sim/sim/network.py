@@ -15,6 +15,9 @@ Model (a fluid flow model, as used by flow-level network simulators such as SimG
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 import random
 from typing import Callable
 
@@ -85,6 +88,11 @@ class Network:
         self._rng = rng
         self.bytes_sent = 0
         self.transfers = 0
+        # pending completions (finish time, tie-breaker, flow, flow version) and the one timer for them
+        self._finishes: list[tuple[float, int, Flow, int]] = []
+        self._order = itertools.count()
+        self._timer_at = math.inf
+        self._timer_token = 0
 
     def latency(self, src: Endpoint, dst: Endpoint) -> float:
         """One-way latency of the next message from ``src`` to ``dst`` (jitter drawn from the run's RNG)."""
@@ -156,8 +164,24 @@ class Network:
             if rate != flow.rate or flow.version == 0:
                 flow.rate = rate
                 flow.version += 1
-                timer = self.env.timeout(flow.remaining / rate)
-                timer.callbacks.append(_FlowTimer(self, flow, flow.version))
+                heapq.heappush(self._finishes, (now + flow.remaining / rate, next(self._order), flow, flow.version))
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """Keep one SimPy timer, at the earliest pending completion (stale entries are skipped lazily)."""
+        while self._finishes and not self._is_current(self._finishes[0]):
+            heapq.heappop(self._finishes)
+        if self._finishes and self._finishes[0][0] < self._timer_at:
+            self._timer_at = self._finishes[0][0]
+            self._timer_token += 1
+            token = self._timer_token
+            delay = max(0.0, self._timer_at - self.env.now)
+            self.env.timeout(delay).callbacks.append(lambda _event: self._on_timer(token))
+
+    @staticmethod
+    def _is_current(entry: tuple[float, int, Flow, int]) -> bool:
+        _, _, flow, version = entry
+        return flow.active and flow.version == version and flow in flow.up.flows
 
     @staticmethod
     def _max_min_rates(links: dict[Link, None], flows: dict[Flow, None]) -> dict[Flow, float]:
@@ -177,12 +201,19 @@ class Network:
                                 unfrozen[shared] -= 1
         return rates
 
-    def _on_timer(self, flow: Flow, version: int) -> None:
-        if not flow.active or flow.version != version:
+    def _on_timer(self, token: int) -> None:
+        if token != self._timer_token:
             return
-        flow.remaining = 0.0
-        self._remove(flow)
-        self._deliver_after_latency(flow)
+        self._timer_at = math.inf
+        due = self.env.now + 1e-12 * max(1.0, self.env.now)  # absorb rounding in now + remaining / rate
+        while self._finishes and self._finishes[0][0] <= due:
+            entry = heapq.heappop(self._finishes)
+            if self._is_current(entry):
+                flow = entry[2]
+                flow.remaining = 0.0
+                self._remove(flow)
+                self._deliver_after_latency(flow)
+        self._arm_timer()
 
     def _deliver_after_latency(self, flow: Flow) -> None:
         def deliver(_event: simpy.Event) -> None:
@@ -191,15 +222,3 @@ class Network:
                 flow.done.succeed()
 
         self.env.timeout(flow.latency).callbacks.append(deliver)
-
-
-class _FlowTimer:
-    """Callback of a flow's completion timer; stale timers (rate changed since) do nothing."""
-
-    __slots__ = ("network", "flow", "version")
-
-    def __init__(self, network: Network, flow: Flow, version: int):
-        self.network, self.flow, self.version = network, flow, version
-
-    def __call__(self, _event: simpy.Event) -> None:
-        self.network._on_timer(self.flow, self.version)
