@@ -212,3 +212,44 @@ def test_routing_prefers_faster_peers_and_stops_sending_to_a_crashed_one():
     sim.run(until=task.process)
     assert trainer.stats.micro_batches_done + trainer.stats.micro_batches_dropped == 400
     assert trainer.stats.failed_requests <= 8 + 1  # the requests in flight when it crashed, then banned
+
+
+# ---- PowerSGD -----------------------------------------------------------------------------------
+
+def test_powersgd_recovers_the_exact_mean_of_low_rank_gradients_with_fewer_bytes():
+    from node0sim.protocol.powersgd import PowerSGD, phase_lengths
+
+    shapes = [(40, 30), (30,)]
+    u = torch.randn(40, 1, generator=torch.Generator().manual_seed(0))
+    sim, peers, averagers = _averagers(["a", "b"])
+    grads, samples = {}, {"a": 2, "b": 6}
+    for i, name in enumerate(("a", "b")):
+        v = torch.randn(1, 30, generator=torch.Generator().manual_seed(i + 1))
+        bias = torch.full((30,), float(i))
+        grads[name] = torch.cat([(u @ v).reshape(-1), bias]) * samples[name]  # sums over samples
+    states = {n: PowerSGD(shapes, rank=2) for n in ("a", "b")}
+    tasks = {n: peers[n].runtime.spawn(states[n].average(averagers[n], "g", ["a", "b"], [1.0, 1.0], grads[n], samples[n], 7))
+             for n in ("a", "b")}
+    sim.run(until=sim.env.all_of([t.process for t in tasks.values()]))
+    expected = (grads["a"] + grads["b"]) / 8
+    for name in ("a", "b"):
+        mean, contributors = tasks[name].process.value
+        assert contributors == 2
+        torch.testing.assert_close(mean, expected, atol=1e-5, rtol=1e-4)
+    first, second = phase_lengths(shapes, 2)
+    assert first + second == 40 * 2 + 30 + 30 * 2 < 40 * 30 + 30
+
+
+def test_node0_averaging_uses_powersgd_in_timing_mode(tmp_path):
+    summary = SimulatedRun(
+        compose_run_config("model=node0_8b", "sim.numerics=false", "topology.num_stages=32", "topology.peers_per_stage=2",
+                           "topology.num_trainers=4", "train.schedule=async", "train.steps=20", "train.batch_size=8",
+                           "train.micro_batch_size=1", "train.seq_len=4096", "averaging=node0", "averaging.target_batch_size=4",
+                           "averaging.matchmaking_time_s=1", "averaging.progress_period_s=0.5",
+                           "compression=subspace", "compression.rate=100", "network=datacenter", "train.eval_batches=0"),
+        tmp_path, RunRecorder(tmp_path, 20, stream=None),
+    ).execute()
+    assert summary["averaging_rounds"] > 0
+    # rank-64 factors instead of fp32 gradients: far less than one full gradient copy per round
+    full_copy = 2 * 218_112_000 * 4
+    assert summary["averaging_bytes"] < full_copy * summary["averaging_rounds"] / 10

@@ -9,6 +9,8 @@ and the embedding lookup are not counted.
 
 from __future__ import annotations
 
+import math
+
 from node0sim.model.llama import ModelConfig, stage_layer_ranges
 
 __all__ = [
@@ -39,17 +41,23 @@ def _layer_matmul_params(cfg: ModelConfig) -> int:
     return attention + ffn
 
 
+def stage_parameter_shapes(cfg: ModelConfig, layer_range: range, is_head: bool, is_tail: bool) -> list[tuple[int, ...]]:
+    """Shapes of a stage's trainable parameters (what gradient compression works on)."""
+    kv_dim = cfg.n_kv_heads * cfg.head_dim
+    ffn = cfg.ffn_hidden_dim
+    layer = [(cfg.dim, cfg.dim), (kv_dim, cfg.dim), (kv_dim, cfg.dim), (cfg.dim, cfg.dim), (ffn, cfg.dim), (cfg.dim, ffn), (ffn, cfg.dim)]
+    if cfg.trainable_rmsnorm:
+        layer += [(cfg.dim,), (cfg.dim,)] + ([(cfg.head_dim,), (cfg.head_dim,)] if cfg.qk_norm else [])
+    shapes = [(cfg.vocab_size, cfg.dim)] if is_head else []
+    shapes += layer * len(layer_range)
+    if is_tail:
+        shapes += ([(cfg.dim,)] if cfg.trainable_rmsnorm else []) + [(cfg.vocab_size, cfg.dim)]
+    return shapes
+
+
 def stage_parameter_count(cfg: ModelConfig, layer_range: range, is_head: bool, is_tail: bool) -> int:
     """Number of parameters held by a stage (embedding on the head, final norm and LM head on the tail)."""
-    per_layer = _layer_matmul_params(cfg)
-    if cfg.trainable_rmsnorm:
-        per_layer += 2 * cfg.dim + (2 * cfg.head_dim if cfg.qk_norm else 0)
-    count = len(layer_range) * per_layer
-    if is_head:
-        count += cfg.vocab_size * cfg.dim
-    if is_tail:
-        count += cfg.dim * cfg.vocab_size + (cfg.dim if cfg.trainable_rmsnorm else 0)
-    return count
+    return sum(math.prod(shape) for shape in stage_parameter_shapes(cfg, layer_range, is_head, is_tail))
 
 
 def stage_forward_flops(

@@ -32,6 +32,7 @@ class AveragingConfig:
     sparta_fraction: float = 0.05
     max_allowed_stale: int = 5
     state_timeout_s: float = 600.0
+    powersgd_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.target_batch_size < 1:
@@ -41,8 +42,8 @@ class AveragingConfig:
         for name in ("matchmaking_time_s", "matchmaking_slack_s", "averaging_timeout_s", "progress_period_s", "state_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"averaging.{name}: must be > 0, got {getattr(self, name)}")
-        if self.average_state_every < 0 or self.max_allowed_stale < 0:
-            raise ValueError("averaging.average_state_every and averaging.max_allowed_stale must be >= 0")
+        if self.average_state_every < 0 or self.max_allowed_stale < 0 or self.powersgd_rank < 0:
+            raise ValueError("averaging.average_state_every, max_allowed_stale and powersgd_rank must be >= 0")
 
 
 def group_key(run_id: str, stage: int, epoch: int) -> str:

@@ -13,7 +13,12 @@ from typing import Any
 import torch
 
 from node0sim.model import ModelConfig, PipelineStage
-from node0sim.model.costs import stage_backward_flops, stage_forward_flops, stage_parameter_count
+from node0sim.model.costs import (
+    stage_backward_flops,
+    stage_forward_flops,
+    stage_parameter_count,
+    stage_parameter_shapes,
+)
 from node0sim.model.subspace import SubspaceBasis, project_gradients_onto_subspace_, project_onto_subspace_
 from node0sim.protocol.codecs import Codec
 from node0sim.protocol.messages import Packed, Payload, TensorSpec, leading_dims
@@ -62,6 +67,8 @@ class StageCompute(ABC):
         self.is_head = index == 0
         self.is_tail = index == num_stages - 1
         self.num_params = stage_parameter_count(cfg, layer_range, self.is_head, self.is_tail)
+        self.parameter_shapes = stage_parameter_shapes(cfg, layer_range, self.is_head, self.is_tail)
+        """Shapes of the trainable tensors, in the order of the flat gradient and parameter vectors."""
         self.updates = 0
 
     def forward_flops(self, inputs: Payload) -> float:
@@ -144,6 +151,7 @@ class TensorStageCompute(StageCompute):
         self.optim = optim
         self.basis = basis
         self.parameters = [p for p in stage.parameters() if p.requires_grad]
+        self.parameter_shapes = [tuple(p.shape) for p in self.parameters]
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
             weight_decay=optim.weight_decay,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node0sim.protocol.averaging import AveragingConfig, GroupAverager, group_key
+from node0sim.protocol.powersgd import PowerSGD
 from node0sim.protocol.messages import (
     HEADER_BYTES,
     BackwardRequest,
@@ -94,6 +95,7 @@ class StageServer:
         self.seed = seed
         self.rng = random.Random(_stable_hash(seed, rt.peer_id))
         self.averager = GroupAverager(rt, self.stage, averaging)
+        self.powersgd = PowerSGD(compute.parameter_shapes, averaging.powersgd_rank) if averaging.powersgd_rank else None
         self.epoch = 0
         self.samples = 0
         self.stats = ServerStats()
@@ -264,7 +266,13 @@ class StageServer:
                 await self._report()  # tell the stage: peers at this epoch join the round now
             gradients, samples = await self.rt.compute(0.0, self._take_gradients)
             members, bandwidths = await self._matchmake(epoch)
-            mean, contributors = await self.averager.all_reduce(f"grad/{epoch}", members, bandwidths, gradients, samples)
+            if self.powersgd is not None and len(members) > 1:
+                mean, contributors = await self.powersgd.average(
+                    self.averager, f"grad/{epoch}", members, bandwidths, gradients, samples,
+                    _stable_hash(self.seed, self.stage, epoch),
+                )
+            else:
+                mean, contributors = await self.averager.all_reduce(f"grad/{epoch}", members, bandwidths, gradients, samples)
             if mean is not None:
                 await self.rt.compute(self.compute.step_flops(), lambda: self.compute.step_with(mean))
             self.stats.last_group_size = contributors
