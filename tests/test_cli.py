@@ -120,3 +120,10 @@ def test_numerics_mode_refuses_a_model_too_big_for_this_machine(tmp_path):
 def test_max_sim_time_stops_the_run(tmp_path):
     summary = simulate(tmp_path, *SMALL, "train.max_sim_time_s=3", "train.eval_batches=0")
     assert summary["sim_time_s"] == pytest.approx(3.0) and summary["steps"] < 12
+
+
+def test_experiment_presets_override_the_primary_config():
+    # regression: with _self_ after the experiment, config.yaml's sim block silently won over the preset
+    run = run_config("experiment=headline", "network=datacenter")
+    assert run.model["name"] == "node0_8b" and run.sim.numerics is False and run.topology.num_stages == 32
+    assert run.compression.name == "subspace" and run.compression.rate == 100 and run.network.name == "datacenter"

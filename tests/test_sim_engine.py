@@ -227,3 +227,26 @@ def test_future_wakes_waiters_and_times_out():
         return value, at, rt.now(), await fut.wait()
 
     assert _run(sim, peer, protocol()) == ("ready", 2.0, 3.5, "ready")
+
+
+def test_a_simulation_dropped_with_tasks_still_waiting_closes_them_quietly():
+    import gc
+    import sys
+
+    raised = []
+    previous, sys.unraisablehook = sys.unraisablehook, raised.append
+    try:
+        sim = make_sim()
+        peer = add(sim, "p")
+
+        async def forever():
+            while True:
+                await peer.runtime.sleep(1.0)
+
+        peer.runtime.spawn(forever())
+        sim.run(until=3.5)
+        del sim, peer
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+    assert raised == []  # regression: the driver used to resume a closed coroutine on GeneratorExit
