@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import sys
 from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from node0sim.config import ConfigError, RunConfig, load_run_config
+from node0sim.metrics import RunRecorder, read_complete_summary
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+MAX_DIRNAME = 160
+
+
+def safe_dirname(text: str) -> str:
+    """``text`` as one safe folder name: characters other than ``[A-Za-z0-9._,=+-]`` become ``_`` (no ``/``,
+    no spaces, no shell specials); a name longer than MAX_DIRNAME is cut and ends in a hash of ``text``, so
+    distinct override sets keep distinct folders and the same overrides always give the same folder."""
+    safe = re.sub(r"[^A-Za-z0-9._,=+-]", "_", str(text))
+    if len(safe) > MAX_DIRNAME:
+        safe = safe[: MAX_DIRNAME - 9] + "-" + hashlib.sha1(str(text).encode()).hexdigest()[:8]
+    return safe
+
+
+# conf/config.yaml names sweep job folders with it: ${hydra.job.num}_${node0sim_safe_dirname:...}
+OmegaConf.register_new_resolver("node0sim_safe_dirname", safe_dirname, replace=True)
 
 
 def compose_run_config(*overrides: str) -> RunConfig:
@@ -23,12 +42,35 @@ def compose_run_config(*overrides: str) -> RunConfig:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Validate ``cfg`` and run it; returns the summary."""
-    run_cfg = load_run_config(OmegaConf.to_container(cfg, resolve=True))
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    from node0sim.sim.runner import run_simulation
+    """Validate ``cfg`` and run it; returns the summary.
 
-    summary = run_simulation(run_cfg, out_dir)
+    With ``train.skip_if_done=true`` a run whose output folder already holds a complete ``summary.json``
+    prints "already done" and returns that summary (how an interrupted sweep resumes).
+    """
+    config = OmegaConf.to_container(cfg, resolve=True)
+    run_cfg = load_run_config(config)
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    if run_cfg.train.skip_if_done:
+        done = read_complete_summary(out_dir)
+        if done is not None:
+            print(f"already done: {out_dir} has a complete summary.json (train.skip_if_done=true); not run again")
+            return done
+    from node0sim.sim.runner import run_simulation
+    from node0sim.tracking import make_sinks
+
+    sinks = make_sinks(run_cfg, config, out_dir)
+    # parallel sweep jobs share one terminal: plain progress lines tagged with the job number
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    recorder = RunRecorder(
+        out_dir, run_cfg.train.steps, sinks=sinks, live=False if multirun else None,
+        label=f"[job {hydra_cfg.job.num}] " if multirun else "",
+    )
+    try:
+        summary = run_simulation(run_cfg, out_dir, recorder)
+    except BaseException:
+        recorder.close(None)
+        raise
     print(
         f"done: {summary['steps']} steps, {summary['tokens']} tokens in {summary['sim_time_s']:.1f} s of virtual time "
         f"({summary['wall_time_s']:.1f} s wall), {summary['tokens_per_s']:.1f} tok/s, "
@@ -37,6 +79,9 @@ def run(cfg: DictConfig) -> dict:
     print(f"outputs in {out_dir}:")
     for path in summary["outputs"].values():
         print(f"  {path}")
+    for sink in sinks:
+        if getattr(sink, "location", None):
+            print(f"  wandb ({sink.mode}): {sink.location}")
     return summary
 
 

@@ -125,6 +125,7 @@ class TrainConfig:
     request_timeout_s: float = 30.0
     max_retries: int = 3
     eval_batches: int = 4
+    skip_if_done: bool = False
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"train.steps: must be >= 1, got {self.steps}")
@@ -205,6 +206,40 @@ class CompressionConfig:
         _require(self.bits in (4, 8), f"compression.bits: must be 8 or 4, got {self.bits}")
 
 
+SCALES = ("small", "paper")
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    """Which size preset (``conf/scale/``) the run was composed with: ``small`` (CPU minutes) or ``paper``."""
+
+    name: str = "small"
+
+    def __post_init__(self) -> None:
+        _one_of("scale", self.name, SCALES)
+
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases tracking (``node0sim/tracking.py``); ``metrics.jsonl`` stays the source of truth.
+
+    ``mode``: null uses ``$WANDB_MODE`` when set, else ``offline`` (nothing leaves the machine).
+    """
+
+    enabled: bool = True
+    project: str = "node0sim"
+    entity: str | None = None
+    mode: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(bool(self.project), "wandb.project: must not be empty")
+        if self.mode is not None:
+            _one_of("wandb.mode", self.mode, WANDB_MODES)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs, validated."""
@@ -222,11 +257,13 @@ class RunConfig:
     churn: ChurnConfig
     compression: CompressionConfig
     averaging: AveragingConfig
+    scale: ScaleConfig = ScaleConfig()
+    wandb: WandbConfig = WandbConfig()
 
 
 SECTIONS = (
     "backend", "seed", "run_id", "model", "network", "topology", "train", "sim", "optim", "data", "churn",
-    "compression", "averaging",
+    "compression", "averaging", "scale", "wandb",
 )
 
 
@@ -260,6 +297,8 @@ def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         churn=_from_mapping(ChurnConfig, cfg["churn"]),
         compression=build_section(CompressionConfig, cfg["compression"], "compression"),
         averaging=_averaging(cfg["averaging"], cfg["train"].get("batch_size")),
+        scale=build_section(ScaleConfig, cfg["scale"], "scale"),
+        wandb=build_section(WandbConfig, cfg["wandb"], "wandb"),
     )
     _one_of("optim.name", run.optim.name, ("adamw",))
     _require(

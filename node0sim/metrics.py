@@ -1,12 +1,14 @@
-"""Run outputs: ``metrics.jsonl`` (one JSON object per logged point), ``summary.json`` and a loss plot."""
+"""Run outputs: ``metrics.jsonl`` (one JSON object per logged point), ``summary.json``, plots, progress lines."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Protocol, Sequence, TextIO
 
 SUMMARY_KEYS = (
     "backend", "num_stages", "num_peers", "steps", "samples", "tokens", "sim_time_s", "wall_time_s",
@@ -20,44 +22,141 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-class RunRecorder:
-    """Appends metric records to ``metrics.jsonl`` and prints one progress line per step."""
+class Sink(Protocol):
+    """Somewhere else a run's records go (e.g. :class:`node0sim.tracking.WandbSink`); must not raise."""
 
-    def __init__(self, out_dir: Path, total_steps: int, stream: TextIO | None = sys.stdout):
+    def log(self, record: dict[str, Any]) -> None: ...
+
+    def finish(self, summary: dict[str, Any] | None) -> None:
+        """The run ended: ``summary`` as written to ``summary.json``, or None when the run failed."""
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def read_complete_summary(out_dir: Path) -> dict[str, Any] | None:
+    """``out_dir/summary.json`` if it is a finished run's summary (valid JSON with every SUMMARY_KEY), else None."""
+    try:
+        summary = json.loads((Path(out_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or any(k not in summary for k in SUMMARY_KEYS):
+        return None
+    return summary
+
+
+class RunRecorder:
+    """Appends metric records to ``metrics.jsonl``, passes them to ``sinks`` and shows progress.
+
+    Progress: on a terminal (``live``, default ``stream.isatty()``) one line updated in place;
+    otherwise one line every ``every`` steps (default: every ~10% of ``total_steps``), at least every
+    ``every_s`` seconds of wall time, and the final step. ``label`` starts every progress line.
+    """
+
+    def __init__(
+        self,
+        out_dir: Path,
+        total_steps: int,
+        stream: TextIO | None = sys.stdout,
+        sinks: Sequence[Sink] = (),
+        live: bool | None = None,
+        every: int | None = None,
+        every_s: float = 30.0,
+        label: str = "",
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.metrics_path.write_text("")
+        (self.out_dir / "summary.json").unlink(missing_ok=True)  # a stale summary would mark this run done
         self.total_steps = total_steps
         self.stream = stream
+        self.sinks = list(sinks)
         self.records: list[dict[str, Any]] = []
+        self.live = stream is not None and (_isatty(stream) if live is None else live)
+        self.every = every or max(1, math.ceil(total_steps / 10))
+        self.every_s = every_s
+        self.label = label
+        self._last_print = time.monotonic()
+        self._last_step: dict[str, Any] | None = None
+        self._printed_step: int | None = None
+        self._open_line = 0  # length of the live line on screen (0: none)
 
     def log(self, record: dict[str, Any]) -> None:
         """Record one point (written immediately, so a crashed run keeps its metrics)."""
         self.records.append(record)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink.log(record)
         if self.stream is not None and "step" in record:
-            print(
-                f"step {record['step']:>5}/{self.total_steps} | loss {_fmt(record.get('loss'), '.4f')} | "
-                f"sim {record['time_s']:9.2f} s | {record['tokens_per_s']:11.1f} tok/s",
-                file=self.stream,
-                flush=True,
-            )
+            self._last_step = record
+            self._progress(record)
+
+    def _line(self, record: dict[str, Any]) -> str:
+        return (
+            f"{self.label}step {record['step']:>5}/{self.total_steps} | loss {_fmt(record.get('loss'), '.4f')} | "
+            f"sim {record['time_s']:9.2f} s | {record['tokens_per_s']:11.1f} tok/s"
+        )
+
+    def _progress(self, record: dict[str, Any]) -> None:
+        line = self._line(record)
+        if self.live:
+            self.stream.write("\r" + line.ljust(self._open_line))
+            self._open_line = len(line)
+            self._printed_step = record["step"]
+            if record["step"] >= self.total_steps:
+                self.stream.write("\n")
+                self._open_line = 0
+            self.stream.flush()
+            return
+        now = time.monotonic()
+        step = record["step"]
+        if step == 1 or step % self.every == 0 or step >= self.total_steps or now - self._last_print >= self.every_s:
+            print(line, file=self.stream, flush=True)
+            self._last_print = now
+            self._printed_step = step
+
+    def _end_progress(self) -> None:
+        if self.stream is None:
+            return
+        if self._open_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open_line = 0
+        elif self._last_step is not None and self._printed_step != self._last_step["step"]:
+            print(self._line(self._last_step), file=self.stream, flush=True)
+            self._printed_step = self._last_step["step"]
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Path]:
-        """Write ``summary.json`` and ``loss.png``; returns the output paths."""
+        """Write ``summary.json`` and ``loss.png``, close the sinks; returns the output paths."""
+        self._end_progress()
         missing = [k for k in SUMMARY_KEYS if k not in summary]
         if missing:
             raise KeyError(f"summary lacks {missing}")
         summary_path = self.out_dir / "summary.json"
-        summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        partial = self.out_dir / "summary.json.tmp"
+        partial.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        os.replace(partial, summary_path)  # complete or absent, never half-written
         paths = {"metrics": self.metrics_path, "summary": summary_path}
         for name, plot in (("plot", plot_loss(self.records, self.out_dir / "loss.png")),
                            ("swarm_plot", plot_swarm(self.records, self.out_dir / "swarm.png"))):
             if plot is not None:
                 paths[name] = plot
+        self.close(summary)
         return paths
+
+    def close(self, summary: dict[str, Any] | None) -> None:
+        """Pass the end of the run to the sinks once (``summary`` None: the run failed)."""
+        if summary is None:
+            self._end_progress()
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.finish(summary)
 
 
 def _pyplot():
