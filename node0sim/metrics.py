@@ -179,12 +179,7 @@ def plot_loss(records: list[dict[str, Any]], path: Path) -> Path | None:
     by_step.set(xlabel="step (global batch)", ylabel="training loss", title="loss vs step")
     by_time.plot([r["time_s"] for r in points], [r["loss"] for r in points])
     by_time.set(xlabel="virtual time (s)", ylabel="training loss", title="loss vs time")
-    for ax in (by_step, by_time):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, (by_step, by_time), path)
 
 
 def plot_swarm(records: list[dict[str, Any]], path: Path) -> Path | None:
@@ -207,11 +202,15 @@ def plot_swarm(records: list[dict[str, Any]], path: Path) -> Path | None:
     peers.set(xlabel="virtual time (s)", ylabel="peers", title="peers per stage")
     if len(per_stage) <= 8:
         peers.legend(fontsize=7)
-    for ax in (throughput, peers):
+    return _save(fig, (throughput, peers), path)
+
+
+def _save(fig: Any, axes: Sequence[Any], path: Path) -> Path:
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
