@@ -283,6 +283,8 @@ def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     optim = dict(cfg["optim"])
     if optim.get("total_steps") is None:
         optim["total_steps"] = 0
+    # `gpu_mix: null` in the YAML lets a command line set a whole mapping; null means "no mix"
+    sim, churn = _null_mix_as_empty(cfg["sim"]), _null_mix_as_empty(cfg["churn"])
     run = RunConfig(
         backend=_name_only(cfg["backend"], "backend", ("sim",)),
         seed=_check_type("seed", cfg["seed"], int),
@@ -291,10 +293,10 @@ def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         network=build_section(NetworkConfig, cfg["network"], "network"),
         topology=build_section(TopologyConfig, cfg["topology"], "topology"),
         train=build_section(TrainConfig, cfg["train"], "train"),
-        sim=build_section(SimConfig, cfg["sim"], "sim"),
+        sim=build_section(SimConfig, sim, "sim"),
         optim=build_section(OptimConfig, optim, "optim"),
         data=_from_mapping(DataConfig, cfg["data"]),
-        churn=_from_mapping(ChurnConfig, cfg["churn"]),
+        churn=_from_mapping(ChurnConfig, churn),
         compression=build_section(CompressionConfig, cfg["compression"], "compression"),
         averaging=_averaging(cfg["averaging"], cfg["train"].get("batch_size")),
         scale=build_section(ScaleConfig, cfg["scale"], "scale"),
@@ -307,6 +309,13 @@ def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         "use train.schedule=async with several trainers",
     )
     return run
+
+
+def _null_mix_as_empty(node: Mapping[str, Any]) -> dict[str, Any]:
+    node = dict(node)
+    if "gpu_mix" in node and node["gpu_mix"] is None:
+        node["gpu_mix"] = {}
+    return node
 
 
 def _from_mapping(cls: type, node: Mapping[str, Any]) -> Any:

@@ -127,3 +127,11 @@ def test_experiment_presets_override_the_primary_config():
     run = run_config("experiment=headline", "network=datacenter")
     assert run.model["name"] == "node0_8b" and run.sim.numerics is False and run.topology.num_stages == 32
     assert run.compression.name == "subspace" and run.compression.rate == 100 and run.network.name == "datacenter"
+
+
+def test_a_gpu_mix_can_be_given_on_the_command_line(tmp_path):
+    # regression: an empty mapping in the YAML refused new keys (Hydra struct mode)
+    run = run_config("sim.gpu_mix={rtx3090: 1, a100: 3}", "churn=volunteer")
+    assert run.sim.gpu_mix == {"rtx3090": 1, "a100": 3} and run.churn.gpu_mix == {"rtx3090": 1, "a100": 3}
+    with pytest.raises(ConfigError, match="sim.gpu_mix"):
+        run_config("sim.gpu_mix={abacus: 1}")
