@@ -35,10 +35,10 @@ def node0_scale_overrides(peers: int, virtual_s: float, link_sharing: str) -> li
     ]
 
 
-def measure(peers: int, virtual_s: float, link_sharing: str) -> tuple[float, int, dict]:
+def measure(peers: int, virtual_s: float, link_sharing: str, extra: list[str]) -> tuple[float, int, dict]:
     """(wall seconds, SimPy events, summary) of one run."""
     with tempfile.TemporaryDirectory() as out:
-        run = compose_run_config(*node0_scale_overrides(peers, virtual_s, link_sharing))
+        run = compose_run_config(*node0_scale_overrides(peers, virtual_s, link_sharing), *extra)
         sim_run = SimulatedRun(run, Path(out), RunRecorder(Path(out), run.train.steps, stream=None))
         start = time.perf_counter()
         summary = sim_run.execute()
@@ -52,10 +52,11 @@ def main() -> None:
     parser.add_argument("--peers", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--virtual-s", type=float, default=600.0)
     parser.add_argument("--link-sharing", default="equal", choices=["equal", "maxmin"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra Hydra overrides")
     args = parser.parse_args()
     points = []
     for peers in args.peers:
-        wall, events, summary = measure(peers, args.virtual_s, args.link_sharing)
+        wall, events, summary = measure(peers, args.virtual_s, args.link_sharing, args.set)
         points.append((peers, wall))
         print(
             f"{peers:5d} peers, {args.virtual_s:g} s virtual: wall {wall:7.1f} s, {events:,} events, "

@@ -33,6 +33,7 @@ class AveragingConfig:
     max_allowed_stale: int = 5
     state_timeout_s: float = 600.0
     powersgd_rank: int = 0
+    max_concurrent_sends: int = 4
 
     def __post_init__(self) -> None:
         if self.target_batch_size < 1:
@@ -42,6 +43,8 @@ class AveragingConfig:
         for name in ("matchmaking_time_s", "matchmaking_slack_s", "averaging_timeout_s", "progress_period_s", "state_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"averaging.{name}: must be > 0, got {getattr(self, name)}")
+        if self.max_concurrent_sends < 1:
+            raise ValueError(f"averaging.max_concurrent_sends: must be >= 1, got {self.max_concurrent_sends}")
         if self.average_state_every < 0 or self.max_allowed_stale < 0 or self.powersgd_rank < 0:
             raise ValueError("averaging.average_state_every, max_allowed_stale and powersgd_rank must be >= 0")
 
@@ -184,9 +187,7 @@ class GroupAverager:
         deadline = started + self.cfg.averaging_timeout_s
         round_ = self._round(tag)
         round_.expected = len(members)
-        for j, peer in enumerate(members):
-            if j != me:
-                self.rt.spawn(self._send(peer, "reduce_part", ReducePart(self.stage, tag, _slice(vector, *bounds[j]), weight)))
+        self._send_all(me, members, lambda j: ("reduce_part", ReducePart(self.stage, tag, _slice(vector, *bounds[j]), weight)))
         round_.check()
         await self._wait(round_.reduced, reduce_deadline)
         total_weight = weight + sum(w for _, w in round_.contributions.values())
@@ -196,9 +197,7 @@ class GroupAverager:
             for values, _ in round_.contributions.values():
                 own += values
             own = own / total_weight if total_weight > 0 else own
-        for j, peer in enumerate(members):
-            if j != me:
-                self.rt.spawn(self._send(peer, "gather_part", GatherPart(self.stage, tag, me, own)))
+        self._send_all(me, members, lambda j: ("gather_part", GatherPart(self.stage, tag, me, own)))
         await self._wait(round_.complete, deadline)
         contributors = 1 + len(round_.contributions)
         result = self._assemble(round_, me, own, vector, weight, bounds)
@@ -226,8 +225,20 @@ class GroupAverager:
         except TimeoutError:
             self.timeouts += 1
 
-    async def _send(self, peer: str, method: str, message: Any) -> None:
-        try:
-            await self.rt.call(peer, method, message, timeout=self.cfg.averaging_timeout_s)
-        except RPCError:
-            pass  # the receiver is gone: it will not wait for us either
+    def _send_all(self, me: int, members: list[str], message_for: Any) -> None:
+        """Send ``message_for(j)`` to every other member, at most ``max_concurrent_sends`` at a time.
+
+        Receivers are visited in rotated order (member i starts with i+1), so at any moment the
+        members send to different peers, as in a butterfly exchange.
+        """
+        order = [(me + step) % len(members) for step in range(1, len(members))]
+        lanes = min(self.cfg.max_concurrent_sends, len(order))
+        for lane in range(lanes):
+            self.rt.spawn(self._send_in_turn([(members[j], *message_for(j)) for j in order[lane::lanes]]))
+
+    async def _send_in_turn(self, sends: list[tuple[str, str, Any]]) -> None:
+        for peer, method, message in sends:
+            try:
+                await self.rt.call(peer, method, message, timeout=self.cfg.averaging_timeout_s)
+            except RPCError:
+                pass  # the receiver is gone: it will not wait for us either
