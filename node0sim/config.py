@@ -38,6 +38,8 @@ def _check_type(path: str, value: Any, hint: Any) -> Any:
             return value
         if option is dict and isinstance(value, Mapping):
             return dict(value)
+        if option is list and isinstance(value, (list, tuple)):
+            return list(value)
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"{path}: expected {names}, got {value!r}")
 
@@ -174,7 +176,7 @@ class SimConfig:
             _one_of("sim.gpu_mix", name, tuple(GPU_PROFILES))
             _require(weight >= 0, f"sim.gpu_mix.{name}: weight must be >= 0, got {weight}")
         _require(self.snapshot_period_s > 0, f"sim.snapshot_period_s: must be > 0, got {self.snapshot_period_s}")
-        _one_of("sim.link_sharing", self.link_sharing, ("maxmin", "equal"))
+        _one_of("sim.link_sharing", self.link_sharing, ("maxmin", "equal", "per_link"))
         _require(0 < self.utilization <= 1, f"sim.utilization: must be in (0, 1], got {self.utilization}")
         _require(self.dht_latency_ms >= 0, f"sim.dht_latency_ms: must be >= 0, got {self.dht_latency_ms}")
         _require(self.max_message_mb > 0, f"sim.max_message_mb: must be > 0, got {self.max_message_mb}")
@@ -240,6 +242,57 @@ class WandbConfig:
             _one_of("wandb.mode", self.mode, WANDB_MODES)
 
 
+SWARM_ROLES = ("local", "bootstrap", "server", "trainer")
+
+
+@dataclass(frozen=True)
+class SwarmConfig:
+    """The live swarm (``backend=swarm``): this peer's role, addresses, identity and device.
+
+    ``initial_peers``: multiaddrs printed by the bootstrap (``/ip4/<ip>/tcp/<port>/p2p/<peer id>``).
+    ``organizer_key``: fingerprint of the key that signed the run configuration (printed by the
+    bootstrap); servers and trainers refuse configurations signed by anyone else.
+    """
+
+    role: str = "local"
+    initial_peers: list = dataclasses.field(default_factory=list)
+    organizer_key: str | None = None
+    host: str = "0.0.0.0"
+    host_port: int = 0
+    announce_host: str | None = None
+    announce_port: int | None = None
+    identity_path: str = "private.key"
+    info_path: str | None = None
+    stage: int | None = None
+    trainer_index: int = 0
+    device: str = "cpu"
+    nat_traversal: bool = False
+    startup_timeout_s: float = 60.0
+    log_period_s: float = 60.0
+    max_message_mb: float = 256.0
+
+    def __post_init__(self) -> None:
+        _one_of("swarm.role", self.role, SWARM_ROLES)
+        for name in ("host_port", "announce_port"):
+            port = getattr(self, name)
+            _require(port is None or 0 <= port <= 65535, f"swarm.{name}: must be a TCP port (0-65535), got {port}")
+        _require(
+            all(isinstance(p, str) and "/p2p/" in p for p in self.initial_peers),
+            f"swarm.initial_peers: each entry must be a full multiaddr ending in /p2p/<peer id>, got {self.initial_peers}",
+        )
+        _require(
+            self.device in ("cpu", "cuda") or self.device.startswith("cuda:") and self.device[5:].isdigit(),
+            f"swarm.device: 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}",
+        )
+        _require(self.stage is None or self.stage >= 0, f"swarm.stage: must be >= 0 or null, got {self.stage}")
+        _require(self.trainer_index >= 0, f"swarm.trainer_index: must be >= 0, got {self.trainer_index}")
+        for name in ("startup_timeout_s", "log_period_s", "max_message_mb"):
+            _require(getattr(self, name) > 0, f"swarm.{name}: must be > 0, got {getattr(self, name)}")
+        if self.role in ("server", "trainer"):
+            _require(bool(self.initial_peers), f"swarm.initial_peers: a {self.role} needs the bootstrap's multiaddr")
+            _require(bool(self.organizer_key), f"swarm.organizer_key: a {self.role} needs the fingerprint printed by the bootstrap")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs, validated."""
@@ -259,11 +312,12 @@ class RunConfig:
     averaging: AveragingConfig
     scale: ScaleConfig = ScaleConfig()
     wandb: WandbConfig = WandbConfig()
+    swarm: SwarmConfig = SwarmConfig()
 
 
 SECTIONS = (
     "backend", "seed", "run_id", "model", "network", "topology", "train", "sim", "optim", "data", "churn",
-    "compression", "averaging", "scale", "wandb",
+    "compression", "averaging", "scale", "wandb", "swarm",
 )
 
 
@@ -286,7 +340,7 @@ def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     # `gpu_mix: null` in the YAML lets a command line set a whole mapping; null means "no mix"
     sim, churn = _null_mix_as_empty(cfg["sim"]), _null_mix_as_empty(cfg["churn"])
     run = RunConfig(
-        backend=_name_only(cfg["backend"], "backend", ("sim",)),
+        backend=_name_only(cfg["backend"], "backend", ("sim", "swarm")),
         seed=_check_type("seed", cfg["seed"], int),
         run_id=_check_type("run_id", cfg["run_id"], str),
         model=dict(cfg["model"]),
@@ -301,6 +355,7 @@ def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         averaging=_averaging(cfg["averaging"], cfg["train"].get("batch_size")),
         scale=build_section(ScaleConfig, cfg["scale"], "scale"),
         wandb=build_section(WandbConfig, cfg["wandb"], "wandb"),
+        swarm=build_section(SwarmConfig, cfg["swarm"], "swarm"),
     )
     _one_of("optim.name", run.optim.name, ("adamw",))
     _require(
