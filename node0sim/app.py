@@ -56,8 +56,19 @@ def run(cfg: DictConfig) -> dict:
         if done is not None:
             print(f"already done: {out_dir} has a complete summary.json (train.skip_if_done=true); not run again")
             return done
-    from node0sim.sim.runner import run_simulation
     from node0sim.tracking import make_sinks
+
+    if run_cfg.backend == "swarm":
+        from swarm.launch import run_swarm
+
+        def recorder_for(run: RunConfig, document: dict) -> RunRecorder:  # a trainer's config comes from the DHT
+            return RunRecorder(out_dir, run.train.steps, sinks=make_sinks(run, document, out_dir))
+
+        summary = run_swarm(config, run_cfg, out_dir, list(hydra_cfg.overrides.task), recorder_for)
+        if summary is not None and run_cfg.swarm.role == "trainer":
+            _print_done(summary, out_dir, [])
+        return summary
+    from node0sim.sim.runner import run_simulation
 
     sinks = make_sinks(run_cfg, config, out_dir)
     # parallel sweep jobs share one terminal: plain progress lines tagged with the job number
@@ -71,8 +82,14 @@ def run(cfg: DictConfig) -> dict:
     except BaseException:
         recorder.close(None)
         raise
+    _print_done(summary, out_dir, sinks)
+    return summary
+
+
+def _print_done(summary: dict, out_dir: Path, sinks: list) -> None:
+    clock = "virtual time" if summary["backend"] == "sim" else "wall-clock training time"
     print(
-        f"done: {summary['steps']} steps, {summary['tokens']} tokens in {summary['sim_time_s']:.1f} s of virtual time "
+        f"done: {summary['steps']} steps, {summary['tokens']} tokens in {summary['sim_time_s']:.1f} s of {clock} "
         f"({summary['wall_time_s']:.1f} s wall), {summary['tokens_per_s']:.1f} tok/s, "
         f"loss {summary['loss_first']} -> {summary['loss_last']}, val loss {summary['val_loss']}"
     )
@@ -82,7 +99,6 @@ def run(cfg: DictConfig) -> dict:
     for sink in sinks:
         if getattr(sink, "location", None):
             print(f"  wandb ({sink.mode}): {sink.location}")
-    return summary
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

@@ -1,0 +1,84 @@
+"""``node0sim backend=swarm``: run this process's role, or (``swarm.role=local``) a whole swarm."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from node0sim.config import ConfigError, RunConfig
+from node0sim.metrics import RunRecorder
+from swarm.lifecycle import SwarmError
+from swarm.local import LocalSwarm
+from swarm.roles import run_role
+
+log = logging.getLogger("node0sim.swarm")
+
+SERVER_COUNTERS = (
+    "averaging_rounds", "solo_steps", "state_averaging_rounds", "state_downloads", "failed_state_downloads",
+    "averaging_timeouts",
+)
+
+
+def run_swarm(
+    config: Mapping[str, Any], run: RunConfig, out_dir: Path, overrides: Sequence[str],
+    recorder_factory: Callable[[RunConfig, dict], RunRecorder],
+) -> dict[str, Any] | None:
+    """Run ``swarm.role``; returns the summary for trainers and the local role, None otherwise."""
+    try:
+        if run.swarm.role == "local":
+            return run_local(run, out_dir, overrides)
+        return run_role(config, run, out_dir, recorder_factory)
+    except SwarmError as error:
+        print(f"node0sim: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run_local(run: RunConfig, out_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """Bootstrap, ``num_stages x peers_per_stage`` servers and one trainer on 127.0.0.1, then a clean stop.
+
+    The trainer writes ``metrics.jsonl`` and ``summary.json`` into ``out_dir``; the servers' counters
+    (averaging rounds, state downloads, ...) are added to the summary when they have stopped.
+    """
+    if run.topology.num_trainers != 1:
+        raise ConfigError("swarm.role=local runs one trainer: set topology.num_trainers=1 (start more with swarm.role=trainer)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below on SIGTERM too
+    swarm = LocalSwarm(overrides, out_dir / "swarm")
+    try:
+        info = swarm.start_bootstrap(run.swarm.startup_timeout_s)
+        print(f"local swarm: bootstrap {info['maddrs'][0]}, logs in {swarm.folder}", flush=True)
+        for stage in range(run.topology.num_stages):
+            for k in range(run.topology.peers_per_stage):
+                swarm.start_server(f"s{stage}p{k}", stage)
+        trainer = swarm.start(
+            "trainer0", "trainer", f"hydra.run.dir={out_dir}", "hydra.output_subdir=null", "hydra.job.name=trainer",
+            log_file=False,
+        )
+        if trainer.wait() != 0:
+            raise SwarmError(f"the trainer failed (exit code {trainer.returncode}); server logs are in {swarm.folder}")
+    finally:
+        codes = swarm.stop()
+    failed = {name: code for name, code in codes.items() if code not in (0, None)}
+    if failed:
+        log.warning("peers that did not exit cleanly: %s (logs in %s)", failed, swarm.folder)
+    summary = add_server_reports(out_dir / "summary.json", swarm.reports(), run)
+    print(f"local swarm stopped; {summary['averaging_rounds']} averaging rounds across {summary['num_peers']} servers; "
+          f"summary with their counters: {out_dir / 'summary.json'}", flush=True)
+    return summary
+
+
+def add_server_reports(summary_path: Path, reports: list[dict[str, Any]], run: RunConfig) -> dict[str, Any]:
+    """Fill the summary's server-side keys from the servers' exit reports; rewrite it."""
+    summary = json.loads(summary_path.read_text())
+    summary["num_peers"] = run.topology.num_stages * run.topology.peers_per_stage
+    for key in SERVER_COUNTERS:
+        summary[key] = sum(r[key] for r in reports)
+    summary["final_peers_per_stage"] = [sum(r["stage"] == s for r in reports) for s in range(run.topology.num_stages)]
+    summary["averaging_bytes"] = sum(r["sent_bytes"].get(m, 0) for r in reports for m in ("reduce_part", "gather_part"))
+    summary["state_download_bytes"] = sum(r["response_bytes"].get("get_state", 0) for r in reports)
+    summary["server_reports"] = reports
+    summary_path.write_text(json.dumps(summary, indent=1))
+    return summary

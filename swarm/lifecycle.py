@@ -1,0 +1,135 @@
+"""Process hygiene for live peers: private socket folders, leftovers of killed peers, ports, keys.
+
+hivemind's libp2p daemon talks to Python over unix sockets, by default in ``/tmp``, and a peer
+killed with SIGKILL leaves its daemon (``p2pd``) running and its socket files behind
+(``shared/reference/hivemind-on-cpu.md``, section 5). Here every peer process gets its own
+folder ``<runtime dir>/<pid>.<n>/`` for its sockets and a ``p2pd.pid`` file; the next peer that
+starts on the machine removes the folders of dead processes and stops their daemons.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from pathlib import Path
+
+from hivemind.proto import crypto_pb2
+from hivemind.utils.crypto import RSAPrivateKey
+
+log = logging.getLogger(__name__)
+
+P2PD_PID_FILE = "p2pd.pid"
+
+
+class SwarmError(RuntimeError):
+    """A live peer cannot start or go on; the message says why and what to do."""
+
+
+def runtime_dir() -> Path:
+    """Where this user's live peers keep their per-process socket folders."""
+    return Path(os.environ.get("NODE0SIM_RUNTIME_DIR") or Path(tempfile.gettempdir()) / f"node0sim-{os.getuid()}")
+
+
+_node_numbers = itertools.count()
+
+
+def node_dir() -> Path:
+    """A new private folder ``<pid>.<n>`` for one node of this process (created empty); its sockets go there."""
+    path = runtime_dir() / f"{os.getpid()}.{next(_node_numbers)}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, mode=0o700)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_p2pd(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"p2pd")
+    except OSError:
+        return False
+
+
+def clean_leftovers() -> list[int]:
+    """Remove the folders of dead peer processes and stop the daemons they left; their pids."""
+    base = runtime_dir()
+    cleaned = []
+    for folder in sorted(base.glob("[0-9]*.[0-9]*")) if base.is_dir() else ():
+        owner = int(folder.name.split(".")[0])
+        if _alive(owner):
+            continue
+        pid_file = folder / P2PD_PID_FILE
+        if pid_file.is_file():
+            daemon = int(pid_file.read_text().strip() or 0)
+            if daemon and _alive(daemon) and _is_p2pd(daemon):
+                os.kill(daemon, signal.SIGTERM)
+        shutil.rmtree(folder, ignore_errors=True)
+        cleaned.append(owner)
+    if cleaned:
+        log.info("Removed the leftovers of %d peer process(es) that did not shut down cleanly: %s", len(cleaned), cleaned)
+    return cleaned
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail with a clear message if ``host:port`` cannot be listened on (0 = any free port)."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise SwarmError(
+                    f"port {port} on {host} is taken (another node0sim peer or program listens there): stop it, "
+                    f"or choose another one with swarm.host_port=<port> (and swarm.announce_port if you forward ports)"
+                ) from None
+            raise SwarmError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+
+
+def load_identity(path: Path) -> RSAPrivateKey:
+    """The RSA key of a libp2p identity file (``private.key``), used to sign DHT records."""
+    try:
+        protobuf = crypto_pb2.PrivateKey.FromString(path.read_bytes())
+    except Exception as error:
+        raise SwarmError(f"{path} is not a libp2p private key file ({error}); move it away to create a new one") from None
+    if protobuf.key_type != crypto_pb2.KeyType.RSA:
+        raise SwarmError(f"{path} holds a non-RSA key; node0sim signs run records with RSA keys")
+    key = RSAPrivateKey.__new__(RSAPrivateKey)
+    key.__setstate__({"_private_key": protobuf.data})  # hivemind's own (un)pickling path for RSA keys
+    return key
+
+
+def ensure_identity(path: Path) -> RSAPrivateKey:
+    """Load ``path`` or create it (owner-only permissions): the peer's persistent identity."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = RSAPrivateKey()
+        protobuf = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=key.to_bytes())
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(protobuf.SerializeToString())
+        log.info("Created a new identity key at %s (keep it to rejoin as the same peer)", path)
+    elif path.stat().st_mode & 0o077:
+        os.chmod(path, 0o600)
+        log.warning("%s was readable by others; its permissions are now owner-only", path)
+    return load_identity(path)
+
+
+def fingerprint(key_bytes: bytes) -> str:
+    """Short printable id of a public key (what peers are told to trust)."""
+    return hashlib.sha256(key_bytes).hexdigest()[:16]

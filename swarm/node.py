@@ -1,0 +1,132 @@
+"""One live peer's networking: libp2p daemon, DHT node and runtime, started and stopped together."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P
+from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError
+from hivemind.utils.crypto import RSAPrivateKey
+
+from swarm.lifecycle import P2PD_PID_FILE, SwarmError, check_port_free, clean_leftovers, node_dir
+from swarm.runtime import LiveRuntime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Where a peer listens, whom it contacts first, and its identity."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    announce_host: str | None = None
+    announce_port: int | None = None
+    initial_peers: tuple[str, ...] = ()
+    identity_path: Path | None = None
+    nat_traversal: bool = False
+    max_message_bytes: int = 256 * 2**20
+    startup_timeout_s: float = 30.0
+
+    def host_maddrs(self) -> list[str]:
+        """The multiaddr p2pd listens on."""
+        return [f"/ip4/{self.host}/tcp/{self.port}"]
+
+    def announce_maddrs(self) -> list[str] | None:
+        """What the peer tells others to dial (a public address and forwarded port), if set."""
+        if self.announce_host is None and self.announce_port is None:
+            return None
+        return [f"/ip4/{self.announce_host or self.host}/tcp/{self.announce_port or self.port}"]
+
+
+class LiveNode:
+    """A started peer: ``runtime`` is what protocol roles receive. Use ``await LiveNode.start(...)``
+    and always ``await node.stop()`` (it stops p2pd and removes this process's socket folder)."""
+
+    def __init__(self, p2p: P2P, dht: DHTNode, runtime: LiveRuntime, folder: Path):
+        self.p2p, self.dht, self.runtime, self.folder = p2p, dht, runtime, folder
+        self.visible_maddrs: list[str] = []
+        """Full multiaddrs (ending in /p2p/<peer id>) that other peers pass as ``swarm.initial_peers``."""
+
+    @classmethod
+    async def start(cls, settings: NodeSettings, signing_key: RSAPrivateKey | None = None) -> "LiveNode":
+        """Clean leftovers of killed peers, then start p2pd, the DHT node and the RPC handler."""
+        clean_leftovers()
+        check_port_free(settings.host, settings.port)
+        folder = node_dir()
+        P2P._UNIX_SOCKET_PREFIX = f"/unix/{folder}/hivemind-"  # sockets in our folder, not /tmp (see lifecycle)
+        p2p = None
+        try:
+            p2p = await _start_p2p(settings)
+            if p2p._child is not None:
+                (folder / P2PD_PID_FILE).write_text(str(p2p._child.pid))
+            validator = RSASignatureValidator(signing_key or RSAPrivateKey())
+            dht = await _start_dht(p2p, settings, validator)
+        except BaseException:
+            if p2p is not None:
+                await p2p.shutdown()
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        runtime = LiveRuntime(p2p, dht, settings.max_message_bytes)
+        await runtime.start()
+        node = cls(p2p, dht, runtime, folder)
+        node.visible_maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
+        log.info("Peer %s listening on %s", runtime.peer_id, " ".join(node.visible_maddrs))
+        return node
+
+    async def stop(self) -> None:
+        """Stop tasks, the DHT node and p2pd; remove the socket folder."""
+        try:
+            await self.runtime.close()
+            await self.dht.shutdown()
+        finally:
+            await self.p2p.shutdown()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+async def _start_p2p(settings: NodeSettings) -> P2P:
+    try:
+        return await P2P.create(
+            initial_peers=list(settings.initial_peers) or None,
+            host_maddrs=settings.host_maddrs(),
+            announce_maddrs=settings.announce_maddrs(),
+            identity_path=str(settings.identity_path) if settings.identity_path else None,
+            nat_port_map=settings.nat_traversal,
+            auto_nat=settings.nat_traversal,
+            use_relay=settings.nat_traversal,
+            startup_timeout=settings.startup_timeout_s,
+        )
+    except P2PDaemonError as error:
+        text = str(error)
+        if "already taken" in text:
+            raise SwarmError(
+                f"the identity in {settings.identity_path} is already online (another process runs with this key): "
+                "stop it, or give this peer its own key file with swarm.identity_path"
+            ) from None
+        if settings.initial_peers and ("bootstrap" in text.lower() or "dial" in text.lower() or "connect" in text.lower()):
+            raise _unreachable(settings) from None
+        raise SwarmError(f"the libp2p daemon did not start: {text}") from None
+
+
+async def _start_dht(p2p: P2P, settings: NodeSettings, validator: RSASignatureValidator) -> DHTNode:
+    try:
+        return await DHTNode.create(
+            p2p=p2p, initial_peers=list(settings.initial_peers) or None, record_validator=validator,
+            bootstrap_timeout=settings.startup_timeout_s,
+        )
+    except (AssertionError, P2PDaemonError, ConnectionError, OSError) as error:
+        if settings.initial_peers:
+            raise _unreachable(settings) from error
+        raise
+
+
+def _unreachable(settings: NodeSettings) -> SwarmError:
+    return SwarmError(
+        f"could not reach any of the initial peers {list(settings.initial_peers)}: check the address (it must end in "
+        "/p2p/<peer id>, as printed by the bootstrap), that the peer is running, and that its port is open"
+    )

@@ -1,0 +1,293 @@
+"""The live roles: bootstrap (organizer), stage server and trainer, each one process.
+
+Every role is the protocol from ``node0sim.protocol`` (``SwarmPeer``/``StageServer``,
+``Trainer``) on a :class:`~swarm.runtime.LiveRuntime`; this module only starts the node, reads
+the signed run configuration, logs, and shuts down cleanly on Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Mapping
+
+import torch
+
+from node0sim.config import RunConfig, SwarmConfig
+from node0sim.experiment import evaluate, micro_batch_sources, model_config, stage_computes, trainer_config, vocabulary_size
+from node0sim.metrics import RunRecorder, StepTracker
+from node0sim.protocol.messages import TensorSpec
+from node0sim.protocol.stage_compute import StageCompute
+from node0sim.protocol.stage_server import StageServer, StateRequest, stage_key
+from node0sim.protocol.swarm_peer import BalanceConfig, SwarmPeer
+from node0sim.protocol.trainer import Trainer
+from node0sim.runtime import RPCError
+from swarm import run_config
+from swarm.lifecycle import SwarmError, ensure_identity, fingerprint
+from swarm.node import LiveNode, NodeSettings
+from swarm.runtime import LiveRuntime
+
+log = logging.getLogger("node0sim.swarm")
+
+STAGE_METHODS = ("forward", "backward", "tail")
+GOODBYE_TIMEOUT_S = 10.0
+
+
+def node_settings(swarm: SwarmConfig, host: str | None = None) -> NodeSettings:
+    """Networking settings of this peer from ``swarm.*``."""
+    return NodeSettings(
+        host=host or swarm.host, port=swarm.host_port, announce_host=swarm.announce_host,
+        announce_port=swarm.announce_port, initial_peers=tuple(swarm.initial_peers),
+        identity_path=Path(swarm.identity_path), nat_traversal=swarm.nat_traversal,
+        max_message_bytes=int(swarm.max_message_mb * 2**20), startup_timeout_s=swarm.startup_timeout_s,
+    )
+
+
+def run_role(config: Mapping[str, Any], run: RunConfig, out_dir: Path, recorder_factory: Callable[[RunConfig, dict], RunRecorder]) -> Any:
+    """Run this process's role until it ends (trainer) or is stopped (Ctrl-C / SIGTERM)."""
+    role = run.swarm.role
+    if role == "bootstrap":
+        return _until_stopped(bootstrap(config, run))
+    if role == "server":
+        return _until_stopped(serve(config, run))
+    if role == "trainer":
+        return _until_stopped(train(config, run, recorder_factory))
+    raise SwarmError(f"swarm.role={role} is not a single-process role")
+
+
+def _until_stopped(main: Awaitable[Any]) -> Any:
+    """Run ``main``; SIGINT and SIGTERM cancel it, so its ``finally`` blocks shut the peer down."""
+
+    async def supervised() -> Any:
+        task = asyncio.ensure_future(main)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            log.info("Stopped")
+            return None
+
+    return asyncio.run(supervised())
+
+
+async def _start(run: RunConfig) -> tuple[LiveNode, Any]:
+    identity = ensure_identity(Path(run.swarm.identity_path))
+    return await LiveNode.start(node_settings(run.swarm), signing_key=identity), identity
+
+
+async def _joined_run(node: LiveNode, local: Mapping[str, Any], swarm: SwarmConfig, run_id: str) -> tuple[RunConfig, dict]:
+    published = await run_config.fetch(node.dht, run_id, swarm.organizer_key, swarm.startup_timeout_s)
+    run, document = run_config.merge(published, local)
+    log.info("Joined run %r (model %s, %d stages), configuration signed by %s", run.run_id,
+             run.model.get("name"), run.topology.num_stages, swarm.organizer_key)
+    return run, document
+
+
+# ---- bootstrap -------------------------------------------------------------------------------
+async def bootstrap(config: Mapping[str, Any], run: RunConfig) -> None:
+    """Organizer: the first DHT peer; publishes the signed run configuration and keeps it fresh."""
+    node, identity = await _start(run)
+    try:
+        organizer = fingerprint(identity.get_public_key().to_bytes())
+        validator = node.dht.protocol.record_validator
+        publisher = asyncio.create_task(run_config.keep_publishing(node.dht, validator, config, run.run_id))
+        join = f"swarm.initial_peers=[{','.join(node.visible_maddrs)}] swarm.organizer_key={organizer} run_id={run.run_id}"
+        print(f"Bootstrap peer {node.runtime.peer_id} of run {run.run_id!r} is up. Others join with:\n  {join}", flush=True)
+        if run.swarm.info_path:
+            info = {"maddrs": node.visible_maddrs, "organizer_key": organizer, "run_id": run.run_id,
+                    "peer_id": node.runtime.peer_id}
+            _write_json(Path(run.swarm.info_path), info)
+        await publisher
+    finally:
+        await node.stop()
+
+
+# ---- stage server ----------------------------------------------------------------------------
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SwarmError(f"swarm.device={name}: this machine has no CUDA device visible to torch (use swarm.device=cpu)")
+    return device
+
+
+def measured_flops(device: torch.device, size: int = 512, repeats: int = 8) -> float:
+    """Achieved FLOP/s of this device on fp32 matrix products (what the balancing rule compares)."""
+    a = torch.randn(size, size, device=device)
+    a @ a  # warm-up (kernel selection, lazy init)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
+    """A stage server: picks its stage (``swarm.stage`` or the weakest), loads state, serves, averages."""
+    node, _ = await _start(swarm_run)
+    member = None
+    try:
+        run, _ = await _joined_run(node, local, swarm_run.swarm, swarm_run.run_id)
+        device = _device(run.swarm.device)
+        templates = stage_computes(run, model_config(run, vocabulary_size(run)))
+        sample = TensorSpec((1, run.train.seq_len), torch.int64)
+        flops_per_sample = sum(c.forward_flops(sample) + c.backward_flops(sample) for c in templates) / len(templates)
+        throughput = measured_flops(device) / flops_per_sample
+        rt = node.runtime
+
+        def make_server(stage: int) -> StageServer:
+            return StageServer(rt, run.run_id, templates[stage], run.averaging, throughput=throughput,
+                               bandwidth_mbps=run.network.up_mbps, seed=run.seed)
+
+        member = SwarmPeer(rt, run.run_id, len(templates), throughput,
+                           make_server, BalanceConfig(run.topology.rebalance_period_s, run.topology.rebalance_margin))
+        joining = rt.spawn(member.run(run.swarm.stage, load_state=True))
+        await _report_while_serving(rt, member, run.swarm)
+        await joining.join()
+    finally:
+        try:
+            if member is not None and member.server is not None:
+                await asyncio.wait_for(member.leave(), GOODBYE_TIMEOUT_S)
+                if swarm_run.swarm.info_path:
+                    _write_json(Path(swarm_run.swarm.info_path), server_report(node.runtime, member.server))
+        finally:
+            await node.stop()
+
+
+async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: SwarmConfig) -> None:
+    """Node0-style log lines: batches processed per period, every averaging round with its group size."""
+    rounds, solo, processed, last_log = 0, 0, 0, time.monotonic()
+    while True:
+        await asyncio.sleep(0.5)
+        server = member.server
+        if server is None:
+            continue
+        if server.stats.averaging_rounds > rounds:
+            rounds = server.stats.averaging_rounds
+            log.info("Averaged gradients with %d peers (stage %d, epoch %d)", server.stats.last_group_size, server.stage, server.epoch)
+        if server.stats.solo_steps > solo:
+            solo = server.stats.solo_steps
+            log.info("Averaging step failed: could not find a group; stepped with local gradients (stage %d, epoch %d)",
+                     server.stage, server.epoch)
+        if time.monotonic() - last_log >= swarm.log_period_s:
+            total = sum(rt.handled.get(m, 0) for m in STAGE_METHODS)
+            log.info("Processed %d batches in last %g seconds (stage %d)", total - processed, swarm.log_period_s, server.stage)
+            processed, last_log = total, time.monotonic()
+
+
+def server_report(rt: LiveRuntime, server: StageServer) -> dict[str, Any]:
+    """A server's counters, written to ``swarm.info_path`` on exit (the local role sums them)."""
+    stats = server.stats
+    return {
+        "peer_id": rt.peer_id, "stage": server.stage, "epoch": server.epoch, "samples": stats.samples,
+        "averaging_rounds": stats.averaging_rounds, "solo_steps": stats.solo_steps,
+        "state_averaging_rounds": stats.state_averaging_rounds, "state_downloads": stats.state_downloads,
+        "failed_state_downloads": stats.failed_state_downloads, "averaging_timeouts": server.averager.timeouts,
+        "handled": dict(rt.handled), "sent_bytes": dict(rt.sent_bytes), "response_bytes": dict(rt.response_bytes),
+    }
+
+
+# ---- trainer ---------------------------------------------------------------------------------
+async def train(local: Mapping[str, Any], swarm_run: RunConfig, recorder_factory: Callable[[RunConfig, dict], RunRecorder]) -> dict[str, Any]:
+    """A trainer: streams its data shard through the swarm; writes metrics.jsonl and summary.json."""
+    wall_start = time.perf_counter()
+    node, _ = await _start(swarm_run)
+    try:
+        run, document = await _joined_run(node, local, swarm_run.swarm, swarm_run.run_id)
+        rt = node.runtime
+        sources, validation, vocab_size = micro_batch_sources(run)
+        index = run.swarm.trainer_index % len(sources)
+        templates = stage_computes(run, model_config(run, vocab_size))
+        recorder = recorder_factory(run, document)
+        trainer: Trainer | None = None
+
+        def totals() -> dict[str, int]:
+            stats = trainer.stats
+            return {"failed_requests": stats.failed_requests, "retried_requests": stats.retried_requests,
+                    "dropped_micro_batches": stats.micro_batches_dropped, "bytes_sent": rt.sent_bytes_total()}
+
+        tracker = StepTracker(run.train.micro_batches_per_step, recorder.log, totals)
+        share = run.train.steps * run.train.micro_batches_per_step
+        share = share // len(sources) + (index < share % len(sources))
+        started = rt.now()
+
+        def on_micro_batch(record: dict[str, Any]) -> None:  # metrics count time from the trainer's start
+            tracker({**record, "time_s": record["time_s"] - started})
+
+        trainer = Trainer(rt, run.run_id, len(templates), sources[index], trainer_config(run, templates, share), on_micro_batch)
+        try:
+            await trainer.run()
+        except BaseException:
+            recorder.close(None)
+            raise
+        elapsed = rt.now() - started
+        val_loss = evaluate(await _current_weights(rt, run, templates), validation) if validation else None
+        summary = live_summary(run, trainer, tracker, recorder.records, elapsed, time.perf_counter() - wall_start, val_loss, rt)
+        summary["outputs"] = {k: str(v) for k, v in recorder.finish(summary).items()}
+        return summary
+    finally:
+        await node.stop()
+
+
+async def _current_weights(rt: LiveRuntime, run: RunConfig, templates: list[StageCompute]) -> list[StageCompute]:
+    """The pipeline as the swarm holds it now: each stage's state fetched from one of its servers."""
+    for stage, template in enumerate(templates):
+        records = await rt.dht_get(stage_key(run.run_id, stage)) or {}
+        for peer in [p for p, r in records.items() if r and r["ready"]]:
+            try:
+                response = await rt.call(peer, "get_state", StateRequest(stage), run.averaging.state_timeout_s)
+            except RPCError as error:
+                log.warning("could not fetch stage %d from %s for validation: %s", stage, peer, error)
+                continue
+            template.import_state(response.state)
+            break
+        else:
+            log.warning("no server of stage %d answered; validating with its initial weights", stage)
+    return templates
+
+
+def live_summary(
+    run: RunConfig, trainer: Trainer, tracker: StepTracker, records: list[dict[str, Any]], elapsed_s: float,
+    wall_s: float, val_loss: float | None, rt: LiveRuntime,
+) -> dict[str, Any]:
+    """``summary.json`` of a live trainer, with the simulator's keys (server-side counters: None here;
+    the local role fills them from the servers' reports)."""
+    from node0sim.sim.runner import steady_throughput
+
+    stats = trainer.stats
+    losses = [r["loss"] for r in records if r.get("loss") is not None]
+    stage_bytes = sum(rt.sent_bytes.get(m, 0) + rt.received_bytes.get(m, 0) for m in STAGE_METHODS)
+    return {
+        "backend": "swarm", "numerics": True, "model": run.model.get("name"), "seed": run.seed,
+        "num_stages": run.topology.num_stages, "num_peers": None, "num_trainers": run.topology.num_trainers,
+        "schedule": run.train.schedule, "compression": run.compression.name, "compression_rate": run.compression.rate,
+        "churn": "live", "steps": stats.micro_batches_done // run.train.micro_batches_per_step,
+        "samples": tracker.samples, "tokens": tracker.tokens, "sim_time_s": elapsed_s, "wall_time_s": wall_s,
+        "tokens_per_s": tracker.tokens / elapsed_s if elapsed_s > 0 else 0.0,
+        "tokens_per_s_steady": steady_throughput(records),
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None, "val_loss": val_loss,
+        "activation_bytes_per_token": stage_bytes / tracker.tokens if tracker.tokens else None,
+        "averaging_bytes": None, "state_download_bytes": None,
+        "failed_requests": stats.failed_requests, "retried_requests": stats.retried_requests,
+        "dropped_micro_batches": stats.micro_batches_dropped, "bytes_sent": rt.sent_bytes_total(),
+        "micro_batches_started": stats.micro_batches_started, "micro_batches_done": stats.micro_batches_done,
+        "rpc_bytes_per_stage": [stats.stage_bytes.get(i, 0) for i in range(run.topology.num_stages)],
+        "churn_events": None, "final_peers_per_stage": None, "averaging_rounds": None, "solo_steps": None,
+        "state_averaging_rounds": None, "state_downloads": None, "failed_state_downloads": None,
+        "averaging_timeouts": None, "stage_moves": None, "gpu_utilization": None,
+    }
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(content, indent=1))
+    partial.replace(path)

@@ -1,0 +1,250 @@
+"""The hivemind backend of the runtime interface: protocol coroutines on a real asyncio loop.
+
+One :class:`LiveRuntime` per process. It owns
+- a libp2p daemon (``hivemind.p2p.P2P``, i.e. ``p2pd``) for RPC: one binary stream handler
+  (``node0sim.rpc``) carries every protocol method, messages encoded by :mod:`swarm.wire`;
+- a Kademlia DHT node (``hivemind.dht.DHTNode``) in the same event loop, with hivemind's RSA
+  signature validator (signed records are how the run configuration is protected);
+- one "accelerator" thread: ``compute`` runs the stage's tensor work there, one call at a
+  time like the simulator's GPU queue, so the event loop keeps serving RPCs meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Coroutine, TypeVar
+
+from hivemind.dht.node import DHTNode
+from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError
+from hivemind.utils import get_dht_time
+
+from node0sim.runtime import Future, Handler, Message, RemoteError, RequestTimeout, RPCError, Runtime, Task
+from swarm import wire
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+RPC_PROTOCOL = "node0sim.rpc"
+"""The libp2p protocol id of the single stream handler that dispatches every method."""
+
+MAX_METHOD_BYTES = 64
+_OK, _ERROR = b"\x00", b"\x01"
+_LENGTH_BYTES = 8
+
+
+class LiveTask(Task):
+    """An asyncio task; a failure nobody joins is logged and kept in ``runtime.errors``."""
+
+    def __init__(self, task: asyncio.Task):
+        self.task = task
+        self.joined = False
+
+    async def join(self) -> Any:
+        self.joined = True
+        return await self.task
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+    @property
+    def done(self) -> bool:
+        return self.task.done()
+
+
+class LiveFuture(Future):
+    """An asyncio future."""
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def set_result(self, value: Any) -> None:
+        if not self._future.done():
+            self._future.set_result(value)
+
+    @property
+    def done(self) -> bool:
+        return self._future.done()
+
+    async def wait(self, timeout: float | None = None) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._future), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no result within {timeout:g} s") from None
+
+
+class LiveRuntime(Runtime):
+    """The runtime interface for one live peer (see the module docstring)."""
+
+    def __init__(self, p2p: P2P, dht: DHTNode, max_message_bytes: int):
+        self.p2p = p2p
+        self.dht = dht
+        self.peer_id = p2p.peer_id.to_base58()
+        self.max_message_bytes = max_message_bytes
+        self.errors: list[BaseException] = []
+        """Failures of spawned tasks that nobody joined (logged when they happen)."""
+        self.handled: dict[str, int] = {}
+        """Requests this peer answered, per method."""
+        self.sent_bytes: dict[str, int] = {}
+        """Message bytes this peer sent (its requests and its responses), per method."""
+        self.received_bytes: dict[str, int] = {}
+        self.response_bytes: dict[str, int] = {}
+        """Bytes of the responses to this peer's own calls, per method (e.g. state it downloaded)."""
+        self._handlers: dict[str, Handler] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._accelerator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accelerator")
+        self._last_expiration: dict[tuple[str, str | None], float] = {}
+
+    async def start(self) -> None:
+        """Register the RPC stream handler."""
+        await self.p2p.add_binary_stream_handler(RPC_PROTOCOL, self._handle_stream)
+
+    async def close(self) -> None:
+        """Cancel this peer's tasks and stop the accelerator thread."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._accelerator.shutdown(wait=True, cancel_futures=True)
+
+    # ---- time, compute, concurrency --------------------------------------------------------
+    def now(self) -> float:
+        # DHT time (wall clock): peers compare each other's report times, so it must be shared
+        return get_dht_time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    async def compute(self, flops: float, fn: Callable[[], T] | None = None) -> T | None:
+        if fn is None:
+            return None
+        return await asyncio.get_running_loop().run_in_executor(self._accelerator, fn)
+
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> Task:
+        task = LiveTask(asyncio.get_running_loop().create_task(coro))
+        self._tasks.add(task.task)
+        task.task.add_done_callback(lambda t: self._task_done(task, t))
+        return task
+
+    def _task_done(self, task: LiveTask, finished: asyncio.Task) -> None:
+        self._tasks.discard(finished)
+        if finished.cancelled() or task.joined or finished.exception() is None:
+            return
+        error = finished.exception()
+        self.errors.append(error)
+        log.error("a protocol task failed", exc_info=error)
+
+    def future(self) -> Future:
+        return LiveFuture()
+
+    async def gather(self, tasks: list[Task]) -> list[Any]:
+        return list(await asyncio.gather(*(task.join() for task in tasks)))
+
+    # ---- DHT -------------------------------------------------------------------------------
+    async def dht_store(self, key: str, value: Any, expires_in: float, subkey: str | None = None) -> None:
+        # hivemind keeps the record with the latest expiration, while the interface promises that a
+        # peer's later store replaces its earlier one (a withdrawal stores None with expires_in=0):
+        # so each store of this peer expires strictly later than its previous one for that key
+        previous = self._last_expiration.get((key, subkey), 0.0)
+        expiration = max(get_dht_time() + expires_in, previous + 1e-3)
+        self._last_expiration[(key, subkey)] = expiration
+        await self.dht.store(key, value, expiration, subkey=subkey)
+
+    async def dht_get(self, key: str) -> Any:
+        found = await self.dht.get(key, latest=True)
+        if found is None:
+            return None
+        if isinstance(found.value, dict):
+            now = get_dht_time()
+            live = {sub: item.value for sub, item in found.value.items() if item.expiration_time > now}
+            return live or None
+        return found.value
+
+    # ---- RPC -------------------------------------------------------------------------------
+    def sent_bytes_total(self) -> int:
+        """All message bytes this peer sent."""
+        return sum(self.sent_bytes.values())
+
+    def _count(self, counter: dict[str, int], method: str, amount: int) -> None:
+        counter[method] = counter.get(method, 0) + amount
+
+    def serve(self, method: str, handler: Handler) -> None:
+        self._handlers[method] = handler
+
+    async def call(self, peer: str, method: str, request: Message, timeout: float) -> Any:
+        payload = wire.encode(request)
+        if len(payload) > self.max_message_bytes:
+            raise ValueError(
+                f"{method} request to {peer} is {len(payload)} bytes, over the {self.max_message_bytes}-byte message limit"
+            )
+        try:
+            return await asyncio.wait_for(self._call(peer, method, payload), timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(f"{method} to peer {peer} got no response within {timeout:g} s") from None
+        except (P2PDaemonError, ConnectionError, asyncio.IncompleteReadError, OSError) as error:
+            raise RPCError(f"{method} to peer {peer} failed: {error or type(error).__name__}") from None
+
+    async def _call(self, peer: str, method: str, payload: bytes) -> Any:
+        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), RPC_PROTOCOL)
+        try:
+            await _write_frames(writer, method.encode(), payload)
+            self._count(self.sent_bytes, method, len(payload))
+            status = await reader.readexactly(1)
+            body = await _read_frame(reader, self.max_message_bytes)
+            self._count(self.received_bytes, method, len(body))
+            self._count(self.response_bytes, method, len(body))
+        finally:
+            writer.close()
+        if status == _ERROR:
+            raise RemoteError(f"peer {peer} rejected {method}: {body.decode(errors='replace')}")
+        try:
+            return wire.decode(body)
+        except wire.WireError as error:
+            raise RPCError(f"peer {peer} sent a malformed {method} response: {error}") from None
+
+    async def _handle_stream(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        caller = stream_info.peer_id.to_base58()
+        try:
+            method, status, body = await self._respond(caller, reader)
+            await _write_frames(writer, status, body, raw_first=True)
+            self._count(self.sent_bytes, method, len(body))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError) as error:
+            log.info("lost the connection to %s mid-request: %s", caller, error or type(error).__name__)
+        finally:
+            writer.close()
+
+    async def _respond(self, caller: str, reader: asyncio.StreamReader) -> tuple[str, bytes, bytes]:
+        """Read one request, run its handler; (method, status, body) of the reply."""
+        method = "?"
+        try:
+            method = (await _read_frame(reader, MAX_METHOD_BYTES)).decode(errors="replace")
+            payload = await _read_frame(reader, self.max_message_bytes)
+            self._count(self.received_bytes, method, len(payload))
+            handler = self._handlers.get(method)
+            if handler is None:
+                raise RemoteError(f"this peer does not serve {method!r}")
+            response = wire.encode(await handler(caller, wire.decode(payload)))
+            self._count(self.handled, method, 1)
+            return method, _OK, response
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise
+        except (ValueError, RemoteError) as rejected:  # includes wire.WireError and oversized messages
+            return method, _ERROR, str(rejected).encode()
+        except Exception as bug:
+            log.exception("handler %s failed on a request from %s", method, caller)
+            return method, _ERROR, f"internal error in {method}: {type(bug).__name__}".encode()
+
+
+async def _write_frames(writer: asyncio.StreamWriter, first: bytes, second: bytes, raw_first: bool = False) -> None:
+    writer.write(first if raw_first else len(first).to_bytes(_LENGTH_BYTES, "big") + first)
+    writer.write(len(second).to_bytes(_LENGTH_BYTES, "big"))
+    writer.write(second)
+    await writer.drain()
+
+
+async def _read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
+    length = int.from_bytes(await reader.readexactly(_LENGTH_BYTES), "big")
+    if length > limit:
+        raise ValueError(f"message of {length} bytes is over the {limit}-byte limit")
+    return await reader.readexactly(length)
