@@ -5,12 +5,15 @@ import random
 import pytest
 import simpy
 
-from node0sim.sim.network import Endpoint, Network
+from node0sim.sim.network import SHARING_MODELS, Endpoint, Network
+
+every_model = pytest.mark.parametrize("sharing", SHARING_MODELS)
+"""Single-bottleneck cases, where every sharing model must give the same times."""
 
 
-def _net(latency: float = 0.0) -> tuple[simpy.Environment, Network]:
+def _net(latency: float = 0.0, sharing: str = "maxmin") -> tuple[simpy.Environment, Network]:
     env = simpy.Environment()
-    return env, Network(env, lambda a, b: latency, 0.0, random.Random(0))
+    return env, Network(env, lambda a, b: latency, 0.0, random.Random(0), sharing)
 
 
 def _arrival(env: simpy.Environment, flow) -> list[float]:
@@ -19,8 +22,9 @@ def _arrival(env: simpy.Environment, flow) -> list[float]:
     return times
 
 
-def test_single_transfer_takes_latency_plus_size_over_bandwidth():
-    env, net = _net(latency=0.05)
+@every_model
+def test_single_transfer_takes_latency_plus_size_over_bandwidth(sharing: str):
+    env, net = _net(latency=0.05, sharing=sharing)
     a, b = Endpoint("a", "r", 80, 80), Endpoint("b", "r", 80, 80)
     size = 1_000_000
     times = _arrival(env, net.transfer(a, b, size))
@@ -28,8 +32,9 @@ def test_single_transfer_takes_latency_plus_size_over_bandwidth():
     assert times == [pytest.approx(0.05 + 8 * size / 80e6, rel=1e-12)]
 
 
-def test_two_transfers_share_one_uplink_fairly():
-    env, net = _net()
+@every_model
+def test_two_transfers_share_one_uplink_fairly(sharing: str):
+    env, net = _net(sharing=sharing)
     a, b, c = (Endpoint(n, "r", 10, 1000) for n in "abc")
     size = 1_250_000  # 1 s alone at 10 Mb/s
     t1 = _arrival(env, net.transfer(a, b, size))
@@ -38,8 +43,9 @@ def test_two_transfers_share_one_uplink_fairly():
     assert t1 == [pytest.approx(2.0)] and t2 == [pytest.approx(2.0)]
 
 
-def test_rates_are_recomputed_when_a_flow_finishes():
-    env, net = _net()
+@every_model
+def test_rates_are_recomputed_when_a_flow_finishes(sharing: str):
+    env, net = _net(sharing=sharing)
     a, b, c = (Endpoint(n, "r", 8, 1000) for n in "abc")  # 1 MB/s uplink
     short = _arrival(env, net.transfer(a, b, 500_000))
     long = _arrival(env, net.transfer(a, c, 1_500_000))
@@ -60,8 +66,9 @@ def test_max_min_fairness_gives_spare_capacity_to_unconstrained_flow():
     env.run()
 
 
-def test_late_flow_slows_down_an_ongoing_one():
-    env, net = _net()
+@every_model
+def test_late_flow_slows_down_an_ongoing_one(sharing: str):
+    env, net = _net(sharing=sharing)
     a, b, c = (Endpoint(n, "r", 8, 1000) for n in "abc")
     first = _arrival(env, net.transfer(a, b, 1_000_000))  # alone: 1 s
 
@@ -75,8 +82,9 @@ def test_late_flow_slows_down_an_ongoing_one():
     assert first == [pytest.approx(1.25)]
 
 
-def test_aborted_flow_frees_bandwidth_and_never_arrives():
-    env, net = _net()
+@every_model
+def test_aborted_flow_frees_bandwidth_and_never_arrives(sharing: str):
+    env, net = _net(sharing=sharing)
     a, b, c = (Endpoint(n, "r", 8, 1000) for n in "abc")
     kept = _arrival(env, net.transfer(a, b, 1_000_000))
     dropped_flow = net.transfer(a, c, 1_000_000)
@@ -115,3 +123,37 @@ def test_equal_share_model_splits_each_link_and_takes_the_smaller_share():
     env.run()
     with pytest.raises(ValueError, match="link_sharing"):
         Network(env, lambda a, b: 0.0, 0.0, random.Random(0), sharing="fancy")
+
+
+def test_per_link_model_serves_each_link_fully_and_delivers_when_both_are_done():
+    env, net = _net(sharing="per_link")
+    fast = Endpoint("fast", "r", 30, 1000)
+    slow_receiver = Endpoint("slow", "r", 1000, 10)
+    other = Endpoint("other", "r", 1000, 1000)
+    small = _arrival(env, net.transfer(fast, slow_receiver, 1_875_000))  # 15 Mbit
+    big = _arrival(env, net.transfer(fast, other, 3_750_000))  # 30 Mbit
+    env.run()
+    # uplink: 15 Mb/s each until the small one has crossed it (1 s), then 30 Mb/s for the big one's
+    # last 15 Mbit (0.5 s); the small one's 10 Mb/s downlink still needs 1.5 s for its 15 Mbit
+    assert small == [pytest.approx(1.5)] and big == [pytest.approx(1.5)]
+
+
+def test_per_link_model_matches_a_hand_computed_three_flow_schedule_with_abort():
+    env, net = _net(sharing="per_link")
+    a, b, c, d = (Endpoint(n, "r", 8, 8) for n in "abcd")  # 1 MB/s each way
+    ab = _arrival(env, net.transfer(a, b, 1_000_000))
+    ac_flow = net.transfer(a, c, 3_000_000)
+    ac = _arrival(env, ac_flow)
+    db = _arrival(env, net.transfer(d, b, 500_000))
+
+    def abort():
+        yield env.timeout(2.0)
+        net.abort(ac_flow)
+
+    env.process(abort())
+    env.run()
+    # a's uplink: ab and ac at 0.5 MB/s -> ab has crossed it at 2 s; b's downlink: ab and db at
+    # 0.5 MB/s -> db done at 1 s, then ab alone: 0.5 MB by 1 s + 0.5 MB by 1.5 s; ab is delivered
+    # when its slower link (the uplink) is done: 2 s. ac is aborted at 2 s and never arrives.
+    assert ab == [pytest.approx(2.0)] and db == [pytest.approx(1.0)] and ac == []
+    assert not a.up.flows and not b.down.flows and not c.down.flows

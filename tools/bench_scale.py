@@ -51,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, nargs="+", default=[100, 300, 1000])
     parser.add_argument("--virtual-s", type=float, default=600.0)
-    parser.add_argument("--link-sharing", default="equal", choices=["equal", "maxmin"])
+    parser.add_argument("--link-sharing", default="equal", choices=["equal", "maxmin", "per_link"])
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra Hydra overrides")
     args = parser.parse_args()
     points = []

@@ -9,6 +9,13 @@ Model (a fluid flow model, as used by flow-level network simulators such as SimG
 - or, for very large swarms, each link is split equally among its flows and a flow gets the
   smaller of its two shares (``sharing="equal"``): only the flows on the two links a change
   touches are updated, at the price of leaving capacity unused when a flow is limited elsewhere;
+- or each link is an independent processor-sharing queue (``sharing="per_link"``): it serves its
+  flows equally and fully, and a message is complete once both its uplink and its downlink have
+  carried all its bytes (as if the core buffered between them). A link keeps a virtual clock, the
+  bytes each of its flows has received so far, so a flow's finish on it is known when the flow
+  starts (start clock + size) and only the link's next completion is scheduled: O(log n) per
+  change instead of rescheduling every flow on the link. It never leaves capacity unused, so it
+  is slightly optimistic where ``equal`` is pessimistic;
 - a message is delivered one one-way latency (plus optional jitter) after its last byte left,
   so an isolated transfer of S bytes over B bit/s with latency L takes exactly L + 8S/B.
 """
@@ -24,13 +31,13 @@ from typing import Callable
 import simpy
 
 
-SHARING_MODELS = ("maxmin", "equal")
+SHARING_MODELS = ("maxmin", "equal", "per_link")
 
 
 class Link:
     """One direction of a peer's access link, with the flows currently using it."""
 
-    __slots__ = ("capacity", "flows", "name")
+    __slots__ = ("capacity", "flows", "name", "served", "served_at", "finishes", "version")
 
     def __init__(self, name: str, capacity_bytes_per_s: float):
         if not capacity_bytes_per_s > 0:
@@ -38,12 +45,24 @@ class Link:
         self.name = name
         self.capacity = capacity_bytes_per_s
         self.flows: dict[Flow, None] = {}
+        # per_link sharing: bytes served to each flow since the start (virtual clock), when it was last
+        # advanced, the flows' finish tags on this link (lazy heap), and the version of its completion entry
+        self.served = 0.0
+        self.served_at = 0.0
+        self.finishes: list[tuple[float, int, Flow]] = []
+        self.version = 0
+
+    def advance(self, now: float) -> None:
+        """Move the virtual clock to ``now``: each flow received an equal share since the last change."""
+        if self.flows:
+            self.served += (now - self.served_at) * self.capacity / len(self.flows)
+        self.served_at = now
 
 
 class Flow:
     """Bytes moving from one uplink to one downlink."""
 
-    __slots__ = ("up", "down", "remaining", "rate", "updated_at", "version", "latency", "done", "active")
+    __slots__ = ("up", "down", "remaining", "rate", "updated_at", "version", "latency", "done", "active", "links_left")
 
     def __init__(self, up: Link, down: Link, nbytes: float, latency: float, done: simpy.Event, now: float):
         self.up, self.down = up, down
@@ -54,6 +73,7 @@ class Flow:
         self.latency = latency
         self.done = done
         self.active = True
+        self.links_left = 2
 
 
 class Endpoint:
@@ -88,8 +108,8 @@ class Network:
         self._rng = rng
         self.bytes_sent = 0
         self.transfers = 0
-        # pending completions (finish time, tie-breaker, flow, flow version) and the one timer for them
-        self._finishes: list[tuple[float, int, Flow, int]] = []
+        # pending completions (finish time, tie-breaker, flow or per_link link, its version) and the one timer
+        self._finishes: list[tuple[float, int, Flow | Link, int]] = []
         self._order = itertools.count()
         self._timer_at = math.inf
         self._timer_token = 0
@@ -111,6 +131,15 @@ class Network:
         if nbytes <= 0:
             self._deliver_after_latency(flow)
             return flow
+        if self.sharing == "per_link":
+            now = self.env.now
+            for link in (flow.up, flow.down):
+                link.advance(now)
+                link.flows[flow] = None
+                heapq.heappush(link.finishes, (link.served + flow.remaining, next(self._order), flow))
+                self._schedule_link(link)
+            self._arm_timer()
+            return flow
         flow.up.flows[flow] = None
         flow.down.flows[flow] = None
         self._reshare((flow.up, flow.down))
@@ -121,7 +150,14 @@ class Network:
         if not flow.active:
             return
         flow.active = False
-        if flow in flow.up.flows:
+        if self.sharing == "per_link":
+            for link in (flow.up, flow.down):
+                if flow in link.flows:
+                    link.advance(self.env.now)
+                    del link.flows[flow]
+                    self._schedule_link(link)
+            self._arm_timer()
+        elif flow in flow.up.flows:
             self._remove(flow)
 
     def _remove(self, flow: Flow) -> None:
@@ -167,6 +203,31 @@ class Network:
                 heapq.heappush(self._finishes, (now + flow.remaining / rate, next(self._order), flow, flow.version))
         self._arm_timer()
 
+    def _schedule_link(self, link: Link) -> None:
+        """per_link: one completion entry for the link's earliest-finishing flow (older entries go stale)."""
+        while link.finishes and link.finishes[0][2] not in link.flows:
+            heapq.heappop(link.finishes)
+        link.version += 1
+        if link.finishes:
+            finish = link.served_at + (link.finishes[0][0] - link.served) * len(link.flows) / link.capacity
+            heapq.heappush(self._finishes, (finish, next(self._order), link, link.version))
+
+    def _finish_on_link(self, link: Link) -> None:
+        """per_link: flows whose last byte just crossed ``link``; a flow done on both links is delivered."""
+        now = self.env.now
+        link.advance(now)
+        # absorb rounding: whatever the link serves in the timer's time tolerance counts as done
+        due = link.served + 1e-12 * max(1.0, now) * link.capacity / max(1, len(link.flows))
+        while link.finishes and link.finishes[0][0] <= due:
+            flow = heapq.heappop(link.finishes)[2]
+            if flow in link.flows:
+                del link.flows[flow]
+                flow.links_left -= 1
+                if flow.links_left == 0:
+                    flow.remaining = 0.0
+                    self._deliver_after_latency(flow)
+        self._schedule_link(link)
+
     def _arm_timer(self) -> None:
         """Keep one SimPy timer, at the earliest pending completion (stale entries are skipped lazily)."""
         while self._finishes and not self._is_current(self._finishes[0]):
@@ -179,9 +240,11 @@ class Network:
             self.env.timeout(delay).callbacks.append(lambda _event: self._on_timer(token))
 
     @staticmethod
-    def _is_current(entry: tuple[float, int, Flow, int]) -> bool:
-        _, _, flow, version = entry
-        return flow.active and flow.version == version and flow in flow.up.flows
+    def _is_current(entry: tuple[float, int, Flow | Link, int]) -> bool:
+        _, _, item, version = entry
+        if isinstance(item, Link):
+            return item.version == version
+        return item.active and item.version == version and item in item.up.flows
 
     @staticmethod
     def _max_min_rates(links: dict[Link, None], flows: dict[Flow, None]) -> dict[Flow, float]:
@@ -208,7 +271,11 @@ class Network:
         due = self.env.now + 1e-12 * max(1.0, self.env.now)  # absorb rounding in now + remaining / rate
         while self._finishes and self._finishes[0][0] <= due:
             entry = heapq.heappop(self._finishes)
-            if self._is_current(entry):
+            if not self._is_current(entry):
+                continue
+            if isinstance(entry[2], Link):
+                self._finish_on_link(entry[2])
+            else:
                 flow = entry[2]
                 flow.remaining = 0.0
                 self._remove(flow)
