@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -25,6 +25,26 @@ from node0sim.protocol.messages import Packed, Payload, TensorSpec, leading_dims
 
 OPTIMIZER_FLOPS_PER_PARAM = 12
 """AdamW step cost: a dozen elementwise operations per parameter."""
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Work:
+    """One request's part of a batched call: its inputs, token ids, and gradient (backward) or targets (tail)."""
+
+    inputs: Payload
+    token_ids: Payload | None = None
+    grad_outputs: Payload | None = None
+    targets: Payload | None = None
+
+
+def _single(results: list[T | ValueError]) -> T:
+    """The only result of a one-request batch; a rejection is raised."""
+    (result,) = results
+    if isinstance(result, ValueError):
+        raise result
+    return result
 
 
 @dataclass(frozen=True)
@@ -86,17 +106,29 @@ class StageCompute(ABC):
         """FLOPs of one optimizer step."""
         return OPTIMIZER_FLOPS_PER_PARAM * self.num_params
 
-    @abstractmethod
     def forward(self, inputs: Payload, token_ids: Payload | None) -> Payload:
         """The stage's encoded output (logits on the tail); no state is kept."""
+        return _single(self.forward_batch([Work(inputs, token_ids)]))
 
-    @abstractmethod
     def backward(self, inputs: Payload, token_ids: Payload | None, grad_outputs: Payload) -> Payload | None:
         """Recompute the forward pass, accumulate parameter gradients, return the encoded input gradient."""
+        return _single(self.backward_batch([Work(inputs, token_ids, grad_outputs=grad_outputs)]))
 
-    @abstractmethod
     def tail(self, inputs: Payload, token_ids: Payload | None, targets: Payload) -> tuple[float | None, Payload | None]:
         """Forward, loss and backward on the last stage: ``(mean loss, encoded input gradient)``."""
+        return _single(self.tail_batch([Work(inputs, token_ids, targets=targets)]))
+
+    @abstractmethod
+    def forward_batch(self, works: list[Work]) -> list[Payload | ValueError]:
+        """:meth:`forward` of several requests in one call; a malformed request gets its ValueError."""
+
+    @abstractmethod
+    def backward_batch(self, works: list[Work]) -> list[Payload | None | ValueError]:
+        """:meth:`backward` of several requests in one call (gradients accumulate over all accepted ones)."""
+
+    @abstractmethod
+    def tail_batch(self, works: list[Work]) -> list[tuple[float | None, Payload | None] | ValueError]:
+        """:meth:`tail` of several requests in one call, each with its own mean loss."""
 
     @abstractmethod
     def take_gradients(self) -> Payload:
@@ -159,37 +191,93 @@ class TensorStageCompute(StageCompute):
         if basis is not None:
             project_onto_subspace_(stage, basis)
 
-    def _stage_input(self, inputs: Payload, token_ids: Payload | None, requires_grad: bool) -> torch.Tensor:
+    def _stage_input(self, work: Work) -> torch.Tensor:
+        """The decoded input of one request, checked: [B, T] token ids on the head, finite [B, T, dim] elsewhere."""
         if self.is_head:
-            return inputs
-        x = self.codec.decode(inputs, token_ids)
-        return x.detach().requires_grad_(True) if requires_grad else x
+            x = work.inputs
+            if not _are_token_ids(x, self.cfg.vocab_size) or x.dim() != 2:
+                raise ValueError(f"stage {self.index}: expected token ids [B, T] < {self.cfg.vocab_size}, got {_describe(x)}")
+            return x
+        x = self.codec.decode(work.inputs, work.token_ids)
+        if x.dim() != 3 or x.shape[2] != self.cfg.dim or x.dtype != self._dtype:
+            raise ValueError(f"stage {self.index}: expected activations of shape [B, T, {self.cfg.dim}] {self._dtype}, got {_describe(x)}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"stage {self.index}: input activations are not finite")
+        return x
 
-    def forward(self, inputs: Payload, token_ids: Payload | None) -> Payload:
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.parameters[0].dtype
+
+    def _checked_grad(self, work: Work, x: torch.Tensor) -> torch.Tensor:
+        grad = self.codec.decode_grad(work.grad_outputs)
+        shape = (*x.shape[:2], self.cfg.dim)
+        if grad.shape != shape or grad.dtype != self._dtype:
+            raise ValueError(f"stage {self.index}: gradient {_describe(grad)} does not match the output {shape} {self._dtype}")
+        if not torch.isfinite(grad).all():
+            raise ValueError(f"stage {self.index}: output gradient is not finite")
+        return grad
+
+    def _checked_targets(self, work: Work, x: torch.Tensor) -> torch.Tensor:
+        targets = work.targets
+        if not _are_token_ids(targets, self.cfg.vocab_size) or tuple(targets.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"stage {self.index}: targets must be token ids {tuple(x.shape[:2])}, got {_describe(targets)}")
+        return targets
+
+    def _batches(
+        self, works: list[Work], results: list[Any], check: Callable[[Work, torch.Tensor], Any] | None = None
+    ) -> list[tuple[list[int], list[torch.Tensor], list[Any]]]:
+        """Accepted requests grouped by input shape: (indices, inputs, checked extras); rejections go to ``results``."""
+        groups: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor], list[Any]]] = {}
+        for i, work in enumerate(works):
+            try:
+                x = self._stage_input(work)
+                extra = check(work, x) if check is not None else None
+            except ValueError as rejected:
+                results[i] = rejected
+                continue
+            indices, xs, extras = groups.setdefault(tuple(x.shape[1:]), ([], [], []))
+            indices.append(i)
+            xs.append(x)
+            extras.append(extra)
+        return list(groups.values())
+
+    def _leaves(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Inputs that collect their own gradient (token ids on the head have none)."""
+        return xs if self.is_head else [x.detach().requires_grad_(True) for x in xs]
+
+    def forward_batch(self, works: list[Work]) -> list[Payload | ValueError]:
+        results: list[Any] = [None] * len(works)
         with torch.no_grad():
-            outputs = self.module(self._stage_input(inputs, token_ids, requires_grad=False))
-            return outputs if self.is_tail else self.codec.encode(outputs, token_ids)
+            for indices, xs, _ in self._batches(works, results):
+                outputs = self.module(torch.cat(xs)).split([len(x) for x in xs])
+                for i, out in zip(indices, outputs):
+                    results[i] = out if self.is_tail else self.codec.encode(out, works[i].token_ids)
+        return results
 
     def _encoded_input_grad(self, x: torch.Tensor) -> Payload | None:
         return None if self.is_head else self.codec.encode_grad(x.grad)
 
-    def backward(self, inputs: Payload, token_ids: Payload | None, grad_outputs: Payload) -> Payload | None:
-        x = self._stage_input(inputs, token_ids, requires_grad=True)
-        outputs = self.module(x)
-        grad = self.codec.decode_grad(grad_outputs)
-        if grad.shape != outputs.shape or grad.dtype != outputs.dtype:
-            raise ValueError(
-                f"stage {self.index}: gradient of shape {tuple(grad.shape)} {grad.dtype} does not "
-                f"match the output {tuple(outputs.shape)} {outputs.dtype}"
-            )
-        outputs.backward(grad)
-        return self._encoded_input_grad(x)
+    def backward_batch(self, works: list[Work]) -> list[Payload | None | ValueError]:
+        results: list[Any] = [None] * len(works)
+        for indices, xs, grads in self._batches(works, results, self._checked_grad):
+            leaves = self._leaves(xs)
+            self.module(torch.cat(leaves)).backward(torch.cat(grads))
+            for i, leaf in zip(indices, leaves):
+                results[i] = self._encoded_input_grad(leaf)
+        return results
 
-    def tail(self, inputs: Payload, token_ids: Payload | None, targets: Payload) -> tuple[float | None, Payload | None]:
-        x = self._stage_input(inputs, token_ids, requires_grad=True)
-        loss = self.module.loss(self.module(x), targets)
-        (loss * x.shape[0]).backward()
-        return loss.item(), self._encoded_input_grad(x)
+    def tail_batch(self, works: list[Work]) -> list[tuple[float | None, Payload | None] | ValueError]:
+        results: list[Any] = [None] * len(works)
+        for indices, xs, targets in self._batches(works, results, self._checked_targets):
+            leaves = self._leaves(xs)
+            logits = self.module(torch.cat(leaves)).split([len(x) for x in xs])
+            losses = [self.module.loss(out, t) for out, t in zip(logits, targets)]
+            # each micro-batch's mean loss times its sequence count: gradients are sums over samples
+            sum(loss * len(x) for loss, x in zip(losses, xs)).backward()
+            for i, loss, leaf in zip(indices, losses, leaves):
+                results[i] = (loss.item(), self._encoded_input_grad(leaf))
+        return results
 
     def _flat_grads(self) -> torch.Tensor:
         return torch.cat([
@@ -290,21 +378,24 @@ class CostStageCompute(StageCompute):
         super().__init__(cfg, index, num_stages, layer_range, codec)
         self.dtype = dtype
 
-    def forward(self, inputs: Payload, token_ids: Payload | None) -> Payload:
-        batch, seq_len = leading_dims(inputs)
+    def _output_spec(self, work: Work) -> Payload:
+        batch, seq_len = leading_dims(work.inputs)
         if self.is_tail:
             return TensorSpec((batch, seq_len, self.cfg.vocab_size), self.dtype)
         return self.codec.activation_spec(batch, seq_len, self.cfg.dim, self.dtype)
 
-    def _grad_spec(self, inputs: Payload) -> Payload | None:
-        batch, seq_len = leading_dims(inputs)
+    def _grad_spec(self, work: Work) -> Payload | None:
+        batch, seq_len = leading_dims(work.inputs)
         return None if self.is_head else self.codec.grad_spec(batch, seq_len, self.cfg.dim, self.dtype)
 
-    def backward(self, inputs: Payload, token_ids: Payload | None, grad_outputs: Payload) -> Payload | None:
-        return self._grad_spec(inputs)
+    def forward_batch(self, works: list[Work]) -> list[Payload | ValueError]:
+        return [self._output_spec(work) for work in works]
 
-    def tail(self, inputs: Payload, token_ids: Payload | None, targets: Payload) -> tuple[float | None, Payload | None]:
-        return None, self._grad_spec(inputs)
+    def backward_batch(self, works: list[Work]) -> list[Payload | None | ValueError]:
+        return [self._grad_spec(work) for work in works]
+
+    def tail_batch(self, works: list[Work]) -> list[tuple[float | None, Payload | None] | ValueError]:
+        return [(None, self._grad_spec(work)) for work in works]
 
     def _flat_spec(self, index: torch.Tensor | None = None) -> TensorSpec:
         return TensorSpec((self.num_params if index is None else len(index),), torch.float32)
@@ -330,3 +421,17 @@ class CostStageCompute(StageCompute):
 
     def import_state(self, state: Payload) -> None:
         """Nothing to load in timing mode."""
+
+
+def _describe(value: Any) -> str:
+    """Shape and dtype of a tensor for error messages (the type name otherwise)."""
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} {value.dtype}"
+    return type(value).__name__
+
+
+def _are_token_ids(value: Any, vocab_size: int) -> bool:
+    return (
+        isinstance(value, torch.Tensor) and not value.dtype.is_floating_point and value.numel() > 0
+        and bool(value.min() >= 0) and bool(value.max() < vocab_size)
+    )

@@ -1,5 +1,8 @@
 """A stage server: serves one pipeline stage and keeps its weights in step with the stage's other peers.
 
+Requests of the same kind (forward, backward, tail) that wait for the accelerator are merged into
+one call of up to ``max_batch_requests`` requests, as hivemind's task pools batch expert calls.
+
 Per epoch (``averaging.target_batch_size`` samples across the stage's peers) the peers that are
 ready average their gradients (sample-weighted) and step; every ``average_state_every`` epochs
 they also average a random fraction of their parameters (SPARTA); a peer that falls more than
@@ -11,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from node0sim.protocol.averaging import AveragingConfig, GroupAverager, group_key
 from node0sim.protocol.powersgd import PowerSGD
@@ -27,8 +30,8 @@ from node0sim.protocol.messages import (
     leading_dims,
     payload_bytes,
 )
-from node0sim.protocol.stage_compute import StageCompute
-from node0sim.runtime import RPCError, Runtime, Task
+from node0sim.protocol.stage_compute import StageCompute, Work
+from node0sim.runtime import Future, RPCError, Runtime, Task
 
 
 def stage_key(run_id: str, stage: int) -> str:
@@ -69,6 +72,20 @@ class ServerStats:
     state_averaging_rounds: int = 0
     state_downloads: int = 0
     failed_state_downloads: int = 0
+    request_calls: int = 0
+    """Accelerator calls that served forward/backward/tail requests (one per batch)."""
+    batched_requests: int = 0
+    """Requests served by those calls (rejected ones included)."""
+
+
+@dataclass(eq=False)
+class _Job:
+    """A request waiting for the accelerator, and where its result goes."""
+
+    kind: str
+    work: Work
+    flops: float
+    result: Future
 
 
 class StageServer:
@@ -84,7 +101,10 @@ class StageServer:
         throughput: float,
         bandwidth_mbps: float,
         seed: int = 0,
+        max_batch_requests: int = 1,
     ):
+        if max_batch_requests < 1:
+            raise ValueError(f"max_batch_requests must be >= 1, got {max_batch_requests}")
         self.rt = rt
         self.run_id = run_id
         self.compute = compute
@@ -93,6 +113,9 @@ class StageServer:
         self.throughput = throughput
         self.bandwidth_mbps = bandwidth_mbps
         self.seed = seed
+        self.max_batch_requests = max_batch_requests
+        self._queue: list[_Job] = []
+        self._dispatching = False
         self.rng = random.Random(_stable_hash(seed, rt.peer_id))
         self.averager = GroupAverager(rt, self.stage, averaging)
         self.powersgd = PowerSGD(compute.parameter_shapes, averaging.powersgd_rank) if averaging.powersgd_rank else None
@@ -147,40 +170,74 @@ class StageServer:
     async def handle_forward(self, caller: str, request: ForwardRequest) -> ForwardResponse:
         """Forward pass; nothing is kept for the backward pass."""
         self._check_stage(request.stage)
-        outputs = await self.rt.compute(
-            self.compute.forward_flops(request.inputs),
-            lambda: self.compute.forward(request.inputs, self._token_ids(request)),
-        )
-        return ForwardResponse(outputs)
+        work = Work(request.inputs, self._token_ids(request))
+        return ForwardResponse(await self._serve("forward", work, self.compute.forward_flops(request.inputs)))
 
     async def handle_backward(self, caller: str, request: BackwardRequest) -> BackwardResponse:
         """Recompute the forward pass from the resent input, then backward."""
         self._check_stage(request.stage)
-        grad_inputs = await self.rt.compute(
-            self.compute.backward_flops(request.inputs),
-            lambda: self._counted(
-                request.inputs, self.compute.backward(request.inputs, self._token_ids(request), request.grad_outputs)
-            ),
-        )
+        work = Work(request.inputs, self._token_ids(request), grad_outputs=request.grad_outputs)
+        grad_inputs = await self._serve("backward", work, self.compute.backward_flops(request.inputs))
         await self._end_epoch_if_alone_and_due()
         return BackwardResponse(grad_inputs)
 
     async def handle_tail(self, caller: str, request: TailRequest) -> TailResponse:
         """Forward, loss and backward of the last stage."""
         self._check_stage(request.stage)
-        loss, grad_inputs = await self.rt.compute(
-            self.compute.backward_flops(request.inputs),
-            lambda: self._counted(request.inputs, self.compute.tail(request.inputs, self._token_ids(request), request.targets)),
-        )
+        work = Work(request.inputs, self._token_ids(request), targets=request.targets)
+        loss, grad_inputs = await self._serve("tail", work, self.compute.backward_flops(request.inputs))
         await self._end_epoch_if_alone_and_due()
         return TailResponse(loss, grad_inputs)
 
-    def _counted(self, inputs: Any, result: Any) -> Any:
-        """Count the samples whose gradients were just accumulated (in the same compute slot)."""
-        batch = leading_dims(inputs)[0]
-        self.samples += batch
-        self.stats.samples += batch
+    async def _serve(self, kind: str, work: Work, flops: float) -> Any:
+        """One request's result: computed alone (``max_batch_requests`` 1) or in a batch; a rejection is raised."""
+        if self.max_batch_requests == 1:
+            (result,) = await self.rt.compute(flops, lambda: self._run_batch(kind, [work]))
+        else:
+            job = _Job(kind, work, flops, self.rt.future())
+            self._queue.append(job)
+            if not self._dispatching:
+                self._dispatching = True
+                self.rt.spawn(self._dispatch())
+            result = await job.result.wait()
+        if isinstance(result, Exception):
+            raise result
         return result
+
+    async def _dispatch(self) -> None:
+        """Until the queue is empty: merge the oldest request with the same-kind ones waiting behind it, run them."""
+        try:
+            while self._queue:
+                kind = self._queue[0].kind
+                batch = [job for job in self._queue if job.kind == kind][: self.max_batch_requests]
+                self._queue = [job for job in self._queue if job not in batch]
+                works = [job.work for job in batch]
+                try:
+                    results = await self.rt.compute(sum(job.flops for job in batch), lambda: self._run_batch(kind, works))
+                except Exception as error:  # not a malformed request (those come back as results): fail the batch
+                    results = [error] * len(batch)
+                for job, result in zip(batch, results):
+                    job.result.set_result(result)
+        finally:
+            self._dispatching = False
+
+    def _run_batch(self, kind: str, works: list[Work]) -> list[Any]:
+        """Results (or ValueErrors) of one call; samples whose gradients were accumulated are counted in the same slot."""
+        self.stats.request_calls += 1
+        self.stats.batched_requests += len(works)
+        run: Callable[[list[Work]], list[Any]] = {
+            "forward": self.compute.forward_batch, "backward": self.compute.backward_batch, "tail": self.compute.tail_batch,
+        }[kind]
+        results = run(works)
+        if kind != "forward":
+            for work, result in zip(works, results):
+                if not isinstance(result, Exception):
+                    self._count(leading_dims(work.inputs)[0])
+        return results
+
+    def _count(self, samples: int) -> None:
+        self.samples += samples
+        self.stats.samples += samples
 
     async def handle_get_state(self, caller: str, request: StateRequest) -> StateResponse:
         """Send this peer's parameters and optimizer state to a joiner."""

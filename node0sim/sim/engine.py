@@ -135,12 +135,17 @@ class EmulatedDHT:
 class SimPeer:
     """One virtual machine: a network endpoint, a GPU, RPC handlers and its running tasks."""
 
-    def __init__(self, sim: "Simulation", peer_id: str, endpoint: Endpoint, gpu: GPUProfile, utilization: float):
+    def __init__(
+        self, sim: "Simulation", peer_id: str, endpoint: Endpoint, gpu: GPUProfile, utilization: float,
+        call_overhead_s: float = 0.0,
+    ):
         self.sim = sim
         self.peer_id = peer_id
         self.endpoint = endpoint
         self.gpu = gpu
         self.flops_per_s = gpu.peak_flops * utilization
+        self.call_overhead_s = call_overhead_s
+        """Fixed time of every accelerator call that does work (see :mod:`node0sim.sim.gpus`)."""
         self.accelerator = simpy.Resource(sim.env, capacity=1)
         self.handlers: dict[str, Handler] = {}
         self.tasks: dict[simpy.Process, None] = {}
@@ -177,7 +182,7 @@ class SimRuntime(Runtime):
         try:
             await wait(request)
             result = fn() if fn is not None else None
-            seconds = flops / self.peer.flops_per_s
+            seconds = flops / self.peer.flops_per_s + (self.peer.call_overhead_s if flops > 0 else 0.0)
             self.peer.busy_s += seconds
             await wait(self._env.timeout(seconds))
             return result
@@ -248,12 +253,14 @@ class Simulation:
         """Bytes of requests and responses per RPC method."""
 
     def add_peer(
-        self, peer_id: str, *, region: str, up_mbps: float, down_mbps: float, gpu: GPUProfile, utilization: float
+        self, peer_id: str, *, region: str, up_mbps: float, down_mbps: float, gpu: GPUProfile, utilization: float,
+        call_overhead_s: float = 0.0,
     ) -> SimPeer:
         """Create a peer; its ``runtime`` is what protocol roles receive."""
         if peer_id in self.peers and self.peers[peer_id].alive:
             raise ValueError(f"peer {peer_id} already exists")
-        peer = SimPeer(self, peer_id, Endpoint(peer_id, region, up_mbps, down_mbps), gpu, utilization)
+        endpoint = Endpoint(peer_id, region, up_mbps, down_mbps)
+        peer = SimPeer(self, peer_id, endpoint, gpu, utilization, call_overhead_s)
         self.peers[peer_id] = peer
         return peer
 

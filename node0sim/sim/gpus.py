@@ -1,4 +1,12 @@
-"""GPU profiles for the compute cost model: time = FLOPs / (peak FLOP/s x utilization).
+"""GPU profiles for the compute cost model: time = FLOPs / (peak FLOP/s x utilization) + call overhead.
+
+The call overhead (``sim.call_overhead_ms``, default 0.1 ms, charged once per accelerator call that
+does work) stands for what does not shrink when a call carries fewer samples: kernel launches and
+host-side dispatch. One CUDA kernel launch costs about 4-6 us ("pegainfer (3): From Launch Overhead
+to CUDA Graph", https://susun-blog.com/blog/pegainfer-3-cuda-graph, measured on an RTX 5070 Ti), and
+an eager PyTorch transformer block launches a few dozen kernels forward (norms, projections, RoPE,
+attention, SwiGLU, residuals), so 0.1 ms is about one block's forward: a lower bound for a stage call.
+It is what makes one batched call of n requests cheaper than n calls (stage servers batch requests).
 
 Peaks are NVIDIA's published dense (no sparsity) 16-bit tensor-core numbers with FP32
 accumulation, from each product's datasheet or architecture whitepaper:

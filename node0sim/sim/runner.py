@@ -86,6 +86,7 @@ class VirtualSwarm:
         return self.sim.add_peer(
             peer_id, region=self.regions[index % len(self.regions)], up_mbps=self.run.network.up_mbps,
             down_mbps=self.run.network.down_mbps, gpu=gpu_profile(name), utilization=self.run.sim.utilization,
+            call_overhead_s=self.run.sim.call_overhead_ms / 1000,
         )
 
     def _compute_for(self, stage: int) -> StageCompute:
@@ -103,6 +104,7 @@ class VirtualSwarm:
             return StageServer(
                 peer.runtime, self.run.run_id, self._compute_for(stage_index), self.run.averaging,
                 throughput=throughput, bandwidth_mbps=self.run.network.up_mbps, seed=self.run.seed,
+                max_batch_requests=self.run.topology.max_batch_requests,
             )
 
         member = SwarmPeer(peer.runtime, self.run.run_id, len(self.templates), throughput, make_server, self.balance)
@@ -213,6 +215,7 @@ class SimulatedRun:
         step_losses = [r["loss"] for r in self.recorder.records if r.get("loss") is not None]
         done = sum(t.stats.micro_batches_done for t in trainers)
         servers = swarm.servers()
+        calls = sum(s.stats.request_calls for s in servers)
         return {
             "backend": "sim",
             "numerics": run.sim.numerics,
@@ -252,6 +255,8 @@ class SimulatedRun:
             "state_downloads": sum(s.stats.state_downloads for s in servers),
             "failed_state_downloads": sum(s.stats.failed_state_downloads for s in servers),
             "averaging_timeouts": sum(s.averager.timeouts for s in servers),
+            "request_calls": calls,
+            "mean_requests_per_call": sum(s.stats.batched_requests for s in servers) / calls if calls else None,
             "stage_moves": sum(m.moves for _, m in swarm.members.values()) + sum(m.moves for m in swarm.departed),
             "gpu_utilization": {p.peer_id: round(p.busy_s / sim_time, 4) if sim_time else 0.0 for p in sim.peers.values()},
         }
