@@ -104,9 +104,11 @@ class TopologyConfig:
     num_trainers: int = 1
     rebalance_period_s: float = 300.0
     rebalance_margin: float = 0.2
+    max_batch_requests: int = 4
 
     def __post_init__(self) -> None:
         _require(self.num_stages >= 1, f"topology.num_stages: must be >= 1, got {self.num_stages}")
+        _require(self.max_batch_requests >= 1, f"topology.max_batch_requests: must be >= 1, got {self.max_batch_requests}")
         _require(self.peers_per_stage >= 1, f"topology.peers_per_stage: must be >= 1, got {self.peers_per_stage}")
         _require(self.num_trainers >= 1, f"topology.num_trainers: must be >= 1, got {self.num_trainers}")
         _require(self.rebalance_period_s >= 0, f"topology.rebalance_period_s: must be >= 0, got {self.rebalance_period_s}")
@@ -167,6 +169,7 @@ class SimConfig:
     gpu_mix: dict = dataclasses.field(default_factory=dict)
     snapshot_period_s: float = 60.0
     link_sharing: str = "maxmin"
+    call_overhead_ms: float = 0.1
 
     def __post_init__(self) -> None:
         from node0sim.sim.gpus import GPU_PROFILES
@@ -180,6 +183,7 @@ class SimConfig:
         _require(0 < self.utilization <= 1, f"sim.utilization: must be in (0, 1], got {self.utilization}")
         _require(self.dht_latency_ms >= 0, f"sim.dht_latency_ms: must be >= 0, got {self.dht_latency_ms}")
         _require(self.max_message_mb > 0, f"sim.max_message_mb: must be > 0, got {self.max_message_mb}")
+        _require(self.call_overhead_ms >= 0, f"sim.call_overhead_ms: must be >= 0, got {self.call_overhead_ms}")
         _one_of("sim.timing_dtype", self.timing_dtype, ("float32", "bfloat16", "float16"))
 
 
