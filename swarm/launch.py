@@ -19,7 +19,7 @@ log = logging.getLogger("node0sim.swarm")
 
 SERVER_COUNTERS = (
     "averaging_rounds", "solo_steps", "state_averaging_rounds", "state_downloads", "failed_state_downloads",
-    "averaging_timeouts",
+    "averaging_timeouts", "request_calls",
 )
 
 
@@ -76,6 +76,8 @@ def add_server_reports(summary_path: Path, reports: list[dict[str, Any]], run: R
     summary["num_peers"] = run.topology.num_stages * run.topology.peers_per_stage
     for key in SERVER_COUNTERS:
         summary[key] = sum(r[key] for r in reports)
+    batched = sum(r["batched_requests"] for r in reports)
+    summary["mean_requests_per_call"] = batched / summary["request_calls"] if summary["request_calls"] else None
     summary["final_peers_per_stage"] = [sum(r["stage"] == s for r in reports) for s in range(run.topology.num_stages)]
     summary["averaging_bytes"] = sum(r["sent_bytes"].get(m, 0) for r in reports for m in ("reduce_part", "gather_part"))
     summary["state_download_bytes"] = sum(r["response_bytes"].get("get_state", 0) for r in reports)

@@ -19,6 +19,7 @@ import signal
 import socket
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
@@ -26,15 +27,17 @@ from hivemind.utils.crypto import RSAPrivateKey
 log = logging.getLogger(__name__)
 
 P2PD_PID_FILE = "p2pd.pid"
+MAX_FOLDER_CHARS = 107 - len("/p2pclient-") - 16 - len(".sock")
+"""A unix socket path has at most 107 characters (Linux ``sun_path``); hivemind adds ~32 to the folder."""
 
 
 class SwarmError(RuntimeError):
     """A live peer cannot start or go on; the message says why and what to do."""
 
 
-def runtime_dir() -> Path:
-    """Where this user's live peers keep their per-process socket folders."""
-    return Path(os.environ.get("NODE0SIM_RUNTIME_DIR") or Path(tempfile.gettempdir()) / f"node0sim-{os.getuid()}")
+def runtime_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """Where this user's live peers (started with environment ``env``) keep their per-node socket folders."""
+    return Path(env.get("NODE0SIM_RUNTIME_DIR") or Path(tempfile.gettempdir()) / f"node0sim-{os.getuid()}")
 
 
 _node_numbers = itertools.count()
@@ -43,6 +46,11 @@ _node_numbers = itertools.count()
 def node_dir() -> Path:
     """A new private folder ``<pid>.<n>`` for one node of this process (created empty); its sockets go there."""
     path = runtime_dir() / f"{os.getpid()}.{next(_node_numbers)}"
+    if len(str(path)) > MAX_FOLDER_CHARS:
+        raise SwarmError(
+            f"the socket folder {path} is too long for unix sockets ({MAX_FOLDER_CHARS} characters at most): "
+            "set NODE0SIM_RUNTIME_DIR to a short path such as /tmp/n0"
+        )
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True, mode=0o700)
     return path
@@ -65,9 +73,10 @@ def _is_p2pd(pid: int) -> bool:
         return False
 
 
-def clean_leftovers() -> list[int]:
-    """Remove the folders of dead peer processes and stop the daemons they left; their pids."""
-    base = runtime_dir()
+def clean_leftovers(base: Path | None = None) -> list[int]:
+    """Remove the folders of dead peer processes under ``base`` (default: :func:`runtime_dir`) and stop
+    the daemons they left; returns their pids."""
+    base = base or runtime_dir()
     cleaned = []
     for folder in sorted(base.glob("[0-9]*.[0-9]*")) if base.is_dir() else ():
         owner = int(folder.name.split(".")[0])

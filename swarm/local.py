@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from swarm.lifecycle import SwarmError, clean_leftovers
+from swarm.lifecycle import SwarmError, clean_leftovers, runtime_dir
 
 PER_PEER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 """Several peers share the machine's cores: one intra-op thread each avoids oversubscription."""
 
-OWN_KEYS = ("swarm.", "+swarm.", "~swarm", "hydra.", "backend=", "wandb.enabled=")
+OWN_KEYS = ("swarm.", "+swarm.", "~swarm", "hydra.", "backend=")
 
 
 class LocalSwarm:
@@ -122,5 +122,5 @@ class LocalSwarm:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        clean_leftovers()
+        clean_leftovers(runtime_dir(self.env))
         return {name: process.returncode for name, process in self.processes.items()}

@@ -59,7 +59,7 @@ class LiveNode:
         clean_leftovers()
         check_port_free(settings.host, settings.port)
         folder = node_dir()
-        P2P._UNIX_SOCKET_PREFIX = f"/unix/{folder}/hivemind-"  # sockets in our folder, not /tmp (see lifecycle)
+        P2P._UNIX_SOCKET_PREFIX = f"/unix/{folder}/"  # sockets in our folder, not /tmp (see lifecycle)
         p2p = None
         try:
             p2p = await _start_p2p(settings)

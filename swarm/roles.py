@@ -109,24 +109,21 @@ async def bootstrap(config: Mapping[str, Any], run: RunConfig) -> None:
 
 
 # ---- stage server ----------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SwarmError(f"swarm.device={name}: this machine has no CUDA device visible to torch (use swarm.device=cpu)")
-    return device
+def _check_device(name: str) -> None:
+    if name != "cpu":
+        raise SwarmError(
+            f"swarm.device={name}: stage compute on CUDA is not implemented in this version (stages run on the CPU); "
+            "use swarm.device=cpu"
+        )
 
 
-def measured_flops(device: torch.device, size: int = 512, repeats: int = 8) -> float:
-    """Achieved FLOP/s of this device on fp32 matrix products (what the balancing rule compares)."""
-    a = torch.randn(size, size, device=device)
-    a @ a  # warm-up (kernel selection, lazy init)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def measured_flops(size: int = 512, repeats: int = 8) -> float:
+    """Achieved FLOP/s of this machine on fp32 matrix products (what the balancing rule compares)."""
+    a = torch.randn(size, size)
+    a @ a  # warm-up
     start = time.perf_counter()
     for _ in range(repeats):
         a @ a
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
@@ -136,11 +133,11 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
     member = None
     try:
         run, _ = await _joined_run(node, local, swarm_run.swarm, swarm_run.run_id)
-        device = _device(run.swarm.device)
+        _check_device(run.swarm.device)
         templates = stage_computes(run, model_config(run, vocabulary_size(run)))
         sample = TensorSpec((1, run.train.seq_len), torch.int64)
         flops_per_sample = sum(c.forward_flops(sample) + c.backward_flops(sample) for c in templates) / len(templates)
-        throughput = measured_flops(device) / flops_per_sample
+        throughput = measured_flops() / flops_per_sample
         rt = node.runtime
 
         def make_server(stage: int) -> StageServer:
@@ -164,12 +161,18 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
 
 async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: SwarmConfig) -> None:
     """Node0-style log lines: batches processed per period, every averaging round with its group size."""
-    rounds, solo, processed, last_log = 0, 0, 0, time.monotonic()
+    rounds, solo, downloads, failed_downloads, processed, last_log = 0, 0, 0, 0, 0, time.monotonic()
     while True:
         await asyncio.sleep(0.5)
         server = member.server
         if server is None:
             continue
+        if server.stats.state_downloads > downloads:
+            downloads = server.stats.state_downloads
+            log.info("Downloaded the stage state from a peer (stage %d, now at epoch %d)", server.stage, server.epoch)
+        if server.stats.failed_state_downloads > failed_downloads:
+            failed_downloads = server.stats.failed_state_downloads
+            log.warning("State download failed (%d so far, stage %d): retrying with another peer", failed_downloads, server.stage)
         if server.stats.averaging_rounds > rounds:
             rounds = server.stats.averaging_rounds
             log.info("Averaged gradients with %d peers (stage %d, epoch %d)", server.stats.last_group_size, server.stage, server.epoch)
@@ -191,6 +194,7 @@ def server_report(rt: LiveRuntime, server: StageServer) -> dict[str, Any]:
         "averaging_rounds": stats.averaging_rounds, "solo_steps": stats.solo_steps,
         "state_averaging_rounds": stats.state_averaging_rounds, "state_downloads": stats.state_downloads,
         "failed_state_downloads": stats.failed_state_downloads, "averaging_timeouts": server.averager.timeouts,
+        "request_calls": stats.request_calls, "batched_requests": stats.batched_requests,
         "handled": dict(rt.handled), "sent_bytes": dict(rt.sent_bytes), "response_bytes": dict(rt.response_bytes),
     }
 
@@ -282,7 +286,8 @@ def live_summary(
         "rpc_bytes_per_stage": [stats.stage_bytes.get(i, 0) for i in range(run.topology.num_stages)],
         "churn_events": None, "final_peers_per_stage": None, "averaging_rounds": None, "solo_steps": None,
         "state_averaging_rounds": None, "state_downloads": None, "failed_state_downloads": None,
-        "averaging_timeouts": None, "stage_moves": None, "gpu_utilization": None,
+        "averaging_timeouts": None, "stage_moves": None, "gpu_utilization": None, "request_calls": None,
+        "mean_requests_per_call": None,
     }
 
 

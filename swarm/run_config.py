@@ -40,9 +40,11 @@ def published_part(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def merge(published: Mapping[str, Any], local: Mapping[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
-    """The run as the organizer defined it, with this peer's own ``swarm`` and ``wandb`` settings
-    (validated, and as a plain config mapping)."""
+    """The run as the organizer defined it, with this peer's own ``swarm`` and ``wandb`` settings and,
+    for a trainer, its own ``train.steps`` (validated, and as a plain config mapping)."""
     document = {**published, **{k: local[k] for k in LOCAL_SECTIONS}}
+    if local["swarm"]["role"] == "trainer":  # how many steps to feed is the trainer's own choice
+        document["train"] = {**published["train"], "steps": local["train"]["steps"]}
     return load_run_config(document), document
 
 

@@ -1,0 +1,232 @@
+"""A live swarm of real processes on 127.0.0.1: training, a late joiner, a killed server, clean shutdown.
+
+Every peer is a ``node0sim backend=swarm swarm.role=...`` process (``swarm.local.LocalSwarm``), as a
+volunteer would run it. One scenario, in order (each test checks one part of it):
+1. bootstrap + 2 stages x 2 servers; once all are ready, trainer A trains 8 steps;
+2. a late server joins stage 1 (3 peers), then trainer B trains 800 steps; after its 20th step one of
+   the original stage-1 servers is killed with SIGKILL;
+The servers' parameters are fetched over RPC after trainer A; at the end every process is stopped.
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from node0sim.app import compose_run_config
+from node0sim.protocol.stage_server import StateRequest, stage_key
+from node0sim.sim.runner import run_simulation
+from swarm.local import LocalSwarm
+from swarm.node import LiveNode, NodeSettings
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = [
+    "topology.num_stages=2", "train.batch_size=8", "train.micro_batch_size=4", "train.seq_len=32", "train.eval_batches=1",
+    # 8 processes share 2 cores here: wider windows than the simulator's defaults keep DHT views consistent
+    # (records live 3 progress periods; group registrations are read matchmaking_slack_s after the window)
+    "averaging.averaging_timeout_s=10", "averaging.matchmaking_time_s=2.5", "averaging.matchmaking_slack_s=1.0",
+    "averaging.progress_period_s=1.0", "averaging.average_state_every=0", "wandb.enabled=false", "run_id=livetest",
+]
+STEPS_A, STEPS_B, KILL_AFTER_STEP = 8, 800, 20
+
+
+def _steps(metrics: Path) -> int:
+    return sum('"step"' in line for line in metrics.read_text().splitlines()) if metrics.is_file() else 0
+
+
+def _log_lines(swarm: LocalSwarm, name: str, text: str) -> list[str]:
+    return [line for line in (swarm.folder / f"{name}.log").read_text().splitlines() if text in line]
+
+
+async def _ready_peers(node: LiveNode, run_id: str, stage: int) -> list[str]:
+    records = await node.runtime.dht_get(stage_key(run_id, stage)) or {}
+    return [peer for peer, record in records.items() if record and record["ready"]]
+
+
+async def _stage_states(info: dict, run_id: str, stages: int) -> dict[int, dict[str, tuple[int, torch.Tensor]]]:
+    """(epoch, parameters) of every ready server of every stage, fetched over the protocol's get_state."""
+    node = await LiveNode.start(NodeSettings(initial_peers=tuple(info["maddrs"])))
+    try:
+        states = {}
+        for stage in range(stages):
+            states[stage] = {}
+            for peer in await _ready_peers(node, run_id, stage):
+                response = await node.runtime.call(peer, "get_state", StateRequest(stage), 30)
+                states[stage][peer] = (response.epoch, response.state.parts["parameters"])
+        return states
+    finally:
+        await node.stop()
+
+
+def _ready_counts(info: dict) -> list[int]:
+    """Ready servers per stage, as the DHT shows them now."""
+
+    async def count() -> list[int]:
+        node = await LiveNode.start(NodeSettings(initial_peers=tuple(info["maddrs"])))
+        try:
+            return [len(await _ready_peers(node, "livetest", stage)) for stage in (0, 1)]
+        finally:
+            await node.stop()
+
+    return asyncio.run(count())
+
+
+def _wait(condition, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("live")
+    runtime_dir = Path(tempfile.mkdtemp(prefix="n0-"))  # short: unix socket paths are limited to 107 characters
+    swarm = LocalSwarm(OVERRIDES, folder / "peers", extra_env={"NODE0SIM_RUNTIME_DIR": str(runtime_dir)})
+    result = {"swarm": swarm, "runtime_dir": runtime_dir, "out_a": folder / "a", "out_b": folder / "b"}
+    try:
+        info = swarm.start_bootstrap()
+        for stage in (0, 1):
+            for k in (0, 1):
+                swarm.start_server(f"s{stage}p{k}", stage)
+        # as with hivemind, a server that trains before it sees its stage's other peers steps alone (and
+        # diverges until state averaging): start training once every server is up
+        _wait(lambda: _ready_counts(info) == [2, 2], 180, "4 ready servers")
+        trainer_a = swarm.start("trainer_a", "trainer", f"hydra.run.dir={result['out_a']}", f"train.steps={STEPS_A}")
+        assert trainer_a.wait(timeout=300) == 0, swarm.log_tail("trainer_a")
+        time.sleep(4)  # let the last averaging rounds finish
+        result["states_after_a"] = asyncio.run(_stage_states(info, "livetest", 2))
+
+        swarm.start_server("s1p2", 1)
+        _wait(lambda: _ready_counts(info) == [2, 3], 180, "the late joiner to be ready")
+        trainer_b = swarm.start("trainer_b", "trainer", f"hydra.run.dir={result['out_b']}", f"train.steps={STEPS_B}")
+        _wait(lambda: _steps(result["out_b"] / "metrics.jsonl") >= KILL_AFTER_STEP, 300, "trainer B's first steps")
+        swarm.kill("s1p1")
+        result["killed_at"] = time.time()
+        assert trainer_b.wait(timeout=300) == 0, swarm.log_tail("trainer_b")
+        result["pids"] = [p.pid for p in swarm.processes.values()]
+    finally:
+        result["exit_codes"] = swarm.stop()
+    yield result
+    shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_a_local_swarm_trains_and_stage_peers_hold_the_same_parameters(scenario):
+    summary = _summary(scenario["out_a"])
+    assert summary["backend"] == "swarm" and summary["steps"] == STEPS_A
+    assert summary["loss_last"] < summary["loss_first"]
+    assert summary["micro_batches_done"] == STEPS_A * 2 and summary["dropped_micro_batches"] == 0
+    for stage, peers in scenario["states_after_a"].items():
+        assert len(peers) == 2, f"stage {stage}: {len(peers)} ready servers at the end"
+        (epoch_a, params_a), (epoch_b, params_b) = peers.values()
+        assert epoch_a == epoch_b > 0
+        torch.testing.assert_close(params_a, params_b, atol=1e-5, rtol=0)
+
+
+def test_a_late_server_loads_the_stage_state_and_joins_the_next_averaging_round(scenario):
+    swarm = scenario["swarm"]
+    report = next(r for r in swarm.reports() if r["name"] == "s1p2")
+    # one download, or two when the donor was mid-round and the state is refreshed
+    assert report["state_downloads"] >= 1 and report["failed_state_downloads"] == 0
+    assert report["averaging_rounds"] >= 1
+    assert _log_lines(swarm, "s1p2", "Averaged gradients with 3 peers")
+
+
+def test_killing_a_server_mid_run_reroutes_and_its_stage_partner_keeps_averaging(scenario):
+    swarm = scenario["swarm"]
+    summary = _summary(scenario["out_b"])
+    assert summary["steps"] == STEPS_B
+    assert summary["micro_batches_started"] == summary["micro_batches_done"] + summary["dropped_micro_batches"]
+    assert scenario["exit_codes"]["s1p1"] == -signal.SIGKILL
+    survivors = [line for line in _log_lines(swarm, "s1p0", "Averaged gradients with 2 peers")]
+    stamps = [time.mktime(time.strptime(line[1:20], "%Y-%m-%d %H:%M:%S")) for line in survivors]
+    assert any(stamp >= scenario["killed_at"] - 1 for stamp in stamps), "no averaging round of s1p0 after the kill"
+
+
+def test_every_process_stops_cleanly_and_nothing_is_left_behind(scenario):
+    codes = {name: code for name, code in scenario["exit_codes"].items() if name != "s1p1"}
+    assert all(code == 0 for code in codes.values()), codes
+    for pid in scenario["pids"]:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    assert not list(scenario["runtime_dir"].glob("*")), "socket folders left behind"
+    orphans = subprocess.run(["pgrep", "-f", str(scenario["runtime_dir"])], capture_output=True, text=True).stdout
+    assert not orphans.strip(), f"processes still using the swarm's sockets: {orphans}"
+
+
+def test_the_local_role_runs_a_whole_swarm_from_one_command(tmp_path):
+    runtime_dir = Path(tempfile.mkdtemp(prefix="n0-"))
+    env = {**os.environ, "NODE0SIM_RUNTIME_DIR": str(runtime_dir), "OMP_NUM_THREADS": "1"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "node0sim", "backend=swarm", "swarm.role=local", *OVERRIDES[1:], "topology.num_stages=2",
+             "train.steps=3", f"hydra.run.dir={tmp_path}"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "local swarm stopped" in done.stdout
+        summary = _summary(tmp_path)
+        assert summary["steps"] == 3 and summary["num_peers"] == 2 and summary["final_peers_per_stage"] == [1, 1]
+        assert summary["solo_steps"] >= 1 and summary["averaging_rounds"] == 0  # one server per stage: nobody to average with
+        run_simulation(compose_run_config(*OVERRIDES, "train.steps=1"), tmp_path / "sim")
+        simulated = _summary(tmp_path / "sim")
+        assert set(simulated) <= set(summary), f"keys the simulator has and the live swarm lacks: {set(simulated) - set(summary)}"
+        assert not list(runtime_dir.glob("*"))
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def test_a_generated_start_script_joins_stops_on_ctrl_c_and_rejoins_with_the_same_identity(tmp_path):
+    from tools.generate_script import main as generate
+
+    runtime_dir = Path(tempfile.mkdtemp(prefix="n0-"))
+    env = {**os.environ, "NODE0SIM_RUNTIME_DIR": str(runtime_dir), "OMP_NUM_THREADS": "1"}
+    swarm = LocalSwarm(OVERRIDES, tmp_path / "peers", extra_env={"NODE0SIM_RUNTIME_DIR": str(runtime_dir)})
+    try:
+        info = swarm.start_bootstrap()
+        port = _free_port()
+        script = generate([
+            "--initial_peers", *info["maddrs"], "--organizer_key", info["organizer_key"], "--run_id", "livetest",
+            "--host_port", str(port), "--announce_port", str(port), "--output", str(tmp_path / "start_server.sh"),
+        ])
+        peer_ids = []
+        for _ in range(2):
+            server = subprocess.Popen([str(script), "swarm.host=127.0.0.1", "swarm.stage=0"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            lines = []
+            for line in server.stdout:
+                lines.append(line)
+                if "Joined run 'livetest'" in line:
+                    break
+            assert any("Joined run" in line for line in lines), "".join(lines)
+            peer_ids.append(next(line.split("Peer ")[1].split()[0] for line in lines if " listening on " in line))
+            server.send_signal(signal.SIGINT)  # Ctrl-C
+            assert server.wait(timeout=60) == 0, server.stdout.read()
+        assert peer_ids[0] == peer_ids[1]
+        assert oct((tmp_path / "private.key").stat().st_mode & 0o777) == "0o600"
+    finally:
+        swarm.stop()
+        leftovers = list(runtime_dir.glob("*"))
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+    assert not leftovers
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

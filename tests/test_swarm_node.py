@@ -1,0 +1,152 @@
+"""Live peers on 127.0.0.1: RPC failures, the signed run configuration, ports, unreachable peers, leftovers."""
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from node0sim.protocol.averaging import Ack, ReducePart
+from node0sim.runtime import RemoteError, RequestTimeout, RPCError
+from swarm import run_config
+from swarm.lifecycle import SwarmError, clean_leftovers, ensure_identity, fingerprint
+from swarm.node import LiveNode, NodeSettings
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def private_runtime_dir(monkeypatch):
+    folder = Path(tempfile.mkdtemp(prefix="n0-"))  # short: unix socket paths are limited to 107 characters
+    monkeypatch.setenv("NODE0SIM_RUNTIME_DIR", str(folder))
+    yield folder
+    leftovers = list(folder.glob("*"))
+    shutil.rmtree(folder, ignore_errors=True)
+    assert not leftovers, "a node left its socket folder behind"
+
+
+async def _pair(**settings):
+    a = await LiveNode.start(NodeSettings(**settings))
+    b = await LiveNode.start(NodeSettings(initial_peers=tuple(a.visible_maddrs), **settings))
+    return a, b
+
+
+def test_rpc_failures_reach_the_caller_as_clear_errors():
+    async def main():
+        a, b = await _pair(max_message_bytes=10_000)
+        try:
+            async def reduce(caller, msg):
+                if msg.weight < 0:
+                    raise ValueError("negative weight")
+                if msg.weight > 100:
+                    await asyncio.sleep(30)
+                return Ack()
+
+            a.runtime.serve("reduce_part", reduce)
+            peer = a.runtime.peer_id
+            assert isinstance(await b.runtime.call(peer, "reduce_part", ReducePart(0, "t", torch.ones(3), 1.0), 10), Ack)
+            with pytest.raises(RemoteError, match="negative weight"):
+                await b.runtime.call(peer, "reduce_part", ReducePart(0, "t", torch.ones(3), -1.0), 10)
+            with pytest.raises(RemoteError, match="does not serve 'gather_part'"):
+                await b.runtime.call(peer, "gather_part", Ack(), 10)
+            with pytest.raises(ValueError, match="over the 10000-byte message limit"):
+                await b.runtime.call(peer, "reduce_part", ReducePart(0, "t", torch.ones(5000), 1.0), 10)
+            started = time.monotonic()
+            with pytest.raises(RequestTimeout, match="no response within 1 s"):
+                await b.runtime.call(peer, "reduce_part", ReducePart(0, "t", torch.ones(3), 1000.0), 1.0)
+            assert time.monotonic() - started < 10
+            await a.stop()
+            with pytest.raises(RPCError, match="failed"):  # the peer vanished: an error, not a hang
+                await b.runtime.call(peer, "reduce_part", ReducePart(0, "t", torch.ones(3), 1.0), 20)
+        finally:
+            await b.stop()
+            if a.p2p.is_alive:
+                await a.stop()
+
+    asyncio.run(main())
+
+
+def test_peers_accept_only_the_run_configuration_signed_by_the_organizer(tmp_path):
+    organizer_key, stranger_key = ensure_identity(tmp_path / "org.key"), ensure_identity(tmp_path / "x.key")
+    assert oct((tmp_path / "org.key").stat().st_mode & 0o777) == "0o600"
+    expected = fingerprint(organizer_key.get_public_key().to_bytes())
+
+    async def main():
+        organizer = await LiveNode.start(NodeSettings(), signing_key=organizer_key)
+        stranger = await LiveNode.start(NodeSettings(initial_peers=tuple(organizer.visible_maddrs)), signing_key=stranger_key)
+        reader = await LiveNode.start(NodeSettings(initial_peers=tuple(organizer.visible_maddrs)))
+        try:
+            # a stranger publishes first: signed by the wrong key, and an unsigned record
+            await run_config.publish(stranger.dht, stranger.dht.protocol.record_validator, {"model": "evil"}, "r")
+            await stranger.runtime.dht_store(run_config.config_key("r"), {"model": "unsigned"}, 60, subkey="plain")
+            with pytest.raises(SwarmError, match="no run configuration .* signed by " + expected):
+                await run_config.fetch(reader.dht, "r", expected, timeout_s=1.0)
+            await run_config.publish(organizer.dht, organizer.dht.protocol.record_validator, {"model": "tiny"}, "r")
+            assert await run_config.fetch(reader.dht, "r", expected, timeout_s=10) == {"model": "tiny"}
+            # the stranger cannot overwrite the organizer's subkey: the DHT refuses unsigned changes
+            await stranger.dht.store(run_config.config_key("r"), {"model": "evil"}, time.time() + 900,
+                                     subkey=organizer.dht.protocol.record_validator.local_public_key)
+            assert await run_config.fetch(reader.dht, "r", expected, timeout_s=10) == {"model": "tiny"}
+        finally:
+            for node in (reader, stranger, organizer):
+                await node.stop()
+
+    asyncio.run(main())
+
+
+def test_a_taken_port_and_an_unreachable_bootstrap_give_clear_messages():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(SwarmError, match=f"port {port} on 127.0.0.1 is taken"):
+            asyncio.run(LiveNode.start(NodeSettings(port=port)))
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    nowhere = f"/ip4/127.0.0.1/tcp/{free}/p2p/QmXToRqVE7S43fLu9vu7KqNFy3L7qTVLC6cQ7ayxcEnFpn"
+    with pytest.raises(SwarmError, match="could not reach any of the initial peers"):
+        asyncio.run(LiveNode.start(NodeSettings(initial_peers=(nowhere,), startup_timeout_s=5)))
+
+
+def _p2pd_children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+                name = open(f"/proc/{entry}/comm").read().strip()
+            except OSError:
+                continue
+            if stat[1] == str(pid) and name == "p2pd":
+                found.append(int(entry))
+    return found
+
+
+def test_the_leftovers_of_a_hard_killed_peer_are_removed_on_the_next_start(private_runtime_dir):
+    script = (
+        "import asyncio\nfrom swarm.node import LiveNode, NodeSettings\n"
+        "async def main():\n    await LiveNode.start(NodeSettings())\n    print('up', flush=True)\n    await asyncio.sleep(600)\n"
+        "asyncio.run(main())\n"
+    )
+    peer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=os.environ)
+    assert peer.stdout.readline().strip() == b"up"
+    daemons = _p2pd_children(peer.pid)
+    assert len(daemons) == 1
+    peer.send_signal(signal.SIGKILL)
+    peer.wait()
+    assert os.path.exists(f"/proc/{daemons[0]}")  # SIGKILL leaves p2pd and the socket folder behind
+    assert len(list(private_runtime_dir.glob("*"))) == 1
+    assert clean_leftovers() == [peer.pid]
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{daemons[0]}") and open(f"/proc/{daemons[0]}/stat").read().split()[2] != "Z":
+        assert time.monotonic() < deadline, "the orphaned p2pd was not stopped"
+        time.sleep(0.1)

@@ -1,0 +1,66 @@
+"""The live swarm's wire format: protocol messages round-trip; anything else is refused by name."""
+
+import msgpack
+import pytest
+import torch
+
+from node0sim.protocol.averaging import Ack, ReducePart
+from node0sim.protocol.messages import BackwardRequest, ForwardRequest, Packed, TailResponse, TensorSpec
+from node0sim.protocol.stage_server import StateResponse
+from swarm.wire import WireError, decode, encode
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        ForwardRequest(1, torch.randn(2, 3, 4), torch.arange(6, dtype=torch.int32).reshape(2, 3)),
+        BackwardRequest(0, torch.randint(0, 9, (2, 5)), torch.randn(2, 5, 4).to(torch.bfloat16)),
+        TailResponse(None, None),
+        TailResponse(2.5, torch.zeros(0, 4)),
+        ReducePart(3, "tag", TensorSpec((7,), torch.float16), 1.5),
+        StateResponse(4, Packed({"values": torch.randn(5), "index": torch.tensor([1, 2])}, (5,))),
+        Ack(),
+    ],
+)
+def test_protocol_messages_round_trip(message):
+    back = decode(encode(message))
+    assert type(back) is type(message)
+    for name, value in vars(message).items():
+        other = getattr(back, name)
+        if isinstance(value, torch.Tensor):
+            assert other.dtype == value.dtype and torch.equal(other, value)
+        elif isinstance(value, Packed):
+            assert other.shape == value.shape and all(torch.equal(other.parts[k], v) for k, v in value.parts.items())
+        else:
+            assert other == value
+
+
+def _document(fields, kind="ForwardRequest"):
+    return msgpack.packb({"type": kind, "fields": fields}, use_bin_type=True)
+
+
+def _tensor(dtype, shape, raw):
+    return {"__tensor__": [dtype, shape, raw]}
+
+
+@pytest.mark.parametrize(
+    "data,complaint",
+    [
+        (b"\xc1garbage", "msgpack"),
+        (_document({}, kind="os.system"), "unknown message type"),
+        (_document({"stage": 0}), "expected fields"),
+        (_document({"stage": 0, "inputs": _tensor("float32", [2, 2], b"\0" * 15), "token_ids": None}), "needs 16 bytes"),
+        (_document({"stage": 0, "inputs": _tensor("object", [1], b"\0"), "token_ids": None}), "not allowed"),
+        (_document({"stage": 0, "inputs": _tensor("float32", [-1], b""), "token_ids": None}), "bad tensor shape"),
+        (_document({"stage": 0, "inputs": {"__pickle__": b"x"}, "token_ids": None}), "unknown field tag"),
+        (_document({"stage": 0, "inputs": [1, 2], "token_ids": None}), "unexpected list"),
+    ],
+)
+def test_malformed_messages_are_refused_with_the_reason(data, complaint):
+    with pytest.raises(WireError, match=complaint):
+        decode(data)
+
+
+def test_only_protocol_types_can_be_sent():
+    with pytest.raises(WireError, match="not a protocol message"):
+        encode({"stage": 0})
