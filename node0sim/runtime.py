@@ -114,7 +114,11 @@ class Runtime(ABC):
 
     @abstractmethod
     def dht_store(self, key: str, value: Any, expires_in: float, subkey: str | None = None) -> Awaitable[None]:
-        """Store ``value`` under ``key`` (or under ``subkey`` of a dictionary record) for ``expires_in`` s."""
+        """Store ``value`` under ``key`` (or under ``subkey`` of a dictionary record) for ``expires_in`` s.
+
+        A peer's later store to the same key and subkey replaces its earlier one (storing ``None`` with
+        ``expires_in=0`` withdraws a record).
+        """
 
     @abstractmethod
     def dht_get(self, key: str) -> Awaitable[Any]:

@@ -1,0 +1,149 @@
+"""What the live swarm costs on loopback, measured against baselines from the same run.
+
+    .venv/bin/python tools/bench_swarm.py hop [--repeats 20]        # per-hop overhead of one stage
+    .venv/bin/python tools/bench_swarm.py throughput [--steps 40]   # local swarm vs the simulator's prediction
+
+``hop``: forward + backward through a 1-layer stage served by a live peer (two hivemind nodes in this
+process, real libp2p streams over 127.0.0.1, the protocol's StageServer) against calling the same
+stage object directly; small (d=128, 4 x 128 tokens) and medium (d=1024, 2 x 256 tokens) activations.
+
+``throughput``: a ``swarm.role=local`` run (bootstrap, 2 stage servers, 1 trainer: separate processes,
+one torch thread each) against the simulator on the same topology with loopback-like settings (10 Gb/s,
+0.1 ms, the "GPU" calibrated to this CPU's measured single-thread matmul rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from node0sim.model import ModelConfig, build_stages  # noqa: E402
+from node0sim.protocol.averaging import AveragingConfig  # noqa: E402
+from node0sim.protocol.codecs import DenseCodec  # noqa: E402
+from node0sim.protocol.messages import BackwardRequest, ForwardRequest  # noqa: E402
+from node0sim.protocol.stage_compute import OptimConfig, TensorStageCompute  # noqa: E402
+from node0sim.protocol.stage_server import StageServer  # noqa: E402
+from node0sim.sim.gpus import gpu_profile  # noqa: E402
+
+SIZES = {  # name: (dim, heads, kv heads, batch, tokens per sequence)
+    "small": (128, 4, 2, 4, 128),
+    "medium": (1024, 16, 4, 2, 256),
+}
+LOOPBACK = ["network=datacenter", "network.latency_ms=0.1", "network.up_mbps=10000", "network.down_mbps=10000"]
+
+
+def one_layer_stage(dim: int, heads: int, kv_heads: int, seq_len: int) -> TensorStageCompute:
+    """The middle stage (1 transformer layer) of a 3-layer, 3-stage Llama."""
+    cfg = ModelConfig(
+        name="bench", vocab_size=257, dim=dim, n_layers=3, n_heads=heads, n_kv_heads=kv_heads, ffn_dim_multiplier=None,
+        multiple_of=64, rope_theta=10000.0, max_seq_len=seq_len, qk_norm=True, norm_reorder=True, trainable_rmsnorm=False,
+    )
+    return TensorStageCompute(build_stages(cfg, 3, seed=0)[1], OptimConfig(), DenseCodec())
+
+
+def median_ms(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` in ms (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+async def hop_ms(compute: TensorStageCompute, x: torch.Tensor, grad: torch.Tensor, repeats: int) -> float:
+    """Median ms of forward + backward RPCs to a live peer serving ``compute``."""
+    from swarm.node import LiveNode, NodeSettings
+
+    server_node = await LiveNode.start(NodeSettings())
+    client = await LiveNode.start(NodeSettings(initial_peers=tuple(server_node.visible_maddrs)))
+    try:
+        server = StageServer(server_node.runtime, "bench", compute, AveragingConfig(10**9), throughput=1.0, bandwidth_mbps=1e4)
+        await server.start()
+        peer, rt = server_node.runtime.peer_id, client.runtime
+        times = []
+        for attempt in range(repeats + 1):
+            start = time.perf_counter()
+            await rt.call(peer, "forward", ForwardRequest(1, x), 60)
+            await rt.call(peer, "backward", BackwardRequest(1, x, grad), 60)
+            if attempt:  # the first round trip opens the connection
+                times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+    finally:
+        await client.stop()
+        await server_node.stop()
+
+
+def bench_hop(repeats: int) -> None:
+    """Print the per-hop table."""
+    print(f"{'size':8} {'message':>10} {'in-process ms':>14} {'via swarm ms':>13} {'overhead ms':>12} {'ratio':>6}")
+    for name, (dim, heads, kv_heads, batch, seq_len) in SIZES.items():
+        compute = one_layer_stage(dim, heads, kv_heads, seq_len)
+        x = torch.randn(batch, seq_len, dim)
+        grad = torch.randn(batch, seq_len, dim)
+
+        def direct() -> None:
+            compute.forward(x, None)
+            compute.backward(x, None, grad)
+
+        local = median_ms(direct, repeats)
+        remote = asyncio.run(hop_ms(compute, x, grad, repeats))
+        print(f"{name:8} {x.numel() * 4 / 2**20:>8.2f}MB {local:>14.2f} {remote:>13.2f} {remote - local:>12.2f} {remote / local:>6.2f}")
+
+
+def single_thread_flops(size: int = 512, repeats: int = 8) -> float:
+    """FLOP/s of one torch thread on fp32 matmuls (each live peer runs with one thread)."""
+    torch.set_num_threads(1)
+    a = torch.randn(size, size)
+    return 2 * size**3 * repeats / (median_ms(lambda: [a @ a for _ in range(repeats)], 5) / 1000)
+
+
+def bench_throughput(steps: int) -> None:
+    """Print live vs simulated steady tokens/s for 2 stages x 1 server, one trainer."""
+    from node0sim.app import compose_run_config
+    from node0sim.sim.runner import run_simulation
+
+    common = ["topology.num_stages=2", "train.batch_size=8", "train.micro_batch_size=4", "train.seq_len=128",
+              "train.eval_batches=0", "wandb.enabled=false", f"train.steps={steps}"]
+    with tempfile.TemporaryDirectory() as out:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "NODE0SIM_RUNTIME_DIR": tempfile.mkdtemp(prefix="n0-")}
+        subprocess.run([sys.executable, "-m", "node0sim", "backend=swarm", "swarm.role=local", *common,
+                        f"hydra.run.dir={out}/live"], env=env, check=True, stdout=subprocess.DEVNULL)
+        live = json.loads((Path(out) / "live/summary.json").read_text())
+        flops = single_thread_flops()
+        utilization = flops / gpu_profile("rtx3090").peak_flops
+        run = compose_run_config(*common, *LOOPBACK, "sim.gpu=rtx3090", f"sim.utilization={utilization}")
+        simulated = run_simulation(run, Path(out) / "sim")
+    print(f"this CPU, one thread: {flops / 1e9:.1f} GFLOP/s (the simulated GPU's peak x utilization)")
+    for label, summary in (("live swarm (loopback)", live), ("simulator prediction", simulated)):
+        print(f"{label:24} steady {summary['tokens_per_s_steady']:>8.0f} tok/s, overall {summary['tokens_per_s']:>8.0f} tok/s")
+    print(f"live / predicted (steady): {live['tokens_per_s_steady'] / simulated['tokens_per_s_steady']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["hop", "throughput"])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=40)
+    args = parser.parse_args()
+    if args.what == "hop":
+        bench_hop(args.repeats)
+    else:
+        bench_throughput(args.steps)
+
+
+if __name__ == "__main__":
+    main()
