@@ -72,6 +72,8 @@ def run_local(run: RunConfig, out_dir: Path, overrides: Sequence[str]) -> dict[s
 
 def add_server_reports(summary_path: Path, reports: list[dict[str, Any]], run: RunConfig) -> dict[str, Any]:
     """Fill the summary's server-side keys from the servers' exit reports; rewrite it."""
+    if not summary_path.is_file():
+        raise SwarmError(f"the trainer stopped before it finished (no {summary_path}); peer logs are next to it in swarm/")
     summary = json.loads(summary_path.read_text())
     summary["num_peers"] = run.topology.num_stages * run.topology.peers_per_stage
     for key in SERVER_COUNTERS:
