@@ -151,6 +151,7 @@ def test_killing_a_server_mid_run_reroutes_and_its_stage_partner_keeps_averaging
     summary = _summary(scenario["out_b"])
     assert summary["steps"] == STEPS_B
     assert summary["micro_batches_started"] == summary["micro_batches_done"] + summary["dropped_micro_batches"]
+    assert summary["retried_requests"] >= 1  # requests that hit the dead server went to its stage partner
     assert scenario["exit_codes"]["s1p1"] == -signal.SIGKILL
     survivors = [line for line in _log_lines(swarm, "s1p0", "Averaged gradients with 2 peers")]
     stamps = [time.mktime(time.strptime(line[1:20], "%Y-%m-%d %H:%M:%S")) for line in survivors]
