@@ -29,6 +29,7 @@ import random
 from typing import Callable
 
 import simpy
+from simpy.events import NORMAL
 
 
 SHARING_MODELS = ("maxmin", "equal", "per_link")
@@ -283,9 +284,13 @@ class Network:
         self._arm_timer()
 
     def _deliver_after_latency(self, flow: Flow) -> None:
-        def deliver(_event: simpy.Event) -> None:
-            if flow.active:
-                flow.active = False
-                flow.done.succeed()
+        """Trigger ``flow.done`` now, to be processed one latency later (one SimPy event, as a Timeout).
 
-        self.env.timeout(flow.latency).callbacks.append(deliver)
+        The flow counts as delivered from here on: an abort while the last byte is in flight is a no-op,
+        and a sender that stopped waiting (crashed, cancelled) simply no longer listens to ``flow.done``.
+        """
+        flow.active = False
+        done = flow.done
+        done._ok = True
+        done._value = None
+        self.env.schedule(done, NORMAL, flow.latency)
