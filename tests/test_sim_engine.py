@@ -250,3 +250,61 @@ def test_a_simulation_dropped_with_tasks_still_waiting_closes_them_quietly():
     finally:
         sys.unraisablehook = previous
     assert raised == []  # regression: the driver used to resume a closed coroutine on GeneratorExit
+
+
+@pytest.mark.parametrize("caller_leaves", ["times_out", "crashes"])
+def test_a_caller_leaving_mid_request_lets_the_handler_finish_and_drops_the_reply(caller_leaves):
+    sim = make_sim(latency_s=0.01)
+    client, server = add(sim, "client"), add(sim, "server")
+    handled = []
+
+    async def slow(caller, request):
+        await server.runtime.sleep(5.0)
+        handled.append(server.runtime.now())
+        return Blob(1000)
+
+    server.runtime.serve("slow", slow)
+    outcome = []
+
+    async def protocol():
+        try:
+            await client.runtime.call("server", "slow", Blob(1), timeout=2.0)
+        except RequestTimeout:
+            outcome.append(("timeout", client.runtime.now()))
+            await client.runtime.sleep(10.0)  # still waiting elsewhere when the handler ends
+            outcome.append(("after", client.runtime.now()))
+
+    async def crash_later():
+        await server.runtime.sleep(1.0)
+        client.crash()
+
+    client.runtime.spawn(protocol())
+    if caller_leaves == "crashes":
+        server.runtime.spawn(crash_later())
+    sim.run()
+    assert handled == [pytest.approx(5.01)]  # the server finished the work it was given
+    assert sim.traffic["slow"] == 1  # but sent no reply
+    if caller_leaves == "times_out":
+        assert outcome == [("timeout", pytest.approx(2.0)), ("after", pytest.approx(12.0))]
+    else:
+        assert outcome == []
+
+
+def test_many_calls_time_out_exactly_at_their_own_deadlines():
+    sim = make_sim(latency_s=0.01)
+    client, server = add(sim, "client"), add(sim, "server")
+    server.crash()
+    ends = {}
+
+    async def one(timeout, delay):
+        await client.runtime.sleep(delay)
+        start = client.runtime.now()
+        with pytest.raises(RequestTimeout):
+            await client.runtime.call("server", "x", Blob(1), timeout=timeout)
+        ends[(timeout, delay)] = client.runtime.now() - start
+
+    cases = [(5.0, 0.0), (1.0, 0.3), (3.0, 0.1), (0.7, 2.0), (1e-3, 0.05)]
+    for timeout, delay in cases:
+        client.runtime.spawn(one(timeout, delay))
+    sim.run()
+    assert ends == {case: pytest.approx(case[0], abs=1e-9) for case in cases}

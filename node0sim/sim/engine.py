@@ -7,6 +7,9 @@ value (or throws its failure) back into the coroutine. See ``shared/reference/as
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 import random
 import types
 from typing import Any, Callable, Coroutine, Generator, TypeVar
@@ -31,6 +34,32 @@ _CRASH = "crash"
 _CANCEL = "cancel"
 
 
+class _Call:
+    """One RPC in flight: its caller process, its delivery process and its deadline.
+
+    ``pending`` is true while the caller still awaits the reply; the simulation's deadline timer
+    interrupts the caller with this record as the cause once ``deadline`` passes.
+    """
+
+    __slots__ = ("caller", "delivery", "deadline", "pending", "in_handler", "abandoned", "method", "peer", "timeout")
+
+    def __init__(self, caller: simpy.Process, method: str, peer: str, timeout: float, deadline: float):
+        self.caller = caller
+        self.delivery: simpy.Process | None = None
+        self.method = method
+        self.peer = peer
+        self.timeout = timeout
+        self.deadline = deadline
+        self.pending = True
+        self.in_handler = False
+        """The destination is running the handler (inline in the delivery process)."""
+        self.abandoned = False
+        """The caller gave up while the handler ran: the reply is not sent."""
+
+    def timed_out(self) -> RequestTimeout:
+        return RequestTimeout(f"{self.method} to peer {self.peer} got no response within {self.timeout:g} s")
+
+
 @types.coroutine
 def wait(event: simpy.Event) -> Generator[simpy.Event, Any, Any]:
     """Await a SimPy event from protocol-side coroutine code."""
@@ -51,15 +80,23 @@ def _drive(coro: Coroutine[Any, Any, T]) -> Generator[simpy.Event, Any, T | None
         if not isinstance(event, simpy.Event):
             coro.close()
             raise TypeError(f"protocol code awaited {event!r}; only runtime awaitables work on the simulator")
-        try:
-            value, error = (yield event), None
-        except simpy.Interrupt as interrupt:
-            value, error = None, (_Cancelled() if interrupt.cause == _CANCEL else PeerCrashed())
-        except GeneratorExit:  # the simulation ended with this task still waiting
-            coro.close()
-            raise
-        except BaseException as failure:  # a failed event: raise it inside the coroutine
-            value, error = None, failure
+        while True:
+            try:
+                value, error = (yield event), None
+            except simpy.Interrupt as interrupt:
+                cause = interrupt.cause
+                if cause.__class__ is _Call:
+                    if not (cause.pending and cause.delivery is event):
+                        continue  # a deadline that no longer concerns this wait (the call ended at this instant)
+                    value, error = None, cause.timed_out()
+                else:
+                    value, error = None, (_Cancelled() if cause == _CANCEL else PeerCrashed())
+            except GeneratorExit:  # the simulation ended with this task still waiting
+                coro.close()
+                raise
+            except BaseException as failure:  # a failed event: raise it inside the coroutine
+                value, error = None, failure
+            break
 
 
 class SimTask(Task):
@@ -198,16 +235,24 @@ class SimRuntime(Runtime):
             raise ValueError(
                 f"{method} request to {peer} is {size} bytes, over the {self._sim.max_message_bytes}-byte message limit"
             )
-        delivery = self._sim.start(self.peer, self._sim.deliver(self.peer, peer, method, request))
-        timer = self._env.timeout(timeout)
-        await wait(self._env.any_of([delivery, timer]))
-        if delivery.triggered:
-            if delivery.ok:
-                return delivery.value
-            delivery.defused = True
-            raise delivery.value
-        delivery.interrupt(_CANCEL)
-        raise RequestTimeout(f"{method} to peer {peer} got no response within {timeout:g} s")
+        sim = self._sim
+        record = _Call(self._env.active_process, method, peer, timeout, self._env.now + timeout)
+        delivery = record.delivery = sim.start(self.peer, sim.deliver(self.peer, peer, method, request, record))
+        sim._watch_deadline(record)
+        try:
+            return await wait(delivery)
+        except RequestTimeout:
+            if delivery.is_alive:
+                if record.in_handler:
+                    record.abandoned = True  # the handler runs on; its reply is dropped
+                else:
+                    delivery.interrupt(_CANCEL)
+            raise
+        finally:
+            if record.pending:
+                record.pending = False
+                if delivery.is_alive:
+                    delivery.defused = True  # nobody listens to it any more
 
     def serve(self, method: str, handler: Handler) -> None:
         self.peer.handlers[method] = handler
@@ -251,6 +296,11 @@ class Simulation:
         self.peers: dict[str, SimPeer] = {}
         self.traffic: dict[str, int] = {}
         """Bytes of requests and responses per RPC method."""
+        # RPC deadlines: a heap of (deadline, tie-breaker, call) and one timer at the earliest pending one
+        self._deadlines: list[tuple[float, int, _Call]] = []
+        self._deadline_order = itertools.count()
+        self._deadline_timer_at = math.inf
+        self._deadline_token = 0
 
     def add_peer(
         self, peer_id: str, *, region: str, up_mbps: float, down_mbps: float, gpu: GPUProfile, utilization: float,
@@ -271,11 +321,14 @@ class Simulation:
         process.callbacks.append(lambda _event: owner.tasks.pop(process, None))
         return process
 
-    async def deliver(self, src: SimPeer, dst_id: str, method: str, request: Message) -> Any:
+    async def deliver(self, src: SimPeer, dst_id: str, method: str, request: Message, call: _Call) -> Any:
         """One RPC: request bytes, the handler on the destination, response bytes.
 
         A destination that is gone (or crashes before answering) never replies, so the caller's
-        timeout fires, as on a real network.
+        timeout fires, as on a real network. The handler runs inline in this (delivery) process,
+        which meanwhile is a task of the destination instead of the source: a crash of the
+        destination stops the handler, while a crash of the source, or the caller giving up, lets
+        it finish and only drops its reply.
         """
         dst = self.peers.get(dst_id)
         if dst is None or not dst.alive:
@@ -287,15 +340,62 @@ class Simulation:
                 await wait(self.env.event())
             await self._send(dst, src, ERROR_REPLY_BYTES, method)
             raise RemoteError(f"peer {dst_id} does not serve {method!r}")
+        process = self.env.active_process
+        del src.tasks[process]
+        dst.tasks[process] = None
+        call.in_handler = True
+        rejected: Exception | None = None
         try:
-            response = await wait(self.start(dst, handler(src.peer_id, request)))
-        except (ValueError, RemoteError) as rejected:
+            response = await handler(src.peer_id, request)
+        except (ValueError, RemoteError) as error:
+            rejected = error
+        except PeerCrashed:  # the destination crashed mid-request: it never replies
+            await wait(self.env.event())
+        finally:
+            call.in_handler = False
+            dst.tasks.pop(process, None)
+        if call.abandoned or not src.alive:
+            return None  # the caller is gone: the destination's reply goes nowhere
+        src.tasks[process] = None
+        if rejected is not None:
             await self._send(dst, src, ERROR_REPLY_BYTES, method)
             raise RemoteError(f"peer {dst_id} rejected {method}: {rejected}") from None
         if not dst.alive:
             await wait(self.env.event())
         await self._send(dst, src, response.wire_bytes(), method)
         return response
+
+    def _watch_deadline(self, call: _Call) -> None:
+        heapq.heappush(self._deadlines, (call.deadline, next(self._deadline_order), call))
+        if call.deadline < self._deadline_timer_at:
+            self._arm_deadline_timer()
+
+    def _arm_deadline_timer(self) -> None:
+        """One SimPy event at the earliest deadline of a call still awaited (finished calls are skipped lazily)."""
+        deadlines = self._deadlines
+        while deadlines and not deadlines[0][2].pending:
+            heapq.heappop(deadlines)
+        if deadlines and deadlines[0][0] < self._deadline_timer_at:
+            at = self._deadline_timer_at = deadlines[0][0]
+            self._deadline_token += 1
+            token = self._deadline_token
+            timer = simpy.Event(self.env)
+            timer._ok, timer._value = True, None
+            timer.callbacks.append(lambda _event: self._on_deadline(token))
+            # at the deadline itself (scheduling a delay of at - now could round it)
+            heapq.heappush(self.env._queue, (at, simpy.events.NORMAL, next(self.env._eid), timer))
+
+    def _on_deadline(self, token: int) -> None:
+        if token != self._deadline_token:
+            return
+        self._deadline_timer_at = math.inf
+        now = self.env.now
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            call = heapq.heappop(deadlines)[2]
+            if call.pending:
+                call.caller.interrupt(call)
+        self._arm_deadline_timer()
 
     async def _send(self, src: SimPeer, dst: SimPeer, nbytes: int, method: str) -> None:
         self.traffic[method] = self.traffic.get(method, 0) + nbytes
