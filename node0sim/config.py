@@ -274,9 +274,11 @@ class SwarmConfig:
     startup_timeout_s: float = 60.0
     log_period_s: float = 60.0
     max_message_mb: float = 256.0
+    all_reduce: str = "hivemind"
 
     def __post_init__(self) -> None:
         _one_of("swarm.role", self.role, SWARM_ROLES)
+        _one_of("swarm.all_reduce", self.all_reduce, ("hivemind", "protocol"))
         for name in ("host_port", "announce_port"):
             port = getattr(self, name)
             _require(port is None or 0 <= port <= 65535, f"swarm.{name}: must be a TCP port (0-65535), got {port}")

@@ -20,13 +20,14 @@ import torch
 from node0sim.config import RunConfig, SwarmConfig
 from node0sim.experiment import evaluate, micro_batch_sources, model_config, stage_computes, trainer_config, vocabulary_size
 from node0sim.metrics import RunRecorder, StepTracker
+from node0sim.protocol.averaging import GroupAverager
 from node0sim.protocol.messages import TensorSpec
 from node0sim.protocol.stage_compute import StageCompute
 from node0sim.protocol.stage_server import StageServer, StateRequest, stage_key
 from node0sim.protocol.swarm_peer import BalanceConfig, SwarmPeer
 from node0sim.protocol.trainer import Trainer
 from node0sim.runtime import RPCError
-from swarm import run_config
+from swarm import allreduce, run_config
 from swarm.lifecycle import SwarmError, ensure_identity, fingerprint
 from swarm.node import LiveNode, NodeSettings
 from swarm.runtime import LiveRuntime
@@ -140,9 +141,15 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
         throughput = measured_flops() / flops_per_sample
         rt = node.runtime
 
+        averager = GroupAverager
+        if run.swarm.all_reduce == "hivemind":
+            await allreduce.install(rt)
+            averager = allreduce.HivemindGroupAverager
+
         def make_server(stage: int) -> StageServer:
             return StageServer(rt, run.run_id, templates[stage], run.averaging, throughput=throughput,
-                               bandwidth_mbps=run.network.up_mbps, seed=run.seed)
+                               bandwidth_mbps=run.network.up_mbps, seed=run.seed,
+                               max_batch_requests=run.topology.max_batch_requests, averager=averager)
 
         member = SwarmPeer(rt, run.run_id, len(templates), throughput,
                            make_server, BalanceConfig(run.topology.rebalance_period_s, run.topology.rebalance_margin))

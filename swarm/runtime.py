@@ -92,6 +92,8 @@ class LiveRuntime(Runtime):
         self.received_bytes: dict[str, int] = {}
         self.response_bytes: dict[str, int] = {}
         """Bytes of the responses to this peer's own calls, per method (e.g. state it downloaded)."""
+        self.all_reduce_router: Any = None
+        """hivemind's all-reduce stream router, when ``swarm.all_reduce=hivemind`` (``swarm.allreduce``)."""
         self._handlers: dict[str, Handler] = {}
         self._tasks: set[asyncio.Task] = set()
         self._accelerator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accelerator")

@@ -50,21 +50,64 @@ def test_one_pipeline_step_equals_the_single_process_model_on_both_backends(back
             torch.testing.assert_close(param.grad / 6, expected[name].grad, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+def _averager_for(backend):
+    if backend == "swarm/hivemind":
+        from swarm.allreduce import HivemindGroupAverager
+
+        return HivemindGroupAverager
+    return GroupAverager
+
+
+async def _install_routers(backend, runtimes):
+    if backend == "swarm/hivemind":
+        from swarm.allreduce import install
+
+        for rt in runtimes.values():
+            await install(rt)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "swarm/hivemind"])
 def test_all_reduce_gives_every_member_the_sample_weighted_average_on_both_backends(backend):
     names = ["a", "b", "c"]
     sums = {"a": torch.arange(1000.0) * 2, "b": torch.ones(1000) * 30, "c": -torch.arange(1000.0)}
     weights = {"a": 2.0, "b": 3.0, "c": 5.0}
 
     async def scenario(runtimes):
-        averagers = {n: GroupAverager(runtimes[n], 0, AveragingConfig(8, averaging_timeout_s=20.0)) for n in names}
+        await _install_routers(backend, runtimes)
+        averagers = {n: _averager_for(backend)(runtimes[n], 0, AveragingConfig(8, averaging_timeout_s=20.0)) for n in names}
         for averager in averagers.values():
             averager.serve()
-        members = [runtimes[n].peer_id for n in names]
+        members = sorted(runtimes[n].peer_id for n in names)
         tasks = [runtimes[n].spawn(averagers[n].all_reduce("r", members, [10.0, 20.0, 30.0], sums[n], weights[n])) for n in names]
         return await runtimes["a"].gather(tasks)
 
     expected = (sums["a"] + sums["b"] + sums["c"]) / 10.0
-    for result, contributors in run_scenario(backend, names, scenario):
+    for result, contributors in run_scenario(backend.split("/")[0], names, scenario):
         assert contributors == 3
         torch.testing.assert_close(result, expected)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "swarm/hivemind"])
+def test_a_member_that_never_shows_up_costs_the_others_at_most_the_averaging_timeout(backend):
+    names = ["a", "b", "c"]
+    timeout = 4.0
+
+    async def scenario(runtimes):
+        await _install_routers(backend, runtimes)
+        averagers = {n: _averager_for(backend)(runtimes[n], 0, AveragingConfig(8, averaging_timeout_s=timeout)) for n in names}
+        for averager in averagers.values():
+            averager.serve()
+        members = sorted(runtimes[n].peer_id for n in names)
+        started = runtimes["a"].now()
+        vectors = {"a": torch.full((6000,), 2.0), "b": torch.full((6000,), 4.0)}  # "c" is in the group but silent
+        tasks = [runtimes[n].spawn(averagers[n].all_reduce("r", members, [1.0, 1.0, 1.0], vectors[n], 1.0)) for n in "ab"]
+        results = await runtimes["a"].gather(tasks)
+        return results, runtimes["a"].now() - started, [averagers[n].timeouts for n in "ab"]
+
+    results, elapsed, timeouts = run_scenario(backend.split("/")[0], names, scenario)
+    assert elapsed <= timeout * 1.6
+    assert all(t >= 1 for t in timeouts)
+    for result, contributors in results:
+        assert contributors == 2
+        # the parts a and b own are averaged (3.0); the silent member's part keeps each peer's own values
+        assert (result == 3.0).sum() >= 2000

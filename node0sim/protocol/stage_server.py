@@ -102,7 +102,10 @@ class StageServer:
         bandwidth_mbps: float,
         seed: int = 0,
         max_batch_requests: int = 1,
+        averager: Callable[[Runtime, int, AveragingConfig], Any] = GroupAverager,
     ):
+        """``averager(rt, stage, cfg)`` builds the in-stage all-reduce (the protocol's own by default; a
+        backend may supply another with the same ``serve``/``all_reduce``/``timeouts`` interface)."""
         if max_batch_requests < 1:
             raise ValueError(f"max_batch_requests must be >= 1, got {max_batch_requests}")
         self.rt = rt
@@ -117,7 +120,7 @@ class StageServer:
         self._queue: list[_Job] = []
         self._dispatching = False
         self.rng = random.Random(_stable_hash(seed, rt.peer_id))
-        self.averager = GroupAverager(rt, self.stage, averaging)
+        self.averager = averager(rt, self.stage, averaging)
         self.powersgd = PowerSGD(compute.parameter_shapes, averaging.powersgd_rank) if averaging.powersgd_rank else None
         self.epoch = 0
         self.samples = 0

@@ -1,0 +1,136 @@
+"""In-stage all-reduce on hivemind's own butterfly implementation (``swarm.all_reduce=hivemind``).
+
+The protocol decides *when* a stage averages and *who* is in the group (``StageServer``: progress in
+the DHT, matchmaking by DHT registration); this module only replaces the group all-reduce itself with
+``hivemind.averaging.allreduce.AllReduceRunner``, the runner inside hivemind's
+``DecentralizedAverager`` (reduce-scatter + all-gather in parts proportional to each member's
+bandwidth, streaming, senders and reducers that vanish are banned after their timeout and their
+parts keep local values). It has the protocol averager's interface, so ``StageServer`` (and the
+protocol's PowerSGD, whose two phases are all-reduces) use it unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator
+
+import torch
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
+from hivemind.p2p import P2PContext, PeerID, ServicerBase
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import achain, anext, as_aiter
+
+from node0sim.protocol.averaging import AveragingConfig
+from swarm.runtime import LiveRuntime
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "node0sim.allreduce"
+MIN_PART_BYTES = 4096
+EARLY_STREAM_WAIT_S = 10.0
+"""How long a part that arrives before this peer has started the same round waits for it."""
+
+
+class AllReduceRouter(ServicerBase):
+    """Hands each incoming ``rpc_aggregate_part`` stream to the runner of its group (one per peer)."""
+
+    def __init__(self) -> None:
+        self._runners: dict[bytes, asyncio.Future] = {}
+
+    def _slot(self, group_id: bytes) -> asyncio.Future:
+        if group_id not in self._runners:
+            self._runners[group_id] = asyncio.get_running_loop().create_future()
+        return self._runners[group_id]
+
+    def register(self, group_id: bytes, runner: AllReduceRunner) -> None:
+        """Make ``runner`` receive the parts sent for ``group_id``."""
+        slot = self._slot(group_id)
+        if not slot.done():
+            slot.set_result(runner)
+
+    def forget(self, group_id: bytes) -> None:
+        """The round is over: later parts for it are refused."""
+        self._runners.pop(group_id, None)
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        request = await anext(stream)
+        slot = self._slot(request.group_id)
+        try:
+            runner = await asyncio.wait_for(asyncio.shield(slot), EARLY_STREAM_WAIT_S)
+        except asyncio.TimeoutError:
+            self._runners.pop(request.group_id, None)
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        async for message in runner.rpc_aggregate_part(achain(as_aiter(request), stream), context):
+            yield message
+
+
+async def install(rt: LiveRuntime) -> AllReduceRouter:
+    """Serve hivemind all-reduce streams on this peer (before its first round: groupmates may send early)."""
+    if rt.all_reduce_router is None:
+        router = AllReduceRouter()
+        await router.add_p2p_handlers(rt.p2p, namespace=NAMESPACE)
+        rt.all_reduce_router = router
+    return rt.all_reduce_router
+
+
+class HivemindGroupAverager:
+    """Drop-in for the protocol's ``GroupAverager`` on a live peer, running hivemind's AllReduceRunner."""
+
+    def __init__(self, rt: LiveRuntime, stage: int, cfg: AveragingConfig):
+        self.rt = rt
+        self.stage = stage
+        self.cfg = cfg
+        self.timeouts = 0
+
+    def serve(self) -> None:
+        """Check that this peer serves all-reduce streams (:func:`install`)."""
+        if self.rt.all_reduce_router is None:
+            raise RuntimeError("swarm.allreduce.install(runtime) must run before a HivemindGroupAverager serves")
+
+    async def all_reduce(
+        self, tag: str, members: list[str], bandwidths: list[float], vector: Any, weight: float
+    ) -> tuple[torch.Tensor | None, int]:
+        """Weighted average ``sum(vector_i) / sum(weight_i)`` over ``members`` (``vector``: this peer's
+        weighted sum), as the protocol's averager; ``(None, n)`` when every weight was 0."""
+        if len(members) == 1:
+            return (vector / weight if weight > 0 else None), 1
+        router = self.rt.all_reduce_router
+        local = vector / weight if weight > 0 else torch.zeros_like(vector)
+        group_id = f"{self.stage}/{tag}/{','.join(members)}".encode()
+        total = sum(bandwidths)
+        runner = AllReduceRunner(
+            p2p=self.rt.p2p, servicer_type=AllReduceRouter, prefix=NAMESPACE, group_id=group_id, tensors=[local.clone()],
+            weight=float(weight), ordered_peer_ids=[PeerID.from_base58(m) for m in members],
+            peer_fractions=tuple(b / total for b in bandwidths),
+            sender_timeout=self.cfg.averaging_timeout_s / 2, reducer_timeout=self.cfg.averaging_timeout_s,
+            part_size_bytes=_part_size(local, len(members)),
+        )
+        router.register(group_id, runner)
+        try:
+            deltas = await asyncio.wait_for(_collect(runner), self.cfg.averaging_timeout_s * 1.5)
+            result = local + deltas[0]
+        except Exception as error:  # a round that fails as a whole keeps the local values
+            log.warning("all-reduce %s of stage %d failed (%s): keeping local gradients", tag, self.stage, error)
+            self.timeouts += 1
+            return (local if weight > 0 else None), 1
+        finally:
+            router.forget(group_id)
+        if runner.banned_senders or runner.tensor_part_container.failed_size:
+            self.timeouts += 1
+        contributors = len(runner.sender_peer_ids) - len(runner.banned_senders)
+        return (None if not torch.isfinite(result).all() else result), contributors
+
+
+def _part_size(vector: torch.Tensor, group_size: int) -> int:
+    """Streaming part size: hivemind's 512 KB default, smaller for small vectors so that every member
+    owns some parts (parts are dealt out whole, in proportion to bandwidth)."""
+    return max(MIN_PART_BYTES, min(DEFAULT_PART_SIZE_BYTES, vector.numel() * vector.element_size() // (4 * group_size)))
+
+
+async def _collect(runner: AllReduceRunner) -> list[torch.Tensor]:
+    return [delta async for delta in runner]
