@@ -63,8 +63,8 @@ def subspace_basis(run: RunConfig, cfg: ModelConfig) -> SubspaceBasis:
         raise ConfigError(f"compression.basis: {error}") from None
 
 
-def stage_computes(run: RunConfig, cfg: ModelConfig) -> list[StageCompute]:
-    """One compute object per stage: real modules in numerics mode, cost-only otherwise."""
+def stage_computes(run: RunConfig, cfg: ModelConfig, device: str = "cpu") -> list[StageCompute]:
+    """One compute object per stage: real modules (on ``device``) in numerics mode, cost-only otherwise."""
     num_stages = run.topology.num_stages
     comp = run.compression
     if not run.sim.numerics:
@@ -86,7 +86,7 @@ def stage_computes(run: RunConfig, cfg: ModelConfig) -> list[StageCompute]:
     fixed = constraint.fixed_embedding if constraint is not None else None
     optim = run.optim if run.optim.total_steps else replace(run.optim, total_steps=run.train.steps)
     return [
-        TensorStageCompute(stage, optim, codec, constraint)
+        TensorStageCompute(stage, optim, codec, constraint, device)
         for stage in build_stages(cfg, num_stages, run.seed, fixed_embedding=fixed)
     ]
 

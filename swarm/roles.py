@@ -110,21 +110,29 @@ async def bootstrap(config: Mapping[str, Any], run: RunConfig) -> None:
 
 
 # ---- stage server ----------------------------------------------------------------------------
-def _check_device(name: str) -> None:
-    if name != "cpu":
-        raise SwarmError(
-            f"swarm.device={name}: stage compute on CUDA is not implemented in this version (stages run on the CPU); "
-            "use swarm.device=cpu"
-        )
+def _device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SwarmError(f"swarm.device={name}: torch sees no CUDA device on this machine (use swarm.device=cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SwarmError(f"swarm.device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
-def measured_flops(size: int = 512, repeats: int = 8) -> float:
-    """Achieved FLOP/s of this machine on fp32 matrix products (what the balancing rule compares)."""
-    a = torch.randn(size, size)
-    a @ a  # warm-up
+def measured_flops(device: torch.device, repeats: int = 8) -> float:
+    """Achieved FLOP/s of ``device`` on fp32 matrix products (what the balancing rule compares)."""
+    size = 4096 if device.type == "cuda" else 512  # large enough to keep a GPU busy, quick on a CPU
+    a = torch.randn(size, size, device=device)
+
+    def run() -> None:
+        for _ in range(repeats):
+            a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run()  # warm-up: kernel selection, lazy initialization
     start = time.perf_counter()
-    for _ in range(repeats):
-        a @ a
+    run()
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
@@ -134,11 +142,11 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
     member = None
     try:
         run, _ = await _joined_run(node, local, swarm_run.swarm, swarm_run.run_id)
-        _check_device(run.swarm.device)
-        templates = stage_computes(run, model_config(run, vocabulary_size(run)))
+        device = _device(run.swarm.device)
+        templates = stage_computes(run, model_config(run, vocabulary_size(run)), str(device))
         sample = TensorSpec((1, run.train.seq_len), torch.int64)
         flops_per_sample = sum(c.forward_flops(sample) + c.backward_flops(sample) for c in templates) / len(templates)
-        throughput = measured_flops() / flops_per_sample
+        throughput = measured_flops(device) / flops_per_sample
         rt = node.runtime
 
         averager = GroupAverager

@@ -4,8 +4,9 @@
     .venv/bin/python tools/bench_swarm.py throughput [--steps 40]   # local swarm vs the simulator's prediction
 
 ``hop``: forward + backward through a 1-layer stage served by a live peer (two hivemind nodes in this
-process, real libp2p streams over 127.0.0.1, the protocol's StageServer) against calling the same
-stage object directly; small (d=128, 4 x 128 tokens) and medium (d=1024, 2 x 256 tokens) activations.
+process, real libp2p streams over 127.0.0.1, the protocol's StageServer, the stage on ``--device``:
+CUDA when available) against the same work in raw PyTorch on the same layer and device; small
+(d=128, 4 x 128 tokens) and medium (d=1024, 2 x 256 tokens) activations.
 
 ``throughput``: a ``swarm.role=local`` run (bootstrap, 2 stage servers, 1 trainer: separate processes,
 one torch thread each) against the simulator on the same topology with loopback-like settings (10 Gb/s,
@@ -44,13 +45,13 @@ SIZES = {  # name: (dim, heads, kv heads, batch, tokens per sequence)
 LOOPBACK = ["network=datacenter", "network.latency_ms=0.1", "network.up_mbps=10000", "network.down_mbps=10000"]
 
 
-def one_layer_stage(dim: int, heads: int, kv_heads: int, seq_len: int) -> TensorStageCompute:
-    """The middle stage (1 transformer layer) of a 3-layer, 3-stage Llama."""
+def one_layer_stage(dim: int, heads: int, kv_heads: int, seq_len: int, device: str) -> TensorStageCompute:
+    """The middle stage (1 transformer layer) of a 3-layer, 3-stage Llama, on ``device``."""
     cfg = ModelConfig(
         name="bench", vocab_size=257, dim=dim, n_layers=3, n_heads=heads, n_kv_heads=kv_heads, ffn_dim_multiplier=None,
         multiple_of=64, rope_theta=10000.0, max_seq_len=seq_len, qk_norm=True, norm_reorder=True, trainable_rmsnorm=False,
     )
-    return TensorStageCompute(build_stages(cfg, 3, seed=0)[1], OptimConfig(), DenseCodec())
+    return TensorStageCompute(build_stages(cfg, 3, seed=0)[1], OptimConfig(), DenseCodec(), device=device)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -62,6 +63,22 @@ def median_ms(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def raw_pytorch(compute: TensorStageCompute, x: torch.Tensor, grad: torch.Tensor):
+    """The work a forward + backward request pair does, as plain PyTorch on the stage's device: a forward
+    without autograd, then forward + backward again (backward recomputes the forward from the resent input)."""
+    module, device = compute.module, compute.device
+    x, grad = x.to(device), grad.to(device)
+
+    def run() -> None:
+        with torch.no_grad():
+            module(x)
+        module(x.detach().requires_grad_(True)).backward(grad)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return run
 
 
 async def hop_ms(compute: TensorStageCompute, x: torch.Tensor, grad: torch.Tensor, repeats: int) -> float:
@@ -87,21 +104,17 @@ async def hop_ms(compute: TensorStageCompute, x: torch.Tensor, grad: torch.Tenso
         await server_node.stop()
 
 
-def bench_hop(repeats: int) -> None:
-    """Print the per-hop table."""
-    print(f"{'size':8} {'message':>10} {'in-process ms':>14} {'via swarm ms':>13} {'overhead ms':>12} {'ratio':>6}")
+def bench_hop(repeats: int, device: str) -> None:
+    """Print the per-hop table: a stage peer's forward + backward vs raw PyTorch on the same layer."""
+    print(f"device {device}; {'size':8} {'message':>10} {'raw PyTorch ms':>15} {'via swarm ms':>13} {'overhead ms':>12} {'ratio':>6}")
     for name, (dim, heads, kv_heads, batch, seq_len) in SIZES.items():
-        compute = one_layer_stage(dim, heads, kv_heads, seq_len)
+        compute = one_layer_stage(dim, heads, kv_heads, seq_len, device)
         x = torch.randn(batch, seq_len, dim)
         grad = torch.randn(batch, seq_len, dim)
-
-        def direct() -> None:
-            compute.forward(x, None)
-            compute.backward(x, None, grad)
-
-        local = median_ms(direct, repeats)
+        local = median_ms(raw_pytorch(compute, x, grad), repeats)
         remote = asyncio.run(hop_ms(compute, x, grad, repeats))
-        print(f"{name:8} {x.numel() * 4 / 2**20:>8.2f}MB {local:>14.2f} {remote:>13.2f} {remote - local:>12.2f} {remote / local:>6.2f}")
+        print(f"{'':{len(device) + 9}}{name:8} {x.numel() * 4 / 2**20:>8.2f}MB {local:>15.2f} {remote:>13.2f} "
+              f"{remote - local:>12.2f} {remote / local:>6.2f}")
 
 
 def single_thread_flops(size: int = 512, repeats: int = 8) -> float:
@@ -138,9 +151,10 @@ def main() -> None:
     parser.add_argument("what", choices=["hop", "throughput"])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="hop: the stage's device")
     args = parser.parse_args()
     if args.what == "hop":
-        bench_hop(args.repeats)
+        bench_hop(args.repeats, args.device)
     else:
         bench_throughput(args.steps)
 

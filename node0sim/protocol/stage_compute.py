@@ -7,7 +7,7 @@ network see identical traffic and compute time in either mode.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -175,11 +175,22 @@ class TensorStageCompute(StageCompute):
     update equals a step on the mean loss of every sample it covers, whatever the micro-batching.
     With a subspace ``basis``, the boundary-crossing output projections are projected onto it at
     construction and after every update, which keeps subspace compression exact.
+
+    ``device``: where the stage's weights, optimizer state and tensor work live (a live peer's GPU).
+    Everything that crosses the class boundary (requests, responses, flat gradient and parameter
+    vectors, exported state) is on the CPU, where the codec, the network and the averaging work.
     """
 
-    def __init__(self, stage: PipelineStage, optim: OptimConfig, codec: Codec, basis: SubspaceBasis | None = None):
+    def __init__(
+        self, stage: PipelineStage, optim: OptimConfig, codec: Codec, basis: SubspaceBasis | None = None,
+        device: torch.device | str = "cpu",
+    ):
         super().__init__(stage.cfg, stage.index, stage.num_stages, stage.layer_range, codec)
-        self.module = stage
+        self.device = torch.device(device)
+        if basis is not None:
+            project_onto_subspace_(stage, basis)
+            basis = replace(basis, basis=basis.basis.to(self.device))  # the projections run next to the weights
+        self.module = stage.to(self.device)
         self.optim = optim
         self.basis = basis
         self.parameters = [p for p in stage.parameters() if p.requires_grad]
@@ -188,8 +199,6 @@ class TensorStageCompute(StageCompute):
             self.parameters, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
-        if basis is not None:
-            project_onto_subspace_(stage, basis)
 
     def _stage_input(self, work: Work) -> torch.Tensor:
         """The decoded input of one request, checked: [B, T] token ids on the head, finite [B, T, dim] elsewhere."""
@@ -197,13 +206,13 @@ class TensorStageCompute(StageCompute):
             x = work.inputs
             if not _are_token_ids(x, self.cfg.vocab_size) or x.dim() != 2:
                 raise ValueError(f"stage {self.index}: expected token ids [B, T] < {self.cfg.vocab_size}, got {_describe(x)}")
-            return x
+            return x.to(self.device)
         x = self.codec.decode(work.inputs, work.token_ids)
         if x.dim() != 3 or x.shape[2] != self.cfg.dim or x.dtype != self._dtype:
             raise ValueError(f"stage {self.index}: expected activations of shape [B, T, {self.cfg.dim}] {self._dtype}, got {_describe(x)}")
         if not torch.isfinite(x).all():
             raise ValueError(f"stage {self.index}: input activations are not finite")
-        return x
+        return x.to(self.device)
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -216,13 +225,13 @@ class TensorStageCompute(StageCompute):
             raise ValueError(f"stage {self.index}: gradient {_describe(grad)} does not match the output {shape} {self._dtype}")
         if not torch.isfinite(grad).all():
             raise ValueError(f"stage {self.index}: output gradient is not finite")
-        return grad
+        return grad.to(self.device)
 
     def _checked_targets(self, work: Work, x: torch.Tensor) -> torch.Tensor:
         targets = work.targets
         if not _are_token_ids(targets, self.cfg.vocab_size) or tuple(targets.shape) != tuple(x.shape[:2]):
             raise ValueError(f"stage {self.index}: targets must be token ids {tuple(x.shape[:2])}, got {_describe(targets)}")
-        return targets
+        return targets.to(self.device)
 
     def _batches(
         self, works: list[Work], results: list[Any], check: Callable[[Work, torch.Tensor], Any] | None = None
@@ -250,13 +259,13 @@ class TensorStageCompute(StageCompute):
         results: list[Any] = [None] * len(works)
         with torch.no_grad():
             for indices, xs, _ in self._batches(works, results):
-                outputs = self.module(torch.cat(xs)).split([len(x) for x in xs])
+                outputs = self.module(torch.cat(xs)).cpu().split([len(x) for x in xs])
                 for i, out in zip(indices, outputs):
                     results[i] = out if self.is_tail else self.codec.encode(out, works[i].token_ids)
         return results
 
     def _encoded_input_grad(self, x: torch.Tensor) -> Payload | None:
-        return None if self.is_head else self.codec.encode_grad(x.grad)
+        return None if self.is_head else self.codec.encode_grad(x.grad.cpu())
 
     def backward_batch(self, works: list[Work]) -> list[Payload | None | ValueError]:
         results: list[Any] = [None] * len(works)
@@ -289,7 +298,7 @@ class TensorStageCompute(StageCompute):
             param.grad = chunk.view_as(param).clone()
 
     def take_gradients(self) -> Payload:
-        flat = self._flat_grads()
+        flat = self._flat_grads().cpu()
         self.optimizer.zero_grad(set_to_none=True)
         return flat
 
@@ -299,7 +308,7 @@ class TensorStageCompute(StageCompute):
         if not torch.isfinite(mean_gradients).all():
             raise ValueError(f"stage {self.index}: averaged gradients are not finite")
         accumulated_meanwhile = self._flat_grads()
-        self._load_grads(mean_gradients)
+        self._load_grads(mean_gradients.to(self.device))
         if self.basis is not None:
             project_gradients_onto_subspace_(self.module, self.basis)
         if self.optim.clip_grad_norm > 0:
@@ -324,7 +333,7 @@ class TensorStageCompute(StageCompute):
 
     @torch.no_grad()
     def parameter_values(self, index: torch.Tensor | None) -> Payload:
-        flat = torch.cat([p.reshape(-1) for p in self.parameters])
+        flat = torch.cat([p.reshape(-1) for p in self.parameters]).cpu()
         return flat if index is None else flat[index]
 
     @torch.no_grad()
@@ -337,14 +346,14 @@ class TensorStageCompute(StageCompute):
         if not isinstance(flat, torch.Tensor) or flat.shape != (self.num_trainable,) or not torch.isfinite(flat).all():
             raise ValueError(f"stage {self.index}: parameter values have the wrong shape or are not finite")
         for param, chunk in zip(self.parameters, flat.split([p.numel() for p in self.parameters])):
-            param.copy_(chunk.view_as(param))
+            param.copy_(chunk.view_as(param))  # copy_ moves the values to the parameter's device
         if self.basis is not None:
             project_onto_subspace_(self.module, self.basis)
 
     def _moments(self, key: str) -> torch.Tensor:
         return torch.cat([
             self.optimizer.state.get(p, {}).get(key, torch.zeros_like(p)).reshape(-1) for p in self.parameters
-        ])
+        ]).cpu()
 
     def export_state(self) -> Payload:
         parts = {
@@ -365,8 +374,8 @@ class TensorStageCompute(StageCompute):
             self.parameters, state.parts["exp_avg"].split(sizes), state.parts["exp_avg_sq"].split(sizes)
         ):
             self.optimizer.state[param] = {
-                "step": torch.tensor(float(updates)), "exp_avg": avg.view_as(param).clone(),
-                "exp_avg_sq": avg_sq.view_as(param).clone(),
+                "step": torch.tensor(float(updates)), "exp_avg": avg.view_as(param).to(self.device, copy=True),
+                "exp_avg_sq": avg_sq.view_as(param).to(self.device, copy=True),
             }
         self.updates = updates
 
