@@ -285,15 +285,18 @@ class StageServer:
 
     def _epoch_due(self) -> bool:
         """Another peer is ahead, or already averaging this epoch (join it), or the target is reached."""
-        if self._global_epoch() > self.epoch:
+        others = self._others().values()
+        if any(r["epoch"] > self.epoch for r in others):
             return True
-        if any(r.get("averaging") == self.epoch for r in self._others().values()):
+        if any(r.get("averaging") == self.epoch for r in others):
             return True
-        return self._estimated_samples() >= self.cfg.target_batch_size
+        now = self.rt.now()
+        estimated = self.samples + sum(r["samples"] + r["rate"] * (now - r["time"]) for r in others if r["epoch"] == self.epoch)
+        return estimated >= self.cfg.target_batch_size
 
     async def _end_epoch_if_alone_and_due(self) -> None:
         """Without other peers, step as soon as the target is reached (exact synchronous updates)."""
-        if not self._ending_epoch and not self._others() and self.samples >= self.cfg.target_batch_size:
+        if not self._ending_epoch and self.samples >= self.cfg.target_batch_size and not self._others():
             await self._end_epoch()
 
     async def _heartbeat(self) -> None:
