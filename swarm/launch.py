@@ -31,7 +31,7 @@ def run_swarm(
     try:
         if run.swarm.role == "local":
             return run_local(run, out_dir, overrides)
-        return run_role(config, run, out_dir, recorder_factory)
+        return run_role(config, run, recorder_factory)
     except SwarmError as error:
         print(f"node0sim: {error}", file=sys.stderr)
         sys.exit(1)

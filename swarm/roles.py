@@ -38,17 +38,17 @@ STAGE_METHODS = ("forward", "backward", "tail")
 GOODBYE_TIMEOUT_S = 10.0
 
 
-def node_settings(swarm: SwarmConfig, host: str | None = None) -> NodeSettings:
+def node_settings(swarm: SwarmConfig) -> NodeSettings:
     """Networking settings of this peer from ``swarm.*``."""
     return NodeSettings(
-        host=host or swarm.host, port=swarm.host_port, announce_host=swarm.announce_host,
+        host=swarm.host, port=swarm.host_port, announce_host=swarm.announce_host,
         announce_port=swarm.announce_port, initial_peers=tuple(swarm.initial_peers),
         identity_path=Path(swarm.identity_path), nat_traversal=swarm.nat_traversal,
         max_message_bytes=int(swarm.max_message_mb * 2**20), startup_timeout_s=swarm.startup_timeout_s,
     )
 
 
-def run_role(config: Mapping[str, Any], run: RunConfig, out_dir: Path, recorder_factory: Callable[[RunConfig, dict], RunRecorder]) -> Any:
+def run_role(config: Mapping[str, Any], run: RunConfig, recorder_factory: Callable[[RunConfig, dict], RunRecorder]) -> Any:
     """Run this process's role until it ends (trainer) or is stopped (Ctrl-C / SIGTERM)."""
     role = run.swarm.role
     if role == "bootstrap":
