@@ -177,11 +177,16 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
 async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: SwarmConfig) -> None:
     """Node0-style log lines: batches processed per period, every averaging round with its group size."""
     rounds, solo, downloads, failed_downloads, processed, last_log = 0, 0, 0, 0, 0, time.monotonic()
+    serving = None
     while True:
         await asyncio.sleep(0.5)
         server = member.server
         if server is None:
             continue
+        if server is not serving:
+            serving = server
+            layers = server.compute.layer_range
+            log.info("Serving stage %d of %d (layers %d-%d)", server.stage, member.num_stages, layers.start, layers.stop - 1)
         if server.stats.state_downloads > downloads:
             downloads = server.stats.state_downloads
             log.info("Downloaded the stage state from a peer (stage %d, now at epoch %d)", server.stage, server.epoch)
@@ -193,8 +198,9 @@ async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: Swarm
             log.info("Averaged gradients with %d peers (stage %d, epoch %d)", server.stats.last_group_size, server.stage, server.epoch)
         if server.stats.solo_steps > solo:
             solo = server.stats.solo_steps
-            log.info("Averaging step failed: could not find a group; stepped with local gradients (stage %d, epoch %d)",
-                     server.stage, server.epoch)
+            others = sum(1 for peer, r in server.records.items() if peer != rt.peer_id and r and r["ready"])
+            log.info("Averaging step failed: could not find a group; stepped with local gradients (stage %d, epoch %d, "
+                     "%d other ready peer(s) in the stage)", server.stage, server.epoch, others)
         if time.monotonic() - last_log >= swarm.log_period_s:
             total = sum(rt.handled.get(m, 0) for m in STAGE_METHODS)
             log.info("Processed %d batches in last %g seconds (stage %d)", total - processed, swarm.log_period_s, server.stage)

@@ -84,9 +84,11 @@ def script_text(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> Path:
     """Write the script (executable) and say how to run it."""
     args = parse_args(argv)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(script_text(args))
     args.output.chmod(args.output.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    print(f"wrote {args.output}; start the server with ./{args.output.name}")
+    command = args.output if args.output.is_absolute() or args.output.parent != Path(".") else f"./{args.output}"
+    print(f"wrote {args.output}; start the server with {command}")
     return args.output
 
 
