@@ -134,10 +134,15 @@ class Network:
             return flow
         if self.sharing == "per_link":
             now = self.env.now
+            order = self._order
+            remaining = flow.remaining
             for link in (flow.up, flow.down):
-                link.advance(now)
-                link.flows[flow] = None
-                heapq.heappush(link.finishes, (link.served + flow.remaining, next(self._order), flow))
+                flows = link.flows
+                if flows:  # Link.advance, inlined (hot path)
+                    link.served += (now - link.served_at) * link.capacity / len(flows)
+                link.served_at = now
+                flows[flow] = None
+                heapq.heappush(link.finishes, (link.served + remaining, next(order), flow))
                 self._schedule_link(link)
             self._arm_timer()
             return flow
@@ -206,23 +211,27 @@ class Network:
 
     def _schedule_link(self, link: Link) -> None:
         """per_link: one completion entry for the link's earliest-finishing flow (older entries go stale)."""
-        while link.finishes and link.finishes[0][2] not in link.flows:
-            heapq.heappop(link.finishes)
-        link.version += 1
-        if link.finishes:
-            finish = link.served_at + (link.finishes[0][0] - link.served) * len(link.flows) / link.capacity
-            heapq.heappush(self._finishes, (finish, next(self._order), link, link.version))
+        finishes, flows = link.finishes, link.flows
+        while finishes and finishes[0][2] not in flows:
+            heapq.heappop(finishes)
+        version = link.version = link.version + 1
+        if finishes:
+            finish = link.served_at + (finishes[0][0] - link.served) * len(flows) / link.capacity
+            heapq.heappush(self._finishes, (finish, next(self._order), link, version))
 
     def _finish_on_link(self, link: Link) -> None:
         """per_link: flows whose last byte just crossed ``link``; a flow done on both links is delivered."""
         now = self.env.now
-        link.advance(now)
+        flows, finishes = link.flows, link.finishes
+        if flows:  # Link.advance, inlined (hot path)
+            link.served += (now - link.served_at) * link.capacity / len(flows)
+        link.served_at = now
         # absorb rounding: whatever the link serves in the timer's time tolerance counts as done
-        due = link.served + 1e-12 * max(1.0, now) * link.capacity / max(1, len(link.flows))
-        while link.finishes and link.finishes[0][0] <= due:
-            flow = heapq.heappop(link.finishes)[2]
-            if flow in link.flows:
-                del link.flows[flow]
+        due = link.served + 1e-12 * max(1.0, now) * link.capacity / max(1, len(flows))
+        while finishes and finishes[0][0] <= due:
+            flow = heapq.heappop(finishes)[2]
+            if flow in flows:
+                del flows[flow]
                 flow.links_left -= 1
                 if flow.links_left == 0:
                     flow.remaining = 0.0
@@ -231,10 +240,14 @@ class Network:
 
     def _arm_timer(self) -> None:
         """Keep one SimPy timer, at the earliest pending completion (stale entries are skipped lazily)."""
-        while self._finishes and not self._is_current(self._finishes[0]):
-            heapq.heappop(self._finishes)
-        if self._finishes and self._finishes[0][0] < self._timer_at:
-            self._timer_at = self._finishes[0][0]
+        finishes = self._finishes
+        while finishes:
+            _, _, item, version = finishes[0]
+            if item.version == version and (item.__class__ is Link or (item.active and item in item.up.flows)):
+                break  # _is_current, inlined (hot path)
+            heapq.heappop(finishes)
+        if finishes and finishes[0][0] < self._timer_at:
+            self._timer_at = finishes[0][0]
             self._timer_token += 1
             token = self._timer_token
             delay = max(0.0, self._timer_at - self.env.now)
@@ -270,14 +283,14 @@ class Network:
             return
         self._timer_at = math.inf
         due = self.env.now + 1e-12 * max(1.0, self.env.now)  # absorb rounding in now + remaining / rate
-        while self._finishes and self._finishes[0][0] <= due:
-            entry = heapq.heappop(self._finishes)
-            if not self._is_current(entry):
-                continue
-            if isinstance(entry[2], Link):
-                self._finish_on_link(entry[2])
-            else:
-                flow = entry[2]
+        finishes = self._finishes
+        while finishes and finishes[0][0] <= due:
+            _, _, item, version = heapq.heappop(finishes)
+            if item.__class__ is Link:
+                if item.version == version:
+                    self._finish_on_link(item)
+            elif item.active and item.version == version and item in item.up.flows:
+                flow = item
                 flow.remaining = 0.0
                 self._remove(flow)
                 self._deliver_after_latency(flow)
