@@ -147,3 +147,29 @@ def test_rejects_bad_parameters():
         _router(default_throughput=-1.0)
     with pytest.raises(ValueError):
         _router(ban_s=-1.0)
+
+
+def test_choose_matches_the_least_finish_rank_peer_key():
+    """choose() picks min((max(now, busy_until) + cost / throughput, tie_rank, peer)), ties included."""
+    import random as _random
+
+    rng = _random.Random(7)
+    for trial in range(200):
+        router = Router(_random.Random(trial))
+        peers = {f"p{i}": rng.choice([1.0, 2.0, 4.0]) for i in range(rng.randint(1, 8))}
+        router.update_peers(0, peers)
+        for peer in peers:  # coarse values so that finish times and ranks tie often
+            st = router.state(0, peer)
+            st.busy_until = rng.choice([0.0, 1.0, 2.0])
+            st.tie_rank = rng.choice([0.25, 0.5])
+            st.banned_until = rng.choice([0.0, 0.0, 5.0])
+        now, exclude = 1.0, set(rng.sample(sorted(peers), rng.randint(0, min(2, len(peers)))))
+        keys = [
+            (max(now, st.busy_until) + 2.5 / st.throughput, st.tie_rank, p)
+            for p, st in ((p, router.state(0, p)) for p in peers)
+            if st.banned_until <= now and p not in exclude
+        ]
+        expected = min(keys) if keys else None
+        assert router.choose(0, 1, now, backward=True, exclude=exclude) == (expected[2] if expected else None)
+        if expected:
+            assert router.state(0, expected[2]).busy_until == expected[0]

@@ -17,7 +17,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(slots=True)
 class PeerState:
     """What the router knows about one peer of a stage."""
 
@@ -112,18 +112,25 @@ class Router:
         moves to that finish time. None if no peer is available.
         """
         cost = self._cost(samples, backward)
-        best: tuple[float, float, str] | None = None
+        # the least (finish, tie_rank, peer), compared field by field without building tuples (hot path)
+        best: PeerState | None = None
+        best_peer = ""
+        best_finish = best_rank = 0.0
         for peer, st in self._stages.get(stage, {}).items():
-            if st.banned_until > now or peer in exclude:
+            if st.banned_until > now or (exclude and peer in exclude):
                 continue
-            key = (max(now, st.busy_until) + cost / st.throughput, st.tie_rank, peer)
-            if best is None or key < best:
-                best = key
+            busy = st.busy_until
+            finish = (busy if busy > now else now) + cost / st.throughput
+            if (
+                best is None
+                or finish < best_finish
+                or (finish == best_finish and (st.tie_rank < best_rank or (st.tie_rank == best_rank and peer < best_peer)))
+            ):
+                best, best_peer, best_finish, best_rank = st, peer, finish, st.tie_rank
         if best is None:
             return None
-        finish, _, peer = best
-        self._stages[stage][peer].busy_until = finish
-        return peer
+        best.busy_until = best_finish
+        return best_peer
 
     def report_success(
         self,
