@@ -126,6 +126,9 @@ class StageServer:
         self.samples = 0
         self.stats = ServerStats()
         self.records: dict[str, dict[str, Any]] = {}
+        """The stage's DHT records as last read; replaced, never changed in place (``_others`` caches on it)."""
+        self._others_of: dict[str, dict[str, Any]] | None = None
+        self._others_cache: dict[str, dict[str, Any]] = {}
         self._ending_epoch = False
         self._rate = 0.0
         self._last_report = (0.0, 0)
@@ -251,7 +254,12 @@ class StageServer:
     # ---- epochs and averaging --------------------------------------------------------------
     def _others(self) -> dict[str, dict[str, Any]]:
         """The stage's other peers that serve (joiners still downloading their state are left out)."""
-        return {peer: r for peer, r in self.records.items() if peer != self.rt.peer_id and r["ready"]}
+        records = self.records
+        if self._others_of is not records:  # recomputed only when ``self.records`` was reassigned
+            me = self.rt.peer_id
+            self._others_cache = {peer: r for peer, r in records.items() if peer != me and r["ready"]}
+            self._others_of = records
+        return self._others_cache
 
     async def _read_records(self) -> dict[str, dict[str, Any]]:
         records = await self.rt.dht_get(stage_key(self.run_id, self.stage))
