@@ -7,6 +7,7 @@ same shape and dtype, no data). Either way the network is charged the same bytes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -21,7 +22,7 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
-    @property
+    @cached_property  # a message's size is asked for several times on its way (spec is immutable)
     def nbytes(self) -> int:
         """Bytes the tensor would occupy."""
         count = 1
