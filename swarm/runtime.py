@@ -90,6 +90,7 @@ class LiveRuntime(Runtime):
         self.sent_bytes: dict[str, int] = {}
         """Message bytes this peer sent (its requests and its responses), per method."""
         self.received_bytes: dict[str, int] = {}
+        """Message bytes this peer received (requests to it and responses to its calls), per method."""
         self.response_bytes: dict[str, int] = {}
         """Bytes of the responses to this peer's own calls, per method (e.g. state it downloaded)."""
         self.all_reduce_router: Any = None
