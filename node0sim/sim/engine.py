@@ -184,7 +184,9 @@ class SimPeer:
         self.flops_per_s = gpu.peak_flops * utilization
         self.call_overhead_s = call_overhead_s
         """Fixed time of every accelerator call that does work (see :mod:`node0sim.sim.gpus`)."""
-        self.accelerator = simpy.Resource(sim.env, capacity=1)
+        self.accelerator_busy = False
+        self.accelerator_waiters: list[simpy.Event] = []
+        """Grants (FIFO) of compute calls waiting for the accelerator; a free one is taken without an event."""
         self.handlers: dict[str, Handler] = {}
         self.tasks: dict[simpy.Process, None] = {}
         self.alive = True
@@ -216,19 +218,36 @@ class SimRuntime(Runtime):
         await wait(self._env.timeout(seconds))
 
     async def compute(self, flops: float, fn: Callable[[], T] | None = None) -> T | None:
-        request = self.peer.accelerator.request()
+        peer = self.peer
+        if peer.accelerator_busy:
+            grant = self._env.event()
+            peer.accelerator_waiters.append(grant)
+            try:
+                await wait(grant)
+            except BaseException:
+                if grant.triggered:
+                    self._release()  # granted at this instant, but the task stopped first
+                else:
+                    peer.accelerator_waiters.remove(grant)
+                raise
+        else:
+            peer.accelerator_busy = True
         try:
-            await wait(request)
             result = fn() if fn is not None else None
-            seconds = flops / self.peer.flops_per_s + (self.peer.call_overhead_s if flops > 0 else 0.0)
-            self.peer.busy_s += seconds
+            seconds = flops / peer.flops_per_s + (peer.call_overhead_s if flops > 0 else 0.0)
+            peer.busy_s += seconds
             await wait(self._env.timeout(seconds))
             return result
         finally:
-            if request.triggered:
-                self.peer.accelerator.release(request)
-            else:
-                request.cancel()
+            self._release()
+
+    def _release(self) -> None:
+        """Hand the accelerator to the oldest waiter (granted at this instant), or mark it free."""
+        waiters = self.peer.accelerator_waiters
+        if waiters:
+            waiters.pop(0).succeed()
+        else:
+            self.peer.accelerator_busy = False
 
     async def call(self, peer: str, method: str, request: Message, timeout: float) -> Any:
         size = request.wire_bytes()
