@@ -295,44 +295,6 @@ class SimRuntime(Runtime):
         return [await task.join() for task in tasks]
 
 
-class _Environment(simpy.Environment):
-    """``simpy.Environment`` whose ``run`` loop inlines ``step`` (same events, same order, fewer calls)."""
-
-    def run(self, until: float | simpy.Event | None = None) -> Any:
-        if until is not None:
-            if not isinstance(until, simpy.Event):  # a time: an event before all regular ones then
-                at = until if isinstance(until, int) else float(until)
-                if at <= self._now:
-                    raise ValueError(f"until ({at}) must be greater than the current simulation time")
-                until = simpy.Event(self)
-                until._ok, until._value = True, None
-                self.schedule(until, simpy.events.URGENT, at - self._now)
-            elif until.callbacks is None:
-                return until.value
-            until.callbacks.append(simpy.core.StopSimulation.callback)
-        queue, pop = self._queue, heapq.heappop
-        try:
-            while queue:  # Environment.step, inlined
-                self._now, _, _, event = pop(queue)
-                callbacks, event.callbacks = event.callbacks, None
-                try:
-                    for callback in callbacks:
-                        callback(event)
-                except simpy.core.StopSimulation:
-                    event.callbacks = callbacks[callbacks.index(callback) + 1 :]
-                    self.schedule(event, simpy.core.EventPriority(-1))
-                    raise
-                if not event._ok and not hasattr(event, "_defused"):
-                    exc = type(event._value)(*event._value.args)
-                    exc.__cause__ = event._value
-                    raise exc
-        except simpy.core.StopSimulation as stop:
-            return stop.args[0]
-        if until is not None:
-            raise RuntimeError(f'No scheduled events left but "until" event was not triggered: {until}')
-        return None
-
-
 class Simulation:
     """A SimPy environment with peers, a network, an emulated DHT and a seeded RNG."""
 
@@ -346,7 +308,7 @@ class Simulation:
         max_message_bytes: int = 2**31,
         link_sharing: str = "maxmin",
     ):
-        self.env = _Environment()
+        self.env = simpy.Environment()
         self.rng = random.Random(seed)
         self.network = Network(self.env, latency_s, jitter_s, random.Random(self.rng.getrandbits(64)), link_sharing)
         self.dht = EmulatedDHT(dht_latency_s)
