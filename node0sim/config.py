@@ -104,7 +104,7 @@ class TopologyConfig:
     num_trainers: int = 1
     rebalance_period_s: float = 300.0
     rebalance_margin: float = 0.2
-    max_batch_requests: int = 4
+    max_batch_requests: int = 1
 
     def __post_init__(self) -> None:
         _require(self.num_stages >= 1, f"topology.num_stages: must be >= 1, got {self.num_stages}")

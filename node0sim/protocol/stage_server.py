@@ -346,6 +346,11 @@ class StageServer:
                 mean, contributors = await self.averager.all_reduce(f"grad/{epoch}", members, bandwidths, gradients, samples)
             if mean is not None:
                 await self.rt.compute(self.compute.step_flops(), lambda: self.compute.step_with(mean))
+            elif target_epoch > epoch and self._others():
+                # nothing to step with while the stage moved on (a joiner whose download raced the donor's
+                # step): jumping to the stage's epoch would leave this peer an update behind; fetch the state
+                await self.load_state_from_peers()
+                target_epoch = max(target_epoch, self.epoch)
             self.stats.last_group_size = contributors
             if contributors > 1:
                 self.stats.averaging_rounds += 1
