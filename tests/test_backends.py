@@ -16,12 +16,12 @@ pytestmark = pytest.mark.slow
 
 
 def _pipeline(num_stages: int, batch: torch.Tensor, micro: int):
-    computes = [TensorStageCompute(s, OptimConfig(lr=1e-2), DenseCodec()) for s in build_stages(CFG, num_stages, seed=3)]
+    computes = [TensorStageCompute(s, OptimConfig(lr=1e-2, warmup_steps=0), DenseCodec()) for s in build_stages(CFG, num_stages, seed=3)]
 
     async def scenario(runtimes):
         for i, compute in enumerate(computes):
             # a target batch the run never reaches: gradients stay accumulated for the check
-            server = StageServer(runtimes[f"s{i}"], "run", compute, AveragingConfig(10**6), throughput=1.0, bandwidth_mbps=50)
+            server = StageServer(runtimes[f"s{i}"], "run", compute, AveragingConfig(10**6, progress_period_s=5.0), throughput=1.0, bandwidth_mbps=50)
             runtimes[f"s{i}"].spawn(server.start())
         micro_batches = batch.shape[0] // micro
         trainer = Trainer(

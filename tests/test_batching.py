@@ -54,9 +54,9 @@ def _serve(kind: str, limit: int, requests: list, compute=None):
     server_peer = sim.add_peer("server", region="r", up_mbps=1e4, down_mbps=1e4, gpu=gpu, utilization=1e-6)
     client = sim.add_peer("client", region="r", up_mbps=1e4, down_mbps=1e4, gpu=gpu, utilization=0.4)
     stage = 2 if kind == "tail" else 1
-    compute = compute or TensorStageCompute(copy.deepcopy(STAGES[stage]), OptimConfig(), DenseCodec())
+    compute = compute or TensorStageCompute(copy.deepcopy(STAGES[stage]), OptimConfig(lr=3e-4, warmup_steps=0), DenseCodec())
     server = StageServer(
-        server_peer.runtime, "run", compute, AveragingConfig(target_batch_size=10**6),
+        server_peer.runtime, "run", compute, AveragingConfig(target_batch_size=10**6, progress_period_s=5.0),
         throughput=1.0, bandwidth_mbps=1e4, max_batch_requests=limit,
     )
     sizes: list[int] = []

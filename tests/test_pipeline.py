@@ -33,12 +33,12 @@ def _pipeline_step(num_stages, batch, micro, schedule, update_every, codec=None,
     sim = make_sim(latency_s=0.02)
     fixed = basis.fixed_embedding if basis is not None else None
     computes = [
-        TensorStageCompute(s, OptimConfig(lr=1e-2), codec or DenseCodec(), basis)
+        TensorStageCompute(s, OptimConfig(lr=1e-2, warmup_steps=0), codec or DenseCodec(), basis)
         for s in build_stages(CFG, num_stages, seed=3, fixed_embedding=fixed)
     ]
     for i, compute in enumerate(computes):
         peer = add(sim, f"s{i}", 50, 50)
-        server = StageServer(peer.runtime, "run", compute, AveragingConfig(update_every), throughput=1.0, bandwidth_mbps=50)
+        server = StageServer(peer.runtime, "run", compute, AveragingConfig(update_every, progress_period_s=5.0), throughput=1.0, bandwidth_mbps=50)
         peer.runtime.spawn(server.start())
     trainer_peer = add(sim, "trainer", 50, 50)
     micro_batches = batch.shape[0] // micro
@@ -92,9 +92,9 @@ def test_wrong_stage_request_is_rejected_not_served():
     from node0sim.runtime import RemoteError
 
     sim = make_sim()
-    compute = TensorStageCompute(build_stages(CFG, 2, seed=0)[1], OptimConfig(), DenseCodec())
+    compute = TensorStageCompute(build_stages(CFG, 2, seed=0)[1], OptimConfig(lr=3e-4, warmup_steps=0), DenseCodec())
     server_peer, client = add(sim, "s1"), add(sim, "c")
-    server = StageServer(server_peer.runtime, "run", compute, AveragingConfig(8), throughput=1.0, bandwidth_mbps=50)
+    server = StageServer(server_peer.runtime, "run", compute, AveragingConfig(8, progress_period_s=5.0), throughput=1.0, bandwidth_mbps=50)
     server_peer.runtime.spawn(server.start())
 
     async def protocol():

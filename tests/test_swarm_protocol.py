@@ -135,7 +135,7 @@ def test_joiner_downloads_the_stage_state_and_averages_in_the_next_round(tmp_pat
 
 
 def test_exported_state_loads_exactly_into_a_fresh_peer():
-    first, second = (TensorStageCompute(build_stages(CFG, 2, seed=0)[1], OptimConfig(lr=1e-2), DenseCodec()) for _ in "ab")
+    first, second = (TensorStageCompute(build_stages(CFG, 2, seed=0)[1], OptimConfig(lr=1e-2, warmup_steps=0), DenseCodec()) for _ in "ab")
     hidden = torch.randn(2, 8, CFG.dim)
     for _ in range(3):
         first.tail(hidden, None, torch.randint(0, CFG.vocab_size, (2, 8)))
@@ -188,8 +188,8 @@ def test_routing_prefers_faster_peers_and_stops_sending_to_a_crashed_one():
     for name, gpu in (("fast", "a100"), ("slow", "t4")):
         # slow enough that compute, not latency, decides how fast a peer answers
         peer = sim.add_peer(name, region="r", up_mbps=1000, down_mbps=1000, gpu=gpu_profile(gpu), utilization=1e-6)
-        compute = TensorStageCompute(build_stages(CFG, 1, seed=0)[0], OptimConfig(), DenseCodec())
-        servers[name] = (peer, StageServer(peer.runtime, "run", compute, AveragingConfig(10**9),
+        compute = TensorStageCompute(build_stages(CFG, 1, seed=0)[0], OptimConfig(lr=3e-4, warmup_steps=0), DenseCodec())
+        servers[name] = (peer, StageServer(peer.runtime, "run", compute, AveragingConfig(10**9, progress_period_s=5.0),
                                            throughput=peer.flops_per_s / 1e9, bandwidth_mbps=1000))
         peer.runtime.spawn(servers[name][1].start())
     trainer_peer = add(sim, "trainer", 1000, 1000)

@@ -51,7 +51,7 @@ def one_layer_stage(dim: int, heads: int, kv_heads: int, seq_len: int, device: s
         name="bench", vocab_size=257, dim=dim, n_layers=3, n_heads=heads, n_kv_heads=kv_heads, ffn_dim_multiplier=None,
         multiple_of=64, rope_theta=10000.0, max_seq_len=seq_len, qk_norm=True, norm_reorder=True, trainable_rmsnorm=False,
     )
-    return TensorStageCompute(build_stages(cfg, 3, seed=0)[1], OptimConfig(), DenseCodec(), device=device)
+    return TensorStageCompute(build_stages(cfg, 3, seed=0)[1], OptimConfig(lr=3e-4, warmup_steps=0), DenseCodec(), device=device)
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -88,7 +88,7 @@ async def hop_ms(compute: TensorStageCompute, x: torch.Tensor, grad: torch.Tenso
     server_node = await LiveNode.start(NodeSettings())
     client = await LiveNode.start(NodeSettings(initial_peers=tuple(server_node.visible_maddrs)))
     try:
-        server = StageServer(server_node.runtime, "bench", compute, AveragingConfig(10**9), throughput=1.0, bandwidth_mbps=1e4)
+        server = StageServer(server_node.runtime, "bench", compute, AveragingConfig(10**9, progress_period_s=5.0), throughput=1.0, bandwidth_mbps=1e4)
         await server.start()
         peer, rt = server_node.runtime.peer_id, client.runtime
         times = []

@@ -21,19 +21,22 @@ from node0sim.runtime import Future, RPCError, Runtime
 
 @dataclass(frozen=True)
 class AveragingConfig:
-    """When and how the peers of a stage average (names follow hivemind.Optimizer where they exist)."""
+    """When and how the peers of a stage average (names follow hivemind.Optimizer where they exist).
 
-    target_batch_size: int
-    matchmaking_time_s: float = 5.0
-    matchmaking_slack_s: float = 1.0
-    averaging_timeout_s: float = 60.0
-    progress_period_s: float = 5.0
-    average_state_every: int = 5
-    sparta_fraction: float = 0.05
-    max_allowed_stale: int = 5
-    state_timeout_s: float = 600.0
-    powersgd_rank: int = 0
-    max_concurrent_sends: int = 4
+    The defaults are sized for CPU simulations (``conf/averaging/node0.yaml``: Node0's settings).
+    """
+
+    target_batch_size: int  # samples per epoch across a stage's peers (conf: train.batch_size)
+    matchmaking_time_s: float = 1.0  # peers ready within this window of the first form the group
+    matchmaking_slack_s: float = 0.2  # extra wait so every member reads the same group from the DHT (> sim.dht_latency_ms)
+    averaging_timeout_s: float = 60.0  # a member that vanishes costs the others at most this
+    progress_period_s: float = 0.5  # how often a peer reports its progress to the DHT (< matchmaking_time_s)
+    average_state_every: int = 5  # epochs between parameter averaging rounds (0: never)
+    sparta_fraction: float = 0.05  # SPARTA: fraction of parameters averaged each such round (1.0: all)
+    max_allowed_stale: int = 5  # epochs behind before a peer downloads the state from another
+    state_timeout_s: float = 600.0  # time allowed for one state download
+    powersgd_rank: int = 0  # PowerSGD rank for gradient averaging (0: plain all-reduce)
+    max_concurrent_sends: int = 4  # all-reduce parts in flight per member (bounded, like a butterfly schedule)
 
     def __post_init__(self) -> None:
         if self.target_batch_size < 1:

@@ -49,20 +49,28 @@ def _single(results: list[T | ValueError]) -> T:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup then linear decay (Node0's schedule) and gradient clipping."""
+    """AdamW with linear warmup then linear decay (Node0's schedule) and gradient clipping.
+
+    Node0 trains with lr 3e-4; the default suits the tiny CPU model. ``total_steps`` None (or 0) keeps ``lr``
+    constant after warmup; a run fills in ``train.steps`` (decay to zero at its end) unless it is set.
+    """
 
     name: str = "adamw"
-    lr: float = 3e-4
+    lr: float = 0.003
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    warmup_steps: int = 0
-    total_steps: int = 0
+    warmup_steps: int = 5
+    total_steps: int | None = None
     clip_grad_norm: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.name != "adamw":
+            raise ValueError(f"optim.name: {self.name!r} is not one of ['adamw']")
+
     def lr_factor(self, step: int) -> float:
-        """Multiplier of ``lr`` at optimizer step ``step`` (0-based); ``total_steps`` 0 means constant after warmup."""
+        """Multiplier of ``lr`` at optimizer step ``step`` (0-based); no ``total_steps`` means constant after warmup."""
         if self.warmup_steps and step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.total_steps:
