@@ -9,11 +9,14 @@ from pathlib import Path
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from node0sim.config import ConfigError, RunConfig, load_run_config
+from node0sim.config import ConfigError, RunConfig, load_run_config, schema
 from node0sim.metrics import RunRecorder, read_complete_summary
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -32,13 +35,22 @@ def safe_dirname(text: str) -> str:
 
 # conf/config.yaml names sweep job folders with it: ${hydra.job.num}_${node0sim_safe_dirname:...}
 OmegaConf.register_new_resolver("node0sim_safe_dirname", safe_dirname, replace=True)
+# conf/config.yaml composes everything onto it: the schema and its defaults (node0sim/config.py)
+ConfigStore.instance().store(name="node0sim_schema", node=schema())
 
 
 def compose_run_config(*overrides: str) -> RunConfig:
-    """The validated config for ``overrides``, exactly as the command line builds it (for scripts and tests)."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    return load_run_config(OmegaConf.to_container(cfg, resolve=True))
+    """The validated config for ``overrides``, exactly as the command line builds it (for scripts and tests).
+
+    Overrides Hydra refuses (unknown group option or key, a value of the wrong type) raise ConfigError too.
+    """
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(str(error)) from None
+    return load_run_config(config)
 
 
 def run(cfg: DictConfig) -> dict:

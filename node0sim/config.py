@@ -1,6 +1,9 @@
-"""Typed, validated run configuration built from the Hydra config tree (``conf/``).
+"""The run configuration: the schema of the Hydra config tree (``conf/``) and one way to load and validate it.
 
-Every error names the offending key and the allowed values, so a wrong override fails fast.
+The section dataclasses (``RunSchema`` lists them) are the schema registered in Hydra's ConfigStore and the only
+place a default lives: the YAML files under ``conf/`` set only what differs from them (tests/test_config.py checks
+it). ``load_run_config`` builds every section from a resolved mapping with ``build_section``; every error names the
+offending key and the allowed values or keys, so a wrong override fails before any work.
 """
 
 from __future__ import annotations
@@ -11,7 +14,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from omegaconf import MISSING, DictConfig, OmegaConf
+
 from node0sim.data import DataConfig
+from node0sim.model import ModelConfig
 from node0sim.protocol.averaging import AveragingConfig
 from node0sim.sim.churn import ChurnConfig
 from node0sim.protocol.stage_compute import OptimConfig
@@ -28,6 +34,7 @@ def _check_type(path: str, value: Any, hint: Any) -> Any:
             return None
         raise ConfigError(f"{path}: a value is required")
     for option in options:
+        option = typing.get_origin(option) or option  # dict[str, float] -> dict
         if option is bool and isinstance(value, bool):
             return value
         if option is int and isinstance(value, int) and not isinstance(value, bool):
@@ -45,11 +52,17 @@ def _check_type(path: str, value: Any, hint: Any) -> Any:
 
 
 def build_section(cls: type, node: Mapping[str, Any], path: str) -> Any:
-    """Instantiate dataclass ``cls`` from ``node``, rejecting unknown keys and wrong types."""
+    """Instantiate dataclass ``cls`` from the config section ``node`` found at ``path``.
+
+    Keys ``node`` leaves out take the class defaults. Unknown keys, missing required keys, wrong types and values
+    the class rejects raise ConfigError naming the key (``path.key: ...``).
+    """
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(node) - set(fields))
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(fields)}, got {node!r}")
+    unknown = sorted(str(key) for key in node if key not in fields)
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+        raise ConfigError(f"{path}.{unknown[0]}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, f in fields.items():
@@ -81,8 +94,8 @@ class NetworkConfig:
     name: str
     up_mbps: float
     down_mbps: float
-    latency_ms: float | None = None
-    regions: str = "single_region"
+    latency_ms: float | None = None  # None: one-way latency from the region preset; a number overrides it for every pair
+    regions: str = "single_region"  # datacenter | single_region | europe | worldwide (node0sim/sim/regions.py)
     jitter_ms: float = 0.0
 
     def __post_init__(self) -> None:
@@ -99,12 +112,12 @@ class NetworkConfig:
 class TopologyConfig:
     """How many stages, servers and trainers the swarm starts with, and how servers rebalance."""
 
-    num_stages: int
-    peers_per_stage: int = 1
-    num_trainers: int = 1
-    rebalance_period_s: float = 300.0
-    rebalance_margin: float = 0.2
-    max_batch_requests: int = 1
+    num_stages: int = 4  # head, body..., tail
+    peers_per_stage: int = 1  # initial servers per stage (churn adds and removes peers)
+    num_trainers: int = 1  # peers that feed data (each with its own links)
+    rebalance_period_s: float = 300.0  # how often a server checks whether moving stage would help (0: never)
+    rebalance_margin: float = 0.2  # move only if the pipeline's bottleneck improves by this fraction
+    max_batch_requests: int = 1  # >1: a server merges up to this many waiting same-kind requests into one call
 
     def __post_init__(self) -> None:
         _require(self.num_stages >= 1, f"topology.num_stages: must be >= 1, got {self.num_stages}")
@@ -119,17 +132,17 @@ class TopologyConfig:
 class TrainConfig:
     """Batch sizes, schedule and stopping rules."""
 
-    steps: int
-    batch_size: int
-    micro_batch_size: int
-    seq_len: int
-    schedule: str = "sync"
+    steps: int = 200  # global batches pushed through the pipeline
+    batch_size: int = 16  # sequences per global batch (each stage updates once per batch_size samples)
+    micro_batch_size: int = 4
+    seq_len: int = 128
+    schedule: str = "sync"  # sync: GPipe-style flush per step; async: keep max_inflight micro-batches in flight
     max_inflight: int = 4
-    max_sim_time_s: float | None = None
+    max_sim_time_s: float | None = None  # stop at this much virtual time
     request_timeout_s: float = 30.0
     max_retries: int = 3
-    eval_batches: int = 4
-    skip_if_done: bool = False
+    eval_batches: int = 4  # validation batches evaluated at the end
+    skip_if_done: bool = False  # true: a run whose output dir has a complete summary.json prints "already done"
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"train.steps: must be >= 1, got {self.steps}")
@@ -159,17 +172,18 @@ class TrainConfig:
 class SimConfig:
     """Simulator settings: numerics or timing mode, the GPU cost model, DHT latency, limits."""
 
-    numerics: bool = True
-    gpu: str = "rtx3090"
-    utilization: float = 0.4
-    dht_latency_ms: float = 50.0
-    max_message_mb: float = 1024.0
-    timing_dtype: str = "bfloat16"
-    max_numerics_params: int = 500_000_000
-    gpu_mix: dict = dataclasses.field(default_factory=dict)
-    snapshot_period_s: float = 60.0
-    link_sharing: str = "maxmin"
-    call_overhead_ms: float = 0.1
+    numerics: bool = True  # true: real tensors, loss curves; false: timing mode (sizes and FLOPs only)
+    gpu: str = "rtx3090"  # cost model profile: t4 | rtx3090 | rtx4090 | l4 | a100 | h100
+    utilization: float = 0.4  # achieved fraction of the GPU's peak FLOP/s
+    dht_latency_ms: float = 50.0  # cost of one DHT get/store
+    max_message_mb: float = 1024.0  # larger RPC payloads are refused
+    timing_dtype: str = "bfloat16"  # wire dtype of activations in timing mode
+    max_numerics_params: int = 500_000_000  # refuse numerics mode above this (use timing mode)
+    gpu_mix: dict[str, float] = dataclasses.field(default_factory=dict)  # e.g. {rtx3090: 1, a100: 1}: each peer draws its GPU
+    snapshot_period_s: float = 60.0  # how often the swarm's state (peers per stage, ...) is logged
+    link_sharing: str = "maxmin"  # maxmin: exact max-min fair; equal: per-link equal split (fast, huge swarms);
+    # per_link: each link its own processor-sharing queue (fastest, slightly optimistic)
+    call_overhead_ms: float = 0.1  # fixed time per accelerator call (kernel launches, dispatch); batching saves it
 
     def __post_init__(self) -> None:
         from node0sim.sim.gpus import GPU_PROFILES
@@ -235,7 +249,7 @@ class WandbConfig:
     ``mode``: null uses ``$WANDB_MODE`` when set, else ``offline`` (nothing leaves the machine).
     """
 
-    enabled: bool = True
+    enabled: bool = True  # log config, metrics and summary to Weights & Biases (never fatal)
     project: str = "node0sim"
     entity: str | None = None
     mode: str | None = None
@@ -258,23 +272,23 @@ class SwarmConfig:
     bootstrap); servers and trainers refuse configurations signed by anyone else.
     """
 
-    role: str = "local"
-    initial_peers: list = dataclasses.field(default_factory=list)
+    role: str = "local"  # local: a whole swarm on 127.0.0.1 | bootstrap | server | trainer
+    initial_peers: list[str] = dataclasses.field(default_factory=list)
     organizer_key: str | None = None
-    host: str = "0.0.0.0"
-    host_port: int = 0
-    announce_host: str | None = None
+    host: str = "0.0.0.0"  # listen address (the local role always uses 127.0.0.1)
+    host_port: int = 0  # listen port (0: any free port)
+    announce_host: str | None = None  # public address others should dial, if different (port forwarding)
     announce_port: int | None = None
-    identity_path: str = "private.key"
-    info_path: str | None = None
-    stage: int | None = None
-    trainer_index: int = 0
-    device: str = "cpu"
-    nat_traversal: bool = False
-    startup_timeout_s: float = 60.0
-    log_period_s: float = 60.0
-    max_message_mb: float = 256.0
-    all_reduce: str = "hivemind"
+    identity_path: str = "private.key"  # persistent peer identity (created owner-only on first start, reused to rejoin)
+    info_path: str | None = None  # bootstrap: also write its multiaddrs and key fingerprint to this JSON file
+    stage: int | None = None  # server: serve this stage (None: the stage that limits the pipeline most)
+    trainer_index: int = 0  # trainer: which of topology.num_trainers data shards to stream
+    device: str = "cpu"  # cpu | cuda | cuda:<index>
+    nat_traversal: bool = False  # UPnP port mapping, AutoNAT and relays (off: only direct connections)
+    startup_timeout_s: float = 60.0  # how long to wait for the daemon, the bootstrap and the run configuration
+    log_period_s: float = 60.0  # server: "Processed N batches in last 60 seconds" every this many seconds
+    max_message_mb: float = 256.0  # larger RPC messages are refused
+    all_reduce: str = "hivemind"  # in-stage all-reduce: hivemind (its AllReduceRunner) | protocol (the simulator's, over RPC)
 
     def __post_init__(self) -> None:
         _one_of("swarm.role", self.role, SWARM_ROLES)
@@ -299,6 +313,79 @@ class SwarmConfig:
             _require(bool(self.organizer_key), f"swarm.organizer_key: a {self.role} needs the fingerprint printed by the bootstrap")
 
 
+BACKENDS = ("sim", "swarm")
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """The runtime the protocol runs on (``conf/backend/``): ``sim`` (the emulator) or ``swarm`` (live hivemind peers)."""
+
+    name: str = "sim"
+
+    def __post_init__(self) -> None:
+        _one_of("backend", self.name, BACKENDS)
+
+
+def _model_schema() -> type:
+    """``ModelConfig``'s fields and defaults, with ``vocab_size`` optional: null takes the tokenizer's vocabulary
+    (``experiment.model_config`` fills it in once the tokenizer is known)."""
+    hints = typing.get_type_hints(ModelConfig)
+    fields = [
+        (f.name, hints[f.name] | None if f.name == "vocab_size" else hints[f.name], dataclasses.field(default=f.default))
+        for f in dataclasses.fields(ModelConfig)
+    ]
+    return dataclasses.make_dataclass("ModelSchema", fields, frozen=True)
+
+
+ModelSchema = _model_schema()
+
+
+@dataclass
+class RunSchema:
+    """The root of the config tree: the run's seed and DHT key prefix, and the class of every section.
+
+    ``schema()`` turns it into the node Hydra composes ``conf/`` onto; ``load_run_config`` builds each section
+    from its class.
+    """
+
+    seed: int = 0
+    run_id: str = "node0sim"  # prefix of this run's DHT keys
+    backend: BackendConfig = MISSING
+    model: ModelSchema = MISSING
+    network: NetworkConfig = MISSING
+    topology: TopologyConfig = MISSING
+    train: TrainConfig = MISSING
+    sim: SimConfig = MISSING
+    optim: OptimConfig = MISSING
+    data: DataConfig = MISSING
+    churn: ChurnConfig = MISSING
+    compression: CompressionConfig = MISSING
+    averaging: AveragingConfig = MISSING
+    scale: ScaleConfig = MISSING
+    wandb: WandbConfig = MISSING
+    swarm: SwarmConfig = MISSING
+
+
+def schema_sections() -> dict[str, type]:
+    """Each section's name and its class, in ``RunSchema`` order."""
+    return {name: hint for name, hint in typing.get_type_hints(RunSchema).items() if dataclasses.is_dataclass(hint)}
+
+
+def schema() -> DictConfig:
+    """``RunSchema`` as an OmegaConf node: typed, with every section's defaults (required keys ``???``).
+
+    Nodes of the (frozen) section classes are copied writable, so YAML and overrides merge onto them; mapping
+    fields (``gpu_mix``) accept new keys under Hydra's struct mode, so ``sim.gpu_mix="{a100: 1}"`` works.
+    """
+    root = OmegaConf.structured(RunSchema)
+    for name, cls in schema_sections().items():
+        root[name] = OmegaConf.structured(cls)
+        for key, hint in typing.get_type_hints(cls).items():
+            if (typing.get_origin(hint) or hint) is dict:
+                OmegaConf.set_struct(root[name][key], False)
+    return root
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs, validated."""
@@ -321,73 +408,42 @@ class RunConfig:
     swarm: SwarmConfig = SwarmConfig()
 
 
-SECTIONS = (
-    "backend", "seed", "run_id", "model", "network", "topology", "train", "sim", "optim", "data", "churn",
-    "compression", "averaging", "scale", "wandb", "swarm",
-)
-
-
-def _name_only(node: Mapping[str, Any], path: str, allowed: tuple[str, ...]) -> str:
-    extra = sorted(set(node) - {"name"})
-    _require(not extra, f"{path}: unknown key(s) {extra}")
-    _one_of(f"{path}", node.get("name"), allowed)
-    return node["name"]
-
-
 def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
-    """Validate a resolved config mapping (``OmegaConf.to_container(cfg, resolve=True)``)."""
-    unknown = sorted(set(cfg) - set(SECTIONS) - {"hydra"})
-    _require(not unknown, f"unknown top-level key(s) {unknown}; allowed: {list(SECTIONS)}")
-    missing = [s for s in SECTIONS if s not in cfg]
+    """Validate a resolved config mapping (``OmegaConf.to_container(cfg, resolve=True)``, or the configuration a
+    bootstrap publishes): each section through ``build_section`` with its ``RunSchema`` class, then the checks
+    that span sections."""
+    hints = typing.get_type_hints(RunSchema)
+    unknown = sorted(set(cfg) - set(hints) - {"hydra"})
+    _require(not unknown, f"unknown top-level key(s) {unknown}; allowed: {list(hints)}")
+    missing = [name for name in hints if name not in cfg]
     _require(not missing, f"missing config section(s) {missing}")
-    optim = dict(cfg["optim"])
-    if optim.get("total_steps") is None:
-        optim["total_steps"] = 0
-    # `gpu_mix: null` in the YAML lets a command line set a whole mapping; null means "no mix"
-    sim, churn = _null_mix_as_empty(cfg["sim"]), _null_mix_as_empty(cfg["churn"])
-    run = RunConfig(
-        backend=_name_only(cfg["backend"], "backend", ("sim", "swarm")),
-        seed=_check_type("seed", cfg["seed"], int),
-        run_id=_check_type("run_id", cfg["run_id"], str),
-        model=dict(cfg["model"]),
-        network=build_section(NetworkConfig, cfg["network"], "network"),
-        topology=build_section(TopologyConfig, cfg["topology"], "topology"),
-        train=build_section(TrainConfig, cfg["train"], "train"),
-        sim=build_section(SimConfig, sim, "sim"),
-        optim=build_section(OptimConfig, optim, "optim"),
-        data=_from_mapping(DataConfig, cfg["data"]),
-        churn=_from_mapping(ChurnConfig, churn),
-        compression=build_section(CompressionConfig, cfg["compression"], "compression"),
-        averaging=_averaging(cfg["averaging"], cfg["train"].get("batch_size")),
-        scale=build_section(ScaleConfig, cfg["scale"], "scale"),
-        wandb=build_section(WandbConfig, cfg["wandb"], "wandb"),
-        swarm=build_section(SwarmConfig, cfg["swarm"], "swarm"),
+    values = {
+        name: build_section(hint, cfg[name], name) if dataclasses.is_dataclass(hint) else _check_type(name, cfg[name], hint)
+        for name, hint in hints.items()
+    }
+    model = values["model"]
+    vocab_size = 1 if model.vocab_size is None else model.vocab_size  # null: the tokenizer's (checked once it is known)
+    try:
+        architecture = ModelConfig(**{**dataclasses.asdict(model), "vocab_size": vocab_size})
+    except ValueError as error:
+        raise ConfigError(f"model: {error}") from None
+    run = RunConfig(**{**values, "backend": values["backend"].name, "model": dataclasses.asdict(model)})
+    _require(
+        run.sim.numerics or model.vocab_size is not None,
+        "model.vocab_size: must be set in timing mode (sim.numerics=false)",
     )
-    _one_of("optim.name", run.optim.name, ("adamw",))
+    _require(
+        run.train.seq_len <= architecture.max_seq_len,
+        f"train.seq_len: {run.train.seq_len} exceeds model.max_seq_len ({architecture.max_seq_len})",
+    )
+    _require(
+        run.topology.num_stages <= architecture.n_layers,
+        f"topology.num_stages: {run.topology.num_stages} stages need at least as many layers, "
+        f"model.n_layers is {architecture.n_layers}",
+    )
     _require(
         run.train.schedule == "async" or run.topology.num_trainers == 1,
         "train.schedule=sync needs topology.num_trainers=1 (there is no barrier across trainers); "
         "use train.schedule=async with several trainers",
     )
     return run
-
-
-def _null_mix_as_empty(node: Mapping[str, Any]) -> dict[str, Any]:
-    node = dict(node)
-    if "gpu_mix" in node and node["gpu_mix"] is None:
-        node["gpu_mix"] = {}
-    return node
-
-
-def _from_mapping(cls: type, node: Mapping[str, Any]) -> Any:
-    try:
-        return cls.from_mapping(node)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-
-
-def _averaging(node: Mapping[str, Any], batch_size: Any) -> AveragingConfig:
-    node = dict(node)
-    if node.get("target_batch_size") is None:
-        node["target_batch_size"] = batch_size
-    return build_section(AveragingConfig, node, "averaging")

@@ -23,26 +23,12 @@ from node0sim.protocol.trainer import TrainerConfig
 
 
 def model_config(run: RunConfig, vocab_size: int | None) -> ModelConfig:
-    """The model of the run; ``model.vocab_size: null`` takes the tokenizer's vocabulary."""
-    node = dict(run.model)
-    if node.get("vocab_size") is None:
-        if vocab_size is None:
-            raise ConfigError("model.vocab_size: must be set in timing mode (sim.numerics=false)")
-        node["vocab_size"] = vocab_size
-    elif vocab_size is not None and node["vocab_size"] < vocab_size:
-        raise ConfigError(f"model.vocab_size: {node['vocab_size']} is smaller than the tokenizer's {vocab_size}")
-    try:
-        cfg = ModelConfig.from_mapping(node)
-    except ValueError as error:
-        raise ConfigError(f"model: {error}") from None
-    if run.train.seq_len > cfg.max_seq_len:
-        raise ConfigError(f"train.seq_len: {run.train.seq_len} exceeds model.max_seq_len ({cfg.max_seq_len})")
-    if run.topology.num_stages > cfg.n_layers:
-        raise ConfigError(
-            f"topology.num_stages: {run.topology.num_stages} stages need at least as many layers, "
-            f"model.n_layers is {cfg.n_layers}"
-        )
-    return cfg
+    """The model of the run (validated by ``load_run_config``); ``model.vocab_size: null`` takes the tokenizer's
+    vocabulary ``vocab_size`` (None in timing mode, where ``load_run_config`` requires a size)."""
+    size = run.model["vocab_size"]
+    if size is not None and vocab_size is not None and size < vocab_size:
+        raise ConfigError(f"model.vocab_size: {size} is smaller than the tokenizer's {vocab_size}")
+    return ModelConfig(**{**run.model, "vocab_size": vocab_size if size is None else size})
 
 
 HUB_PREFIX = "hf://"

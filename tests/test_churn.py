@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from node0sim.config import build_section
 from node0sim.sim.churn import ChurnConfig, ChurnEvent, churn_schedule, load_trace
 
 PEERS = [f"p{i}" for i in range(2000)]
@@ -191,13 +192,13 @@ def test_trace_must_agree_with_initial_peers(tmp_path: Path, body: str, problem:
 
 
 def test_from_mapping() -> None:
-    cfg = ChurnConfig.from_mapping({"name": "volunteer", "join_rate_per_hour": 12, "gpu_mix": {"t4": 1}})
+    cfg = build_section(ChurnConfig, {"name": "volunteer", "join_rate_per_hour": 12, "gpu_mix": {"t4": 1}}, "churn")
     assert cfg == ChurnConfig(name="volunteer", join_rate_per_hour=12.0, gpu_mix={"t4": 1.0})
     allowed = r"allowed keys: name, join_rate_per_hour"
     with pytest.raises(ValueError, match=r"^churn\.rate: unknown key\(s\) rate; " + allowed):
-        ChurnConfig.from_mapping({"name": "poisson", "rate": 1.0})
+        build_section(ChurnConfig, {"name": "poisson", "rate": 1.0}, "churn")
     with pytest.raises(ValueError, match=r"^churn\.name: missing"):
-        ChurnConfig.from_mapping({})
+        build_section(ChurnConfig, {}, "churn")
 
 
 @pytest.mark.parametrize(
@@ -222,7 +223,7 @@ def test_from_mapping() -> None:
 def test_config_rejects_bad_values(key: str, value: object) -> None:
     d = {"name": "trace" if key == "trace_file" else "poisson", key: value}
     with pytest.raises(ValueError, match=rf"^churn\.{key}"):
-        ChurnConfig.from_mapping(d)
+        build_section(ChurnConfig, d, "churn")
 
 
 def test_trace_needs_a_file() -> None:

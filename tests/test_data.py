@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from node0sim.config import build_section
 from node0sim.data import (
     ByteTokenizer,
     DataConfig,
@@ -264,7 +265,7 @@ def test_split_is_by_content_and_validation_never_in_training(tmp_path: Path) ->
 
 @pytest.mark.usefixtures("shared_corpus")
 def test_build_data_embedded_default() -> None:
-    stream, validation, tok = build_data(DataConfig.from_mapping({}), seq_len=128, batch_size=4, seed=0)
+    stream, validation, tok = build_data(DataConfig(), seq_len=128, batch_size=4, seed=0)
     assert isinstance(tok, ByteTokenizer)
     assert stream.next_batch().shape == (4, 129)
     assert len(validation) == 4 and validation[0].shape == (4, 129)
@@ -275,11 +276,11 @@ def test_build_data_embedded_default() -> None:
 
 def test_config_from_mapping(tmp_path: Path) -> None:
     (tmp_path / "x.jsonl").write_text('{"text": "hi"}\n', encoding="utf-8")
-    cfg = DataConfig.from_mapping({"source": "files", "files": [str(tmp_path / "*.jsonl")], "max_documents": 10})
+    cfg = build_section(DataConfig, {"source": "files", "files": [str(tmp_path / "*.jsonl")], "max_documents": 10}, "data")
     assert cfg.files == [str(tmp_path / "*.jsonl")] and cfg.max_documents == 10
 
     with pytest.raises(ValueError) as info:
-        DataConfig.from_mapping({"source": "embedded", "shuffle": True})
+        build_section(DataConfig, {"source": "embedded", "shuffle": True}, "data")
     assert "shuffle" in str(info.value) and "validation_fraction" in str(info.value)
 
     bad = [
@@ -293,7 +294,7 @@ def test_config_from_mapping(tmp_path: Path) -> None:
     ]
     for mapping, pattern in bad:
         with pytest.raises(ValueError, match=pattern):
-            DataConfig.from_mapping(mapping)
+            build_section(DataConfig, mapping, "data")
 
     (tmp_path / "y.csv").write_text("text\nhi\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"unsupported extension.*\.txt, \.json, \.jsonl, \.parquet"):

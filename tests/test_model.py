@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from node0sim.config import build_section
 from node0sim.model import (
     Llama,
     ModelConfig,
@@ -94,13 +95,13 @@ def test_config_rejects_non_positive() -> None:
 
 def test_from_mapping_roundtrip_and_unknown_key() -> None:
     cfg = tiny()
-    assert ModelConfig.from_mapping(dataclasses.asdict(cfg)) == cfg
+    assert build_section(ModelConfig, dataclasses.asdict(cfg), "model") == cfg
     with pytest.raises(ValueError, match="bogus.*allowed keys.*n_kv_heads"):
-        ModelConfig.from_mapping({**dataclasses.asdict(cfg), "bogus": 1})
+        build_section(ModelConfig, {**dataclasses.asdict(cfg), "bogus": 1}, "model")
     partial = dataclasses.asdict(cfg)
     del partial["dim"]
     with pytest.raises(ValueError, match="dim"):
-        ModelConfig.from_mapping(partial)
+        build_section(ModelConfig, partial, "model")
 
 
 # --- model and stages ---------------------------------------------------------------------

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import hashlib
 import itertools
 import os
 import random
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -91,15 +90,6 @@ class DataConfig:
             if not self.files:
                 raise ValueError("data.files: source=files needs at least one file path or glob pattern")
             file_builder(resolve_files(self.files))
-
-    @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> DataConfig:
-        """Build from a mapping (e.g. a Hydra/OmegaConf node); unknown keys raise ``ValueError``."""
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(str(k) for k in d if k not in allowed)
-        if unknown:
-            raise ValueError(f"data: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(allowed)}")
-        return cls(**dict(d))
 
 
 class _TextColumn:

@@ -9,11 +9,8 @@ sublayer's output instead of its input).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -95,22 +92,6 @@ class ModelConfig:
         if self.ffn_dim_multiplier:
             hidden = int(self.ffn_dim_multiplier * hidden)
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-
-    @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> ModelConfig:
-        """Build from a plain mapping (e.g. an OmegaConf node); unknown or missing keys raise ValueError."""
-        fields = dataclasses.fields(cls)
-        allowed = [f.name for f in fields]
-        unknown = sorted(set(d.keys()) - set(allowed))
-        if unknown:
-            raise ValueError(f"unknown ModelConfig key(s) {unknown}; allowed keys: {allowed}")
-        required = [
-            f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        missing = [name for name in required if name not in d]
-        if missing:
-            raise ValueError(f"missing ModelConfig key(s) {missing}; allowed keys: {allowed}")
-        return cls(**{key: d[key] for key in d.keys()})
 
 
 class RMSNorm(nn.Module):

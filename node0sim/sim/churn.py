@@ -31,7 +31,6 @@ with the initial peers, and every id joins at most once and departs at most once
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import os
 import random
@@ -126,19 +125,6 @@ class ChurnConfig:
             _read_trace(self.trace_file)
         except ValueError as error:
             raise ValueError(f"churn.trace_file: {error}") from None
-
-    @classmethod
-    def from_mapping(cls, d: Mapping[str, Any]) -> ChurnConfig:
-        """Build from a mapping (e.g. a Hydra/OmegaConf node); unknown keys raise ``ValueError``."""
-        allowed = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(str(k) for k in d if k not in allowed)
-        if unknown:
-            raise ValueError(
-                f"churn.{unknown[0]}: unknown key(s) {', '.join(unknown)}; allowed keys: {', '.join(allowed)}"
-            )
-        if "name" not in d:
-            raise ValueError(f"churn.name: missing; one of {list(MODELS)}")
-        return cls(**{str(k): v for k, v in d.items()})
 
 
 def _read_trace(path: str) -> list[tuple[int, ChurnEvent]]:

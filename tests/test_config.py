@@ -1,0 +1,120 @@
+"""The schema (node0sim/config.py) is the one source of defaults; conf/ only sets what differs from it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from node0sim.app import CONF_DIR, compose_run_config
+from node0sim.config import ConfigError, RunSchema, build_section, load_run_config, schema, schema_sections
+
+CONF = Path(CONF_DIR)
+YAMLS = sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml"))
+
+
+def _settings(name: str) -> dict[tuple[str, ...], Any]:
+    """What ``conf/<name>`` sets, by (section, key) or (top-level key,), with its package applied; interpolations are
+    kept as written, the defaults list and ``hydra.*`` left out."""
+    path = CONF / name
+    node = OmegaConf.to_container(OmegaConf.load(path), resolve=False) or {}
+    node.pop("defaults", None)
+    node.pop("hydra", None)
+    group = Path(name).parent.as_posix()
+    if group != "." and "# @package _global_" not in path.read_text():
+        node = {group: node}
+    sections = schema_sections()
+    return {
+        (top, key) if top in sections else (top,): value
+        for top, values in node.items()
+        for key, value in (values.items() if top in sections else [(None, values)])
+    }
+
+
+def _default(key: tuple[str, ...]) -> Any:
+    node = schema()
+    for part in key:
+        node = node._get_node(part)  # the raw node: ``???`` stays a value
+    return node._value()
+
+
+def _composed(*overrides: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The resolved config Hydra composes from conf/, and the option chosen in each config group."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+        choices = OmegaConf.to_container(cfg.hydra.runtime.choices)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return OmegaConf.to_container(cfg, resolve=True), choices
+
+
+@pytest.mark.parametrize("name", YAMLS)
+def test_no_yaml_restates_a_schema_default(name):
+    """No default value appears twice: every key a YAML under conf/ sets differs from the default of the schema
+    it overrides (RunSchema and the section classes), or is an interpolation."""
+    restated = {
+        ".".join(key): value
+        for key, value in _settings(name).items()
+        if not (isinstance(value, str) and value.startswith("${")) and value == _default(key)
+    }
+    assert not restated, f"conf/{name} restates schema defaults: {restated}"
+
+
+def test_each_section_from_its_class_equals_the_composed_default_config():
+    """Keys no YAML of the default composition sets take exactly the class defaults on the command line too."""
+    composed, choices = _composed()
+    chosen = ["config.yaml", *(f"{group}/{option}.yaml" for group, option in choices.items() if f"{group}/{option}.yaml" in YAMLS)]
+    set_keys = {key for name in chosen for key in _settings(name)}
+    for name, cls in schema_sections().items():
+        given = {key: composed[name][key] for (section, *rest) in set_keys if section == name for key in rest}
+        assert build_section(cls, given, name) == build_section(cls, composed[name], name), name
+    for field in dataclasses.fields(RunSchema):
+        if (field.name,) not in set_keys and field.name not in schema_sections():
+            assert composed[field.name] == field.default
+
+
+def test_defaults_the_command_line_used_before_live_in_the_classes():
+    # conf/ and the classes disagreed until the YAML values (what the CLI used) became the class defaults
+    run = compose_run_config()
+    assert (run.averaging.matchmaking_time_s, run.averaging.matchmaking_slack_s, run.averaging.progress_period_s) == (1.0, 0.2, 0.5)
+    assert (run.optim.lr, run.optim.warmup_steps) == (0.003, 5)
+    assert run.averaging.target_batch_size == run.train.batch_size and run.compression.seed == run.seed
+
+
+def test_a_plain_resolved_mapping_loads_like_the_composed_config():
+    composed, _ = _composed("churn=volunteer", "averaging=node0", "seed=3")
+    assert load_run_config(composed) == compose_run_config("churn=volunteer", "averaging=node0", "seed=3")
+    published = {k: v for k, v in composed.items() if k not in ("swarm", "wandb")}
+    with pytest.raises(ConfigError, match=r"missing config section\(s\) \['wandb', 'swarm'\]"):
+        load_run_config(published)
+
+
+@pytest.mark.parametrize(
+    "section,change,message",
+    [
+        ("optim", {"name": "sgd"}, r"optim\.name: 'sgd' is not one of \['adamw'\]"),
+        ("averaging", {"target_batch_size": None}, r"averaging\.target_batch_size: a value is required"),
+        ("topology", {"stages": 2}, r"topology\.stages: unknown key\(s\) stages; allowed keys: num_stages, peers_per_stage"),
+        ("model", {"dim": "wide"}, r"model\.dim: expected int"),
+        ("model", {"n_kv_heads": 3}, r"model: .*n_kv_heads"),
+        ("backend", {"name": "cloud"}, r"backend: 'cloud' is not one of \['sim', 'swarm'\]"),
+    ],
+)
+def test_every_section_is_validated_by_one_mechanism_naming_the_key(section, change, message):
+    composed, _ = _composed()
+    composed[section] = {**composed[section], **change}
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(composed)
+
+
+def test_cross_section_checks_happen_at_load_time():
+    with pytest.raises(ConfigError, match=r"model\.vocab_size: must be set in timing mode"):
+        compose_run_config("sim.numerics=false")
+    with pytest.raises(ConfigError, match=r"train\.seq_len: 512 exceeds model\.max_seq_len \(256\)"):
+        compose_run_config("train.seq_len=512")
+    with pytest.raises(ConfigError, match=r"train\.steps"):  # Hydra refuses it against the schema's type
+        compose_run_config("train.steps=many")
