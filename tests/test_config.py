@@ -1,4 +1,7 @@
-"""The schema (node0sim/config.py) is the one source of defaults; conf/ only sets what differs from it."""
+"""The schema (node0sim/config.py) is the one source of defaults; conf/ only sets what differs from it.
+
+``test_no_yaml_restates_a_schema_default`` is how "a default value lives in exactly one place" is checked.
+"""
 
 from __future__ import annotations
 
@@ -36,10 +39,11 @@ def _settings(name: str) -> dict[tuple[str, ...], Any]:
 
 
 def _default(key: tuple[str, ...]) -> Any:
-    node = schema()
+    """The schema's default at ``key`` (``???`` where the schema requires a value)."""
+    node = OmegaConf.to_container(schema())
     for part in key:
-        node = node._get_node(part)  # the raw node: ``???`` stays a value
-    return node._value()
+        node = node[part]
+    return node
 
 
 def _composed(*overrides: str) -> tuple[dict[str, Any], dict[str, str]]:
