@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from node0sim.app import compose_run_config  # noqa: E402
 from node0sim.metrics import RunRecorder  # noqa: E402
 from node0sim.sim.runner import SimulatedRun  # noqa: E402
+from node0sim.sim.timers import scheduled_events  # noqa: E402
 
 
 def node0_scale_overrides(peers: int, virtual_s: float, link_sharing: str) -> list[str]:
@@ -43,7 +44,7 @@ def measure(peers: int, virtual_s: float, link_sharing: str, extra: list[str]) -
         start = time.perf_counter()
         summary = sim_run.execute()
         wall = time.perf_counter() - start
-        events = next(sim_run.sim.env._eid)  # SimPy numbers every scheduled event
+        events = scheduled_events(sim_run.sim.env)
     return wall, events, summary
 
 
