@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from node0sim.model import (
     Llama,
@@ -21,28 +23,16 @@ from node0sim.model import (
     stage_shapes,
     stage_state_bytes,
 )
+from node0sim.model.costs import stage_parameter_shapes
+from node0sim.model.llama import stage_weight_shapes
+from tests.modelutil import small_config
 
 SEQ = 16
+CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def tiny(**overrides: object) -> ModelConfig:
-    base = dict(
-        name="tiny",
-        vocab_size=64,
-        dim=32,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim_multiplier=None,
-        multiple_of=16,
-        rope_theta=10000.0,
-        max_seq_len=SEQ,
-        qk_norm=False,
-        norm_reorder=False,
-        trainable_rmsnorm=True,
-    )
-    base.update(overrides)
-    return ModelConfig(**base)
+    return small_config(**{"max_seq_len": SEQ, **overrides})
 
 
 def config_8b(vocab_size: int = 50265) -> ModelConfig:
@@ -246,6 +236,31 @@ def test_parameter_count_matches_modules(qk_norm: bool, trainable: bool, num_sta
     for stage, shape in zip(stages, stage_shapes(cfg, num_stages)):
         assert shape == (stage.layer_range, stage.is_head, stage.is_tail)
         assert stage_parameter_count(cfg, *shape) == sum(p.numel() for p in stage.parameters())
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_weight_shapes_are_the_modules_parameter_shapes(qk_norm: bool, trainable: bool) -> None:
+    cfg = tiny(qk_norm=qk_norm, trainable_rmsnorm=trainable)
+    for stage in build_stages(cfg, 3, seed=0):
+        _assert_shapes_match(cfg, stage)
+
+
+def test_node0_8b_weight_shapes_are_the_modules_parameter_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 8B model built on the meta device: parameter shapes without any tensor storage."""
+    cfg = ModelConfig(**{**OmegaConf.to_container(OmegaConf.load(CONF / "model" / "node0_8b.yaml")), "trainable_rmsnorm": True})
+    monkeypatch.setattr(torch.nn.utils, "skip_init", lambda module_cls, *args, **kwargs: module_cls(*args, **kwargs))
+    monkeypatch.setattr(Llama, "_init_weights", lambda self, seed: None)
+    with torch.device("meta"):
+        model = Llama(cfg, seed=0)
+    for index in (0, 1, 31):
+        _assert_shapes_match(cfg, PipelineStage(model, index, 32))
+
+
+def _assert_shapes_match(cfg: ModelConfig, stage: PipelineStage) -> None:
+    actual = [(name, tuple(p.shape)) for name, p in stage.named_parameters()]
+    assert list(stage_weight_shapes(cfg, stage.layer_range, stage.is_head, stage.is_tail).items()) == actual
+    assert stage_parameter_shapes(cfg, stage.layer_range, stage.is_head, stage.is_tail) == [shape for _, shape in actual]
 
 
 def test_8b_parameter_count() -> None:
