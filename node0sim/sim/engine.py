@@ -2,7 +2,7 @@
 
 Each protocol coroutine is driven by one SimPy process: the coroutine awaits runtime
 awaitables, which yield SimPy events; the driver hands each event to SimPy and sends its
-value (or throws its failure) back into the coroutine. See ``shared/reference/async-on-simpy.md``.
+value (or throws its failure) back into the coroutine (:func:`_drive`).
 """
 
 from __future__ import annotations

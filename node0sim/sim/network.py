@@ -108,7 +108,6 @@ class Network:
         self._jitter_s = jitter_s
         self._rng = rng
         self.bytes_sent = 0
-        self.transfers = 0
         # pending completions: flows (maxmin, equal) or links (per_link), tagged with their version
         self._finishes: TimerHeap[Flow | Link] = TimerHeap(env, _is_current, self._complete, slack=1e-12, exact=False)
         self._order = itertools.count()  # tie-breaker of the links' finish tags
@@ -122,7 +121,6 @@ class Network:
         """Start sending ``nbytes`` from ``src`` to ``dst``; ``flow.done`` fires when they arrive."""
         done = self.env.event()
         self.bytes_sent += nbytes
-        self.transfers += 1
         if src is dst:
             done.succeed()
             return Flow(src.up, dst.down, 0, 0.0, done, self.env.now)
