@@ -49,7 +49,8 @@ def measure(name: str, repeats: int) -> list[tuple[str, float, float, float]]:
                 codec.decode_grad(codec.encode_grad(x))
 
             codec_ms = 1e3 * median_seconds(round_trip, repeats)
-            rows.append((f"{codec_name} rate {rate:g}" if codec_name != "quantize" else "quantize int8", codec_ms, forward_ms, codec_ms / forward_ms))
+            label = f"{codec_name} rate {rate:g}" if codec_name != "quantize" else "quantize int8"
+            rows.append((label, codec_ms, forward_ms, codec_ms / forward_ms))
     return rows
 
 
@@ -61,7 +62,8 @@ def main() -> None:
         cfg, num_stages, batch, seq_len = MODELS[name]
         print(f"{name}: d={cfg.dim}, {cfg.n_layers // num_stages} layers per stage, batch {batch} x {seq_len} tokens")
         for codec, codec_ms, forward_ms, ratio in measure(name, args.repeats):
-            print(f"  {codec:18s} encode+decode (acts + grads) {codec_ms:8.2f} ms | stage forward {forward_ms:8.2f} ms | ratio {ratio:.3f}")
+            print(f"  {codec:18s} encode+decode (acts + grads) {codec_ms:8.2f} ms | "
+                  f"stage forward {forward_ms:8.2f} ms | ratio {ratio:.3f}")
 
 
 if __name__ == "__main__":

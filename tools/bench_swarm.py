@@ -96,7 +96,8 @@ async def hop_ms(compute: TensorStageCompute, x: torch.Tensor, grad: torch.Tenso
 
 def bench_hop(repeats: int, device: str) -> None:
     """Print the per-hop table: a stage peer's forward + backward vs raw PyTorch on the same layer."""
-    print(f"device {device}; {'size':8} {'message':>10} {'raw PyTorch ms':>15} {'via swarm ms':>13} {'overhead ms':>12} {'ratio':>6}")
+    print(f"device {device}; {'size':8} {'message':>10} {'raw PyTorch ms':>15} {'via swarm ms':>13} "
+          f"{'overhead ms':>12} {'ratio':>6}")
     for name, (dim, heads, kv_heads, batch, seq_len) in SIZES.items():
         compute = one_layer_stage(dim, heads, kv_heads, seq_len, device)
         x = torch.randn(batch, seq_len, dim)

@@ -31,7 +31,6 @@ import simpy
 
 from node0sim.sim.timers import TimerHeap, succeed_at
 
-
 SHARING_MODELS = ("maxmin", "equal", "per_link")
 
 
@@ -242,7 +241,7 @@ class Network:
         unfrozen = {link: len(link.flows) for link in links}
         rates: dict[Flow, float] = {}
         while len(rates) < len(flows):
-            share = min(capacity_left[l] / unfrozen[l] for l in links if unfrozen[l])
+            share = min(capacity_left[link] / unfrozen[link] for link in links if unfrozen[link])
             for link in links:
                 if unfrozen[link] and capacity_left[link] / unfrozen[link] <= share * (1 + 1e-12):
                     for flow in link.flows:
