@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
 from node0sim.model import ModelConfig
+
+MODEL_CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 
 
 def small_config(**overrides: object) -> ModelConfig:
@@ -23,3 +29,8 @@ def small_config(**overrides: object) -> ModelConfig:
         trainable_rmsnorm=True,
     )
     return ModelConfig(**(fields | overrides))
+
+
+def node0_8b(**overrides: object) -> ModelConfig:
+    """The ``model=node0_8b`` configuration (conf/model/node0_8b.yaml), with ``overrides``."""
+    return ModelConfig(**(OmegaConf.to_container(OmegaConf.load(MODEL_CONF / "node0_8b.yaml")) | overrides))

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from node0sim.model import (
     Llama,
@@ -25,32 +23,13 @@ from node0sim.model import (
 )
 from node0sim.model.costs import stage_parameter_shapes
 from node0sim.model.llama import stage_weight_shapes
-from tests.modelutil import small_config
+from tests.modelutil import node0_8b, small_config
 
 SEQ = 16
-CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def tiny(**overrides: object) -> ModelConfig:
     return small_config(**{"max_seq_len": SEQ, **overrides})
-
-
-def config_8b(vocab_size: int = 50265) -> ModelConfig:
-    return ModelConfig(
-        name="llama8b",
-        vocab_size=vocab_size,
-        dim=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        ffn_dim_multiplier=1.3,
-        multiple_of=1024,
-        rope_theta=500000.0,
-        max_seq_len=1024,
-        qk_norm=True,
-        norm_reorder=True,
-        trainable_rmsnorm=False,
-    )
 
 
 def tokens(cfg: ModelConfig, batch: int = 2, seed: int = 1) -> torch.Tensor:
@@ -69,7 +48,7 @@ def run_stages(stages: list[PipelineStage], ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_ffn_hidden_dim_8b() -> None:
-    assert config_8b().ffn_hidden_dim == 14336
+    assert node0_8b().ffn_hidden_dim == 14336
 
 
 def test_config_rejects_bad_kv_heads() -> None:
@@ -248,7 +227,7 @@ def test_weight_shapes_are_the_modules_parameter_shapes(qk_norm: bool, trainable
 
 def test_node0_8b_weight_shapes_are_the_modules_parameter_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
     """The 8B model built on the meta device: parameter shapes without any tensor storage."""
-    cfg = ModelConfig(**{**OmegaConf.to_container(OmegaConf.load(CONF / "model" / "node0_8b.yaml")), "trainable_rmsnorm": True})
+    cfg = node0_8b(trainable_rmsnorm=True)
     monkeypatch.setattr(torch.nn.utils, "skip_init", lambda module_cls, *args, **kwargs: module_cls(*args, **kwargs))
     monkeypatch.setattr(Llama, "_init_weights", lambda self, seed: None)
     with torch.device("meta"):
@@ -264,7 +243,7 @@ def _assert_shapes_match(cfg: ModelConfig, stage: PipelineStage) -> None:
 
 
 def test_8b_parameter_count() -> None:
-    cfg = config_8b()
+    cfg = node0_8b()
     (single,) = stage_shapes(cfg, 1)
     total = stage_parameter_count(cfg, *single)
     assert sum(stage_parameter_count(cfg, *s) for s in stage_shapes(cfg, 32)) == total
@@ -292,7 +271,7 @@ def test_forward_flops_one_layer_by_hand() -> None:
 
 
 def test_8b_costs_are_instant() -> None:
-    cfg = config_8b()
+    cfg = node0_8b()
     start = time.perf_counter()
     for shape in stage_shapes(cfg, 8):
         stage_parameter_count(cfg, *shape)
