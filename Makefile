@@ -20,6 +20,7 @@ run: $(STAMP)
 	$(VENV)/bin/node0sim $(ARGS)
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(ARGS)
 
 bench: $(STAMP)

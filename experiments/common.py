@@ -1,4 +1,4 @@
-"""Shared helpers for experiment scripts: run configs in-process, write tables and plots."""
+"""Shared helpers for experiment scripts: run configs in-process and save their results (tables and plots: node0sim.reporting)."""
 
 from __future__ import annotations
 
@@ -23,13 +23,6 @@ def run_cell(out_dir: Path, *overrides: str) -> tuple[dict[str, Any], list[dict[
     summary = run_simulation(run, out_dir, recorder)
     print(f"  {' '.join(overrides)}: {summary['tokens_per_s']:.1f} tok/s, loss {summary['loss_last']}", flush=True)
     return summary, recorder.records
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-    """A GitHub-flavoured markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def save_json(path: Path, data: Any) -> None:

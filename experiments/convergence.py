@@ -16,7 +16,9 @@ import argparse
 import json
 from pathlib import Path
 
-from common import RESULTS, markdown_table, run_cell, save_json
+from common import RESULTS, run_cell, save_json
+
+from node0sim.reporting import markdown_table, pyplot, save_figure
 
 CONTROL = "dense + fixed table (subspace k=d)"
 CELLS = [
@@ -80,11 +82,7 @@ def main() -> None:
 
 def plot(path: Path, runs: dict) -> None:
     """Training loss against tokens, one line per codec."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for label, run in runs.items():
         tokens, losses = zip(*run["curve"])
@@ -92,9 +90,7 @@ def plot(path: Path, runs: dict) -> None:
     ax.set(xlabel="tokens", ylabel="training loss", title="tiny Llama, 4 stages: boundary codecs", ylim=(2.0, 4.0))
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import RESULTS, markdown_table, run_cell, save_json
+from common import RESULTS, run_cell, save_json
+
+from node0sim.reporting import markdown_table, pyplot, save_figure
 
 CELLS = [(net, comp) for comp in ("none", "subspace") for net in ("datacenter", "internet")]
 LINK = {"datacenter": "100 Gb/s", "internet": "80 Mb/s"}
@@ -64,19 +66,13 @@ def main() -> None:
 
 def plot(path: Path, rows: list[list[str]]) -> None:
     """Bar chart of steady throughput per cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = [f"{r[0]}\n{r[1]}" for r in rows]
     values = [float(r[2].replace(",", "")) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(labels, values, color=["#888", "#c44", "#48c", "#4a4"])
     ax.set(ylabel="tokens/s (steady state)", title="node0_8b, 32 stages: links x compression", yscale="log")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from node0sim.metrics import read_complete_summary  # noqa: E402
+from node0sim.reporting import markdown_table, pyplot, save_figure  # noqa: E402
+
 # Overrides that do not change a job's results (workflow settings) stay out of the table.
 IGNORED_KEYS = re.compile(r"^(train\.skip_if_done|wandb\..*|hydra\..*|hydra/.*)$")
 COLUMNS = ["steps", "tokens/s", "loss first", "loss last", "val loss", "activation B/token", "failed requests"]
@@ -89,10 +94,6 @@ def read_steps(job_dir: Path) -> list[dict[str, Any]]:
     return steps
 
 
-def _is_complete(summary: Any) -> bool:
-    return isinstance(summary, dict) and "tokens_per_s" in summary and "steps" in summary
-
-
 def _sort_key(root: Path, job_dir: Path) -> tuple:
     match = re.match(r"^(\d+)_", job_dir.name)
     return (str(job_dir.parent.relative_to(root)) if job_dir != root else "", int(match.group(1)) if match else -1,
@@ -116,11 +117,8 @@ def find_jobs(root: Path) -> tuple[list[Job], list[Path]]:
     for path in root.rglob("summary.json"):
         if "wandb" in path.relative_to(root).parts:
             continue
-        try:
-            summary = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if _is_complete(summary):
+        summary = read_complete_summary(path.parent)
+        if summary is not None:
             done[path.parent] = summary
     started = {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}
     if len(started) > 1:
@@ -172,25 +170,6 @@ def table_rows(jobs: list[Job], keys: list[str]) -> list[list[str]]:
     return rows
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A GitHub-flavoured markdown table (``|`` in cells escaped)."""
-    def cell(text: str) -> str:
-        return str(text).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _legend(ax: Any, count: int) -> None:
     if count > 1:
         ax.legend(fontsize=7 if count <= 12 else 5, ncol=1 if count <= 12 else 2)
@@ -206,17 +185,14 @@ def plot_loss(jobs: list[Job], keys: list[str], x_key: str, xlabel: str, path: P
             curves.append((f"{job.label} {_override_text(job.overrides, keys)}".strip(), points))
     if not curves:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for label, points in curves:
         ax.plot(*zip(*points), label=label)
     ax.set(xlabel=xlabel, ylabel="training loss", title=f"loss vs {xlabel}")
     ax.grid(alpha=0.3)
     _legend(ax, len(curves))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _numeric(values: list[Any]) -> bool:
@@ -237,7 +213,7 @@ def plot_throughput(jobs: list[Job], keys: list[str], key: str, path: Path) -> P
     for job, value in zip(jobs, values):
         x = value if numeric else categories.index(_value_text(value))
         series.setdefault(_override_text(job.overrides, others), []).append((x, job.summary["tokens_per_s"]))
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, points in series.items():
         points.sort(key=lambda p: p[0])
@@ -252,10 +228,7 @@ def plot_throughput(jobs: list[Job], keys: list[str], key: str, path: Path) -> P
     ax.grid(alpha=0.3)
     if len(series) > 1:
         _legend(ax, len(series))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_csv(path: Path, jobs: list[Job], keys: list[str]) -> Path:

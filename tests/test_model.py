@@ -22,46 +22,15 @@ from node0sim.model import (
     stage_shapes,
     stage_state_bytes,
 )
+from node0sim.model.costs import stage_parameter_shapes
+from node0sim.model.llama import stage_weight_shapes
+from tests.modelutil import node0_8b, small_config
 
 SEQ = 16
 
 
 def tiny(**overrides: object) -> ModelConfig:
-    base = dict(
-        name="tiny",
-        vocab_size=64,
-        dim=32,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim_multiplier=None,
-        multiple_of=16,
-        rope_theta=10000.0,
-        max_seq_len=SEQ,
-        qk_norm=False,
-        norm_reorder=False,
-        trainable_rmsnorm=True,
-    )
-    base.update(overrides)
-    return ModelConfig(**base)
-
-
-def config_8b(vocab_size: int = 50265) -> ModelConfig:
-    return ModelConfig(
-        name="llama8b",
-        vocab_size=vocab_size,
-        dim=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        ffn_dim_multiplier=1.3,
-        multiple_of=1024,
-        rope_theta=500000.0,
-        max_seq_len=1024,
-        qk_norm=True,
-        norm_reorder=True,
-        trainable_rmsnorm=False,
-    )
+    return small_config(**{"max_seq_len": SEQ, **overrides})
 
 
 def tokens(cfg: ModelConfig, batch: int = 2, seed: int = 1) -> torch.Tensor:
@@ -80,7 +49,7 @@ def run_stages(stages: list[PipelineStage], ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_ffn_hidden_dim_8b() -> None:
-    assert config_8b().ffn_hidden_dim == 14336
+    assert node0_8b().ffn_hidden_dim == 14336
 
 
 def test_config_rejects_bad_kv_heads() -> None:
@@ -249,8 +218,33 @@ def test_parameter_count_matches_modules(qk_norm: bool, trainable: bool, num_sta
         assert stage_parameter_count(cfg, *shape) == sum(p.numel() for p in stage.parameters())
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("trainable", [False, True])
+def test_weight_shapes_are_the_modules_parameter_shapes(qk_norm: bool, trainable: bool) -> None:
+    cfg = tiny(qk_norm=qk_norm, trainable_rmsnorm=trainable)
+    for stage in build_stages(cfg, 3, seed=0):
+        _assert_shapes_match(cfg, stage)
+
+
+def test_node0_8b_weight_shapes_are_the_modules_parameter_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 8B model built on the meta device: parameter shapes without any tensor storage."""
+    cfg = node0_8b(trainable_rmsnorm=True)
+    monkeypatch.setattr(torch.nn.utils, "skip_init", lambda module_cls, *args, **kwargs: module_cls(*args, **kwargs))
+    monkeypatch.setattr(Llama, "_init_weights", lambda self, seed: None)
+    with torch.device("meta"):
+        model = Llama(cfg, seed=0)
+    for index in (0, 1, 31):
+        _assert_shapes_match(cfg, PipelineStage(model, index, 32))
+
+
+def _assert_shapes_match(cfg: ModelConfig, stage: PipelineStage) -> None:
+    actual = [(name, tuple(p.shape)) for name, p in stage.named_parameters()]
+    assert list(stage_weight_shapes(cfg, stage.layer_range, stage.is_head, stage.is_tail).items()) == actual
+    assert stage_parameter_shapes(cfg, stage.layer_range, stage.is_head, stage.is_tail) == [shape for _, shape in actual]
+
+
 def test_8b_parameter_count() -> None:
-    cfg = config_8b()
+    cfg = node0_8b()
     (single,) = stage_shapes(cfg, 1)
     total = stage_parameter_count(cfg, *single)
     assert sum(stage_parameter_count(cfg, *s) for s in stage_shapes(cfg, 32)) == total
@@ -278,7 +272,7 @@ def test_forward_flops_one_layer_by_hand() -> None:
 
 
 def test_8b_costs_are_instant() -> None:
-    cfg = config_8b()
+    cfg = node0_8b()
     start = time.perf_counter()
     for shape in stage_shapes(cfg, 8):
         stage_parameter_count(cfg, *shape)

@@ -239,11 +239,11 @@ def test_a_simulation_dropped_with_tasks_still_waiting_closes_them_quietly():
         sim = make_sim()
         peer = add(sim, "p")
 
-        async def forever():
+        async def forever(rt):
             while True:
-                await peer.runtime.sleep(1.0)
+                await rt.sleep(1.0)
 
-        peer.runtime.spawn(forever())
+        peer.runtime.spawn(forever(peer.runtime))
         sim.run(until=3.5)
         del sim, peer
         gc.collect()

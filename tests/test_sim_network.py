@@ -54,16 +54,22 @@ def test_rates_are_recomputed_when_a_flow_finishes(sharing: str):
     assert short == [pytest.approx(1.0)] and long == [pytest.approx(2.0)]
 
 
-def test_max_min_fairness_gives_spare_capacity_to_unconstrained_flow():
-    env, net = _net()
+def _two_flows_one_capped_by_its_receiver(sharing: str) -> tuple[float, float]:
+    """Rates (Mb/s) of two flows from a 30 Mb/s uplink, one to a 10 Mb/s downlink and one to a fast one."""
+    env, net = _net(sharing=sharing)
     fast = Endpoint("fast", "r", 30, 1000)
     slow_receiver = Endpoint("slow", "r", 1000, 10)
     other = Endpoint("other", "r", 1000, 1000)
     f1 = net.transfer(fast, slow_receiver, 1)
     f2 = net.transfer(fast, other, 1)
-    # f1 is limited to 10 Mb/s by the receiver; f2 gets the remaining 20 Mb/s of the uplink
-    assert f1.rate == pytest.approx(10e6 / 8) and f2.rate == pytest.approx(20e6 / 8)
+    rates = (f1.rate * 8 / 1e6, f2.rate * 8 / 1e6)
     env.run()
+    return rates
+
+
+def test_max_min_fairness_gives_spare_capacity_to_unconstrained_flow():
+    # the capped flow gets the receiver's 10 Mb/s; the other the remaining 20 Mb/s of the uplink
+    assert _two_flows_one_capped_by_its_receiver("maxmin") == (pytest.approx(10), pytest.approx(20))
 
 
 @every_model
@@ -111,18 +117,10 @@ def test_bytes_are_counted_and_zero_bandwidth_is_refused():
 
 
 def test_equal_share_model_splits_each_link_and_takes_the_smaller_share():
-    env = simpy.Environment()
-    net = Network(env, lambda a, b: 0.0, 0.0, random.Random(0), sharing="equal")
-    fast = Endpoint("fast", "r", 30, 1000)
-    slow_receiver = Endpoint("slow", "r", 1000, 10)
-    other = Endpoint("other", "r", 1000, 1000)
-    f1 = net.transfer(fast, slow_receiver, 1)
-    f2 = net.transfer(fast, other, 1)
-    # each gets half the 30 Mb/s uplink, f1 is further capped by the 10 Mb/s downlink (no redistribution)
-    assert f1.rate == pytest.approx(10e6 / 8) and f2.rate == pytest.approx(15e6 / 8)
-    env.run()
+    # each gets half the 30 Mb/s uplink, the capped one only 10 Mb/s of it (no redistribution)
+    assert _two_flows_one_capped_by_its_receiver("equal") == (pytest.approx(10), pytest.approx(15))
     with pytest.raises(ValueError, match="link_sharing"):
-        Network(env, lambda a, b: 0.0, 0.0, random.Random(0), sharing="fancy")
+        _net(sharing="fancy")
 
 
 def test_per_link_model_serves_each_link_fully_and_delivers_when_both_are_done():

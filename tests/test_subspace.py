@@ -20,25 +20,15 @@ from node0sim.model.subspace import (
     subspace_residual,
 )
 from node0sim.protocol.codecs import Codec, RandomProjectionCodec, SubspaceCodec
+from tests.modelutil import small_config
 
 DIM, VOCAB, RANK, SEQ, STAGES = 64, 300, 8, 16, 4
 EXACT = 1e-5
 
 
 def config(norm_reorder: bool = True, trainable_rmsnorm: bool = False) -> ModelConfig:
-    return ModelConfig(
-        name="tiny-ssn",
-        vocab_size=VOCAB,
-        dim=DIM,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim_multiplier=None,
-        multiple_of=16,
-        rope_theta=10000.0,
-        max_seq_len=SEQ,
-        qk_norm=True,
-        norm_reorder=norm_reorder,
+    return small_config(
+        name="tiny-ssn", vocab_size=VOCAB, dim=DIM, max_seq_len=SEQ, qk_norm=True, norm_reorder=norm_reorder,
         trainable_rmsnorm=trainable_rmsnorm,
     )
 

@@ -10,9 +10,7 @@ output, and prints the ratio (lower is better; the subspace codec's target is "n
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from node0sim.model import ModelConfig, build_stages  # noqa: E402
 from node0sim.model.subspace import make_basis  # noqa: E402
 from node0sim.protocol.codecs import make_codec, rank_for  # noqa: E402
+from tools.timing import median_seconds  # noqa: E402
 
 MODELS = {
     "tiny": (ModelConfig("tiny", 257, 128, 4, 4, 2, None, 64, 10000.0, 256, True, True, False), 4, 8, 128),
@@ -32,16 +31,6 @@ MODELS = {
 CODECS = [("subspace", 8), ("subspace", 32), ("topk", 8), ("quantize", 1)]
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 def measure(name: str, repeats: int) -> list[tuple[str, float, float, float]]:
     """Rows of (codec, codec ms, stage forward ms, ratio) for model ``name``."""
     cfg, num_stages, batch, seq_len = MODELS[name]
@@ -49,7 +38,7 @@ def measure(name: str, repeats: int) -> list[tuple[str, float, float, float]]:
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len))
     x = torch.randn(batch, seq_len, cfg.dim)
     with torch.no_grad():
-        forward_ms = _median_ms(lambda: stage(x), repeats)
+        forward_ms = 1e3 * median_seconds(lambda: stage(x), repeats)
         rows = []
         for codec_name, rate in CODECS:
             basis = make_basis(cfg.dim, rank_for(cfg.dim, rate), cfg.vocab_size, seed=0) if codec_name == "subspace" else None
@@ -59,8 +48,9 @@ def measure(name: str, repeats: int) -> list[tuple[str, float, float, float]]:
                 codec.decode(codec.encode(x, ids), ids)
                 codec.decode_grad(codec.encode_grad(x))
 
-            codec_ms = _median_ms(round_trip, repeats)
-            rows.append((f"{codec_name} rate {rate:g}" if codec_name != "quantize" else "quantize int8", codec_ms, forward_ms, codec_ms / forward_ms))
+            codec_ms = 1e3 * median_seconds(round_trip, repeats)
+            label = f"{codec_name} rate {rate:g}" if codec_name != "quantize" else "quantize int8"
+            rows.append((label, codec_ms, forward_ms, codec_ms / forward_ms))
     return rows
 
 
@@ -72,7 +62,8 @@ def main() -> None:
         cfg, num_stages, batch, seq_len = MODELS[name]
         print(f"{name}: d={cfg.dim}, {cfg.n_layers // num_stages} layers per stage, batch {batch} x {seq_len} tokens")
         for codec, codec_ms, forward_ms, ratio in measure(name, args.repeats):
-            print(f"  {codec:18s} encode+decode (acts + grads) {codec_ms:8.2f} ms | stage forward {forward_ms:8.2f} ms | ratio {ratio:.3f}")
+            print(f"  {codec:18s} encode+decode (acts + grads) {codec_ms:8.2f} ms | "
+                  f"stage forward {forward_ms:8.2f} ms | ratio {ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ Prints the median wall time of each and the ratios to raw SimPy.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node0sim.sim.engine import Simulation  # noqa: E402
 from node0sim.sim.gpus import gpu_profile  # noqa: E402
+from node0sim.sim.timers import scheduled_events  # noqa: E402
+from tools.timing import median_seconds  # noqa: E402
 
 
 def raw_simpy_timeouts(processes: int, events: int) -> int:
@@ -69,20 +69,10 @@ class _Small:
         return 1000
 
 
-def runtime_rpcs(processes: int, calls: int, count_events: bool = False) -> tuple[int, int]:
-    """Protocol coroutines doing RPCs between peer pairs; returns (RPCs, SimPy events scheduled if counted)."""
+def runtime_rpcs(processes: int, calls: int) -> tuple[int, int]:
+    """Protocol coroutines doing RPCs between peer pairs; returns (RPCs, SimPy events scheduled)."""
     sim = _simulation(2 * processes)
-    scheduled = 0
-    if count_events:
-        schedule = sim.env.schedule
-
-        def counting_schedule(*args, **kwargs):
-            nonlocal scheduled
-            scheduled += 1
-            schedule(*args, **kwargs)
-
-        sim.env.schedule = counting_schedule
-
+    start = scheduled_events(sim.env)
     async def handler(caller, request):
         return request
 
@@ -97,16 +87,7 @@ def runtime_rpcs(processes: int, calls: int, count_events: bool = False) -> tupl
     for i in range(processes):
         sim.peers[f"p{2 * i}"].runtime.spawn(proc(i))
     sim.run()
-    return processes * calls, scheduled
-
-
-def _median_seconds(fn, *args, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return processes * calls, scheduled_events(sim.env) - start - 1  # the first reading used up one number
 
 
 def main() -> None:
@@ -116,11 +97,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     n = args.processes * args.events
-    raw = _median_seconds(raw_simpy_timeouts, args.processes, args.events, repeats=args.repeats)
-    sleeps = _median_seconds(runtime_sleeps, args.processes, args.events, repeats=args.repeats)
+    raw = median_seconds(lambda: raw_simpy_timeouts(args.processes, args.events), args.repeats, warmup=False)
+    sleeps = median_seconds(lambda: runtime_sleeps(args.processes, args.events), args.repeats, warmup=False)
     rpc_processes, rpc_calls = max(1, args.processes // 10), max(1, args.events // 10)
-    rpcs, rpc_events = runtime_rpcs(rpc_processes, rpc_calls, count_events=True)
-    rpc = _median_seconds(runtime_rpcs, rpc_processes, rpc_calls, repeats=args.repeats)
+    rpcs, rpc_events = runtime_rpcs(rpc_processes, rpc_calls)
+    rpc = median_seconds(lambda: runtime_rpcs(rpc_processes, rpc_calls), args.repeats, warmup=False)
     per_raw = raw / n
     print(f"raw SimPy timeout:        {per_raw * 1e6:8.2f} us/event  ({n} events)")
     print(f"runtime sleep (protocol): {sleeps / n * 1e6:8.2f} us/event  ratio {sleeps / raw:.2f}x raw SimPy")

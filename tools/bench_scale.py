@@ -1,9 +1,11 @@
 """How the simulator's wall time grows with the swarm: Node0-scale timing runs.
 
-    .venv/bin/python tools/bench_scale.py [--peers 100 300 1000] [--virtual-s 600] [--link-sharing equal]
+    .venv/bin/python tools/bench_scale.py [--peers 100 300 1000] [--virtual-s S] [--link-sharing equal] [--set KEY=VALUE ...]
 
-Each run: model=node0_8b in timing mode, 32 stages, peers spread evenly over the stages, 32
-trainers, volunteer churn, subspace compression at rate 100, Node0's averaging settings. Prints
+Each run composes the preset ``experiment=scale_bench`` (conf/experiment/scale_bench.yaml: node0_8b in
+timing mode, 32 stages, 32 trainers, volunteer churn, subspace compression at rate 100, Node0's
+averaging settings), with ``--peers`` spread evenly over the stages; ``--virtual-s`` and
+``--link-sharing`` override the preset's ``train.max_sim_time_s`` and ``sim.link_sharing``. Prints
 wall time, SimPy events and events per second for each size, and the exponent b of
 wall ~ peers^b from a least-squares fit in log-log space (b = 1 is linear).
 """
@@ -21,45 +23,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node0sim.app import compose_run_config  # noqa: E402
 from node0sim.metrics import RunRecorder  # noqa: E402
+from node0sim.sim.network import SHARING_MODELS  # noqa: E402
 from node0sim.sim.runner import SimulatedRun  # noqa: E402
+from node0sim.sim.timers import scheduled_events  # noqa: E402
 
 
-def node0_scale_overrides(peers: int, virtual_s: float, link_sharing: str) -> list[str]:
-    """Hydra overrides for a Node0-scale timing run with ``peers`` stage servers."""
-    return [
-        "model=node0_8b", "sim.numerics=false", "topology.num_stages=32", f"topology.peers_per_stage={max(1, peers // 32)}",
-        "topology.num_trainers=32", "train.schedule=async", "train.steps=10000000", "train.batch_size=1024",
-        "train.micro_batch_size=1", "train.seq_len=4096", f"train.max_sim_time_s={virtual_s}", "averaging=node0",
-        "churn=volunteer", "compression=subspace", "compression.rate=100", "sim.gpu=l4", "train.request_timeout_s=30",
-        f"sim.link_sharing={link_sharing}",
-    ]
+def scale_overrides(peers: int, virtual_s: float | None, link_sharing: str | None) -> list[str]:
+    """Hydra overrides for a Node0-scale timing run with ``peers`` stage servers (None: the preset's value)."""
+    overrides = ["experiment=scale_bench", f"topology.peers_per_stage={max(1, peers // 32)}"]
+    if virtual_s is not None:
+        overrides.append(f"train.max_sim_time_s={virtual_s}")
+    if link_sharing is not None:
+        overrides.append(f"sim.link_sharing={link_sharing}")
+    return overrides
 
 
-def measure(peers: int, virtual_s: float, link_sharing: str, extra: list[str]) -> tuple[float, int, dict]:
-    """(wall seconds, SimPy events, summary) of one run."""
+def measure(overrides: list[str]) -> tuple[float, int, float, dict]:
+    """(wall seconds, SimPy events, virtual seconds, summary) of one run."""
     with tempfile.TemporaryDirectory() as out:
-        run = compose_run_config(*node0_scale_overrides(peers, virtual_s, link_sharing), *extra)
+        run = compose_run_config(*overrides)
         sim_run = SimulatedRun(run, Path(out), RunRecorder(Path(out), run.train.steps, stream=None))
         start = time.perf_counter()
         summary = sim_run.execute()
         wall = time.perf_counter() - start
-        events = next(sim_run.sim.env._eid)  # SimPy numbers every scheduled event
-    return wall, events, summary
+        events = scheduled_events(sim_run.sim.env)
+    return wall, events, run.train.max_sim_time_s, summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, nargs="+", default=[100, 300, 1000])
-    parser.add_argument("--virtual-s", type=float, default=600.0)
-    parser.add_argument("--link-sharing", default="equal", choices=["equal", "maxmin", "per_link"])
+    parser.add_argument("--virtual-s", type=float, default=None, help="virtual seconds per run (default: the preset's)")
+    parser.add_argument("--link-sharing", default=None, choices=SHARING_MODELS, help="default: the preset's")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra Hydra overrides")
     args = parser.parse_args()
     points = []
     for peers in args.peers:
-        wall, events, summary = measure(peers, args.virtual_s, args.link_sharing, args.set)
+        wall, events, virtual_s, summary = measure([*scale_overrides(peers, args.virtual_s, args.link_sharing), *args.set])
         points.append((peers, wall))
         print(
-            f"{peers:5d} peers, {args.virtual_s:g} s virtual: wall {wall:7.1f} s, {events:,} events, "
+            f"{peers:5d} peers, {virtual_s:g} s virtual: wall {wall:7.1f} s, {events:,} events, "
             f"{events / wall:,.0f} events/s, {summary['tokens_per_s']:,.0f} tok/s simulated, "
             f"churn {summary['churn_events']}",
             flush=True,

@@ -37,6 +37,7 @@ from node0sim.protocol.messages import BackwardRequest, ForwardRequest  # noqa: 
 from node0sim.protocol.stage_compute import OptimConfig, TensorStageCompute  # noqa: E402
 from node0sim.protocol.stage_server import StageServer  # noqa: E402
 from node0sim.sim.gpus import gpu_profile  # noqa: E402
+from tools.timing import median_seconds  # noqa: E402
 
 SIZES = {  # name: (dim, heads, kv heads, batch, tokens per sequence)
     "small": (128, 4, 2, 4, 128),
@@ -52,17 +53,6 @@ def one_layer_stage(dim: int, heads: int, kv_heads: int, seq_len: int, device: s
         multiple_of=64, rope_theta=10000.0, max_seq_len=seq_len, qk_norm=True, norm_reorder=True, trainable_rmsnorm=False,
     )
     return TensorStageCompute(build_stages(cfg, 3, seed=0)[1], OptimConfig(lr=3e-4, warmup_steps=0), DenseCodec(), device=device)
-
-
-def median_ms(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` in ms (after one warm-up call)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def raw_pytorch(compute: TensorStageCompute, x: torch.Tensor, grad: torch.Tensor):
@@ -106,28 +96,23 @@ async def hop_ms(compute: TensorStageCompute, x: torch.Tensor, grad: torch.Tenso
 
 def bench_hop(repeats: int, device: str) -> None:
     """Print the per-hop table: a stage peer's forward + backward vs raw PyTorch on the same layer."""
-    print(f"device {device}; {'size':8} {'message':>10} {'raw PyTorch ms':>15} {'via swarm ms':>13} {'overhead ms':>12} {'ratio':>6}")
+    print(f"device {device}; {'size':8} {'message':>10} {'raw PyTorch ms':>15} {'via swarm ms':>13} "
+          f"{'overhead ms':>12} {'ratio':>6}")
     for name, (dim, heads, kv_heads, batch, seq_len) in SIZES.items():
         compute = one_layer_stage(dim, heads, kv_heads, seq_len, device)
         x = torch.randn(batch, seq_len, dim)
         grad = torch.randn(batch, seq_len, dim)
-        local = median_ms(raw_pytorch(compute, x, grad), repeats)
+        local = 1000 * median_seconds(raw_pytorch(compute, x, grad), repeats)
         remote = asyncio.run(hop_ms(compute, x, grad, repeats))
         print(f"{'':{len(device) + 9}}{name:8} {x.numel() * 4 / 2**20:>8.2f}MB {local:>15.2f} {remote:>13.2f} "
               f"{remote - local:>12.2f} {remote / local:>6.2f}")
-
-
-def single_thread_flops(size: int = 512, repeats: int = 8) -> float:
-    """FLOP/s of one torch thread on fp32 matmuls (each live peer runs with one thread)."""
-    torch.set_num_threads(1)
-    a = torch.randn(size, size)
-    return 2 * size**3 * repeats / (median_ms(lambda: [a @ a for _ in range(repeats)], 5) / 1000)
 
 
 def bench_throughput(steps: int) -> None:
     """Print live vs simulated steady tokens/s for 2 stages x 1 server, one trainer."""
     from node0sim.app import compose_run_config
     from node0sim.sim.runner import run_simulation
+    from swarm.roles import measured_flops
 
     common = ["topology.num_stages=2", "train.batch_size=8", "train.micro_batch_size=4", "train.seq_len=128",
               "train.eval_batches=0", "wandb.enabled=false", f"train.steps={steps}"]
@@ -136,7 +121,8 @@ def bench_throughput(steps: int) -> None:
         subprocess.run([sys.executable, "-m", "node0sim", "backend=swarm", "swarm.role=local", *common,
                         f"hydra.run.dir={out}/live"], env=env, check=True, stdout=subprocess.DEVNULL)
         live = json.loads((Path(out) / "live/summary.json").read_text())
-        flops = single_thread_flops()
+        torch.set_num_threads(1)  # each live peer runs with one torch thread
+        flops = measured_flops(torch.device("cpu"))
         utilization = flops / gpu_profile("rtx3090").peak_flops
         run = compose_run_config(*common, *LOOPBACK, "sim.gpu=rtx3090", f"sim.utilization={utilization}")
         simulated = run_simulation(run, Path(out) / "sim")

@@ -46,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--announce_host", default=None, help="public IP others should dial (behind NAT with a forwarded port)")
     parser.add_argument("--announce_port", type=_port, default=None, help="public port others should dial")
     parser.add_argument("--gpu_id", type=int, default=None, help="CUDA device index (default: CPU)")
-    parser.add_argument("--identity_path", type=Path, default=None, help="identity key file (default: private.key next to the script)")
+    parser.add_argument(
+        "--identity_path", type=Path, default=None, help="identity key file (default: private.key next to the script)"
+    )
     parser.add_argument("--python", default=sys.executable, help="python of the environment node0sim is installed in")
     parser.add_argument("--output", type=Path, default=Path("start_server.sh"))
     return parser.parse_args(argv)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from node0sim.model.llama import ModelConfig, stage_layer_ranges
+from node0sim.model.llama import ModelConfig, block_linear_shapes, embedding_shape, stage_layer_ranges, stage_weight_shapes
 
 __all__ = [
     "StageShape",
@@ -35,24 +35,12 @@ def stage_shapes(cfg: ModelConfig, num_stages: int) -> list[StageShape]:
 
 def _layer_matmul_params(cfg: ModelConfig) -> int:
     """Weights of one block's linear layers (q, k, v, o projections and SwiGLU w1, w2, w3)."""
-    kv_dim = cfg.n_kv_heads * cfg.head_dim
-    attention = 2 * cfg.dim * cfg.dim + 2 * cfg.dim * kv_dim
-    ffn = 3 * cfg.dim * cfg.ffn_hidden_dim
-    return attention + ffn
+    return sum(math.prod(shape) for shape in block_linear_shapes(cfg).values())
 
 
 def stage_parameter_shapes(cfg: ModelConfig, layer_range: range, is_head: bool, is_tail: bool) -> list[tuple[int, ...]]:
-    """Shapes of a stage's trainable parameters (what gradient compression works on)."""
-    kv_dim = cfg.n_kv_heads * cfg.head_dim
-    ffn = cfg.ffn_hidden_dim
-    layer = [(cfg.dim, cfg.dim), (kv_dim, cfg.dim), (kv_dim, cfg.dim), (cfg.dim, cfg.dim), (ffn, cfg.dim), (cfg.dim, ffn), (ffn, cfg.dim)]
-    if cfg.trainable_rmsnorm:
-        layer += [(cfg.dim,), (cfg.dim,)] + ([(cfg.head_dim,), (cfg.head_dim,)] if cfg.qk_norm else [])
-    shapes = [(cfg.vocab_size, cfg.dim)] if is_head else []
-    shapes += layer * len(layer_range)
-    if is_tail:
-        shapes += ([(cfg.dim,)] if cfg.trainable_rmsnorm else []) + [(cfg.vocab_size, cfg.dim)]
-    return shapes
+    """Shapes of a stage's trainable parameters (what gradient compression works on), in the module's order."""
+    return list(stage_weight_shapes(cfg, layer_range, is_head, is_tail).values())
 
 
 def stage_parameter_count(cfg: ModelConfig, layer_range: range, is_head: bool, is_tail: bool) -> int:
@@ -71,7 +59,8 @@ def stage_forward_flops(
     per_layer += 2.0 * 2.0 * batch * seq_len * seq_len * cfg.dim
     flops = len(layer_range) * per_layer
     if is_tail:
-        flops += 2.0 * tokens * cfg.dim * cfg.vocab_size
+        vocab_size, dim = embedding_shape(cfg)  # the LM head's weight
+        flops += 2.0 * tokens * dim * vocab_size
     return flops
 
 

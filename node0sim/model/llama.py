@@ -27,6 +27,9 @@ __all__ = [
     "PipelineStage",
     "stage_layer_ranges",
     "build_stages",
+    "embedding_shape",
+    "block_linear_shapes",
+    "stage_weight_shapes",
 ]
 
 INIT_STD = 0.02
@@ -94,6 +97,48 @@ class ModelConfig:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
 
+def embedding_shape(cfg: ModelConfig) -> tuple[int, int]:
+    """Shape ``(vocab_size, dim)`` of the token embedding and of the LM head's weight."""
+    return (cfg.vocab_size, cfg.dim)
+
+
+def block_linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Weight shape ``(out_features, in_features)`` of each linear layer of a :class:`TransformerBlock`, by module name.
+
+    The blocks are built from this table, so it is the one definition of their weight shapes.
+    """
+    q_dim, kv_dim, hidden = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_hidden_dim
+    return {
+        "attention.wq": (q_dim, cfg.dim),
+        "attention.wk": (kv_dim, cfg.dim),
+        "attention.wv": (kv_dim, cfg.dim),
+        "attention.wo": (cfg.dim, q_dim),
+        "feed_forward.w1": (hidden, cfg.dim),
+        "feed_forward.w2": (cfg.dim, hidden),
+        "feed_forward.w3": (hidden, cfg.dim),
+    }
+
+
+def stage_weight_shapes(cfg: ModelConfig, layer_range: range, is_head: bool, is_tail: bool) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every trainable parameter of a stage, as ``PipelineStage.named_parameters()`` yields them.
+
+    Computed from ``cfg`` alone (no tensors), so it works for models too large to build.
+    """
+    linears = block_linear_shapes(cfg)
+    block: dict[str, tuple[int, ...]] = {f"{name}.weight": linears[name] for name in linears if name.startswith("attention.")}
+    if cfg.trainable_rmsnorm and cfg.qk_norm:
+        block |= {"attention.q_norm.weight": (cfg.head_dim,), "attention.k_norm.weight": (cfg.head_dim,)}
+    block |= {f"{name}.weight": linears[name] for name in linears if name.startswith("feed_forward.")}
+    if cfg.trainable_rmsnorm:
+        block |= {"attention_norm.weight": (cfg.dim,), "ffn_norm.weight": (cfg.dim,)}
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": embedding_shape(cfg)} if is_head else {}
+    for layer in layer_range:
+        shapes |= {f"layers.{layer}.{name}": shape for name, shape in block.items()}
+    if is_tail:
+        shapes |= ({"norm.weight": (cfg.dim,)} if cfg.trainable_rmsnorm else {}) | {"output.weight": embedding_shape(cfg)}
+    return shapes
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension; gain-free when ``trainable`` is False."""
 
@@ -131,9 +176,11 @@ class RotaryEmbedding(nn.Module):
         return rotated.flatten(-2).type_as(x)
 
 
-def _linear(in_features: int, out_features: int) -> nn.Linear:
+def _linear(shape: tuple[int, int]) -> nn.Linear:
+    """A bias-free linear layer whose weight has ``shape`` = (out_features, in_features)."""
     # skip_init: parameters are filled later by Llama from its own generator, so building
     # a model never consumes the global RNG.
+    out_features, in_features = shape
     return nn.utils.skip_init(nn.Linear, in_features, out_features, bias=False)
 
 
@@ -145,10 +192,11 @@ class Attention(nn.Module):
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
         self.head_dim = cfg.head_dim
-        self.wq = _linear(cfg.dim, cfg.n_heads * cfg.head_dim)
-        self.wk = _linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
-        self.wv = _linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim)
-        self.wo = _linear(cfg.n_heads * cfg.head_dim, cfg.dim)
+        shapes = block_linear_shapes(cfg)
+        self.wq = _linear(shapes["attention.wq"])
+        self.wk = _linear(shapes["attention.wk"])
+        self.wv = _linear(shapes["attention.wv"])
+        self.wo = _linear(shapes["attention.wo"])
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.trainable_rmsnorm)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.trainable_rmsnorm)
@@ -179,10 +227,10 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        hidden = cfg.ffn_hidden_dim
-        self.w1 = _linear(cfg.dim, hidden)
-        self.w2 = _linear(hidden, cfg.dim)
-        self.w3 = _linear(cfg.dim, hidden)
+        shapes = block_linear_shapes(cfg)
+        self.w1 = _linear(shapes["feed_forward.w1"])
+        self.w2 = _linear(shapes["feed_forward.w2"])
+        self.w3 = _linear(shapes["feed_forward.w3"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -246,7 +294,7 @@ class Llama(nn.Module):
     def __init__(self, cfg: ModelConfig, seed: int, fixed_embedding: torch.Tensor | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tok_embeddings = nn.utils.skip_init(nn.Embedding, cfg.vocab_size, cfg.dim)
+        self.tok_embeddings = nn.utils.skip_init(nn.Embedding, *embedding_shape(cfg))
         if fixed_embedding is not None:
             _check_fixed_embedding(fixed_embedding, cfg)
             fixed_embedding = fixed_embedding.detach().to(self.tok_embeddings.weight.dtype).clone()
@@ -255,7 +303,7 @@ class Llama(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.trainable_rmsnorm)
-        self.output = _linear(cfg.dim, cfg.vocab_size)
+        self.output = _linear(embedding_shape(cfg))
         self._init_weights(seed)
 
     @torch.no_grad()

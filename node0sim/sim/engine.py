@@ -2,15 +2,12 @@
 
 Each protocol coroutine is driven by one SimPy process: the coroutine awaits runtime
 awaitables, which yield SimPy events; the driver hands each event to SimPy and sends its
-value (or throws its failure) back into the coroutine. See ``shared/reference/async-on-simpy.md``.
+value (or throws its failure) back into the coroutine (:func:`_drive`).
 """
 
 from __future__ import annotations
 
 import gc
-import heapq
-import itertools
-import math
 import random
 import types
 from typing import Any, Callable, Coroutine, Generator, TypeVar
@@ -20,6 +17,7 @@ import simpy
 from node0sim.runtime import Future, Handler, Message, PeerCrashed, RemoteError, RequestTimeout, Runtime, Task
 from node0sim.sim.gpus import GPUProfile
 from node0sim.sim.network import Endpoint, Network
+from node0sim.sim.timers import TimerHeap
 
 T = TypeVar("T")
 
@@ -295,6 +293,11 @@ class SimRuntime(Runtime):
         return [await task.join() for task in tasks]
 
 
+def _interrupt_caller(call: _Call) -> None:
+    """The deadline of a call still awaited passed: its caller gets a :class:`RequestTimeout`."""
+    call.caller.interrupt(call)
+
+
 class Simulation:
     """A SimPy environment with peers, a network, an emulated DHT and a seeded RNG."""
 
@@ -316,11 +319,8 @@ class Simulation:
         self.peers: dict[str, SimPeer] = {}
         self.traffic: dict[str, int] = {}
         """Bytes of requests and responses per RPC method."""
-        # RPC deadlines: a heap of (deadline, tie-breaker, call) and one timer at the earliest pending one
-        self._deadlines: list[tuple[float, int, _Call]] = []
-        self._deadline_order = itertools.count()
-        self._deadline_timer_at = math.inf
-        self._deadline_token = 0
+        # RPC deadlines of calls still awaited; the timer fires at each deadline itself (a delay from now could round it)
+        self._deadlines: TimerHeap[_Call] = TimerHeap(self.env, lambda call, _tag: call.pending, _interrupt_caller)
 
     def add_peer(
         self, peer_id: str, *, region: str, up_mbps: float, down_mbps: float, gpu: GPUProfile, utilization: float,
@@ -386,36 +386,8 @@ class Simulation:
         return response
 
     def _watch_deadline(self, call: _Call) -> None:
-        heapq.heappush(self._deadlines, (call.deadline, next(self._deadline_order), call))
-        if call.deadline < self._deadline_timer_at:
-            self._arm_deadline_timer()
-
-    def _arm_deadline_timer(self) -> None:
-        """One SimPy event at the earliest deadline of a call still awaited (finished calls are skipped lazily)."""
-        deadlines = self._deadlines
-        while deadlines and not deadlines[0][2].pending:
-            heapq.heappop(deadlines)
-        if deadlines and deadlines[0][0] < self._deadline_timer_at:
-            at = self._deadline_timer_at = deadlines[0][0]
-            self._deadline_token += 1
-            token = self._deadline_token
-            timer = simpy.Event(self.env)
-            timer._ok, timer._value = True, None
-            timer.callbacks.append(lambda _event: self._on_deadline(token))
-            # at the deadline itself (scheduling a delay of at - now could round it)
-            heapq.heappush(self.env._queue, (at, simpy.events.NORMAL, next(self.env._eid), timer))
-
-    def _on_deadline(self, token: int) -> None:
-        if token != self._deadline_token:
-            return
-        self._deadline_timer_at = math.inf
-        now = self.env.now
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            call = heapq.heappop(deadlines)[2]
-            if call.pending:
-                call.caller.interrupt(call)
-        self._arm_deadline_timer()
+        self._deadlines.push(call.deadline, call)
+        self._deadlines.arm()
 
     async def _send(self, src: SimPeer, dst: SimPeer, nbytes: int, method: str) -> None:
         self.traffic[method] = self.traffic.get(method, 0) + nbytes

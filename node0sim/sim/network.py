@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import math
 import random
 from typing import Callable
 
 import simpy
-from simpy.events import NORMAL
 
+from node0sim.sim.timers import TimerHeap, succeed_at
 
 SHARING_MODELS = ("maxmin", "equal", "per_link")
 
@@ -108,12 +107,9 @@ class Network:
         self._jitter_s = jitter_s
         self._rng = rng
         self.bytes_sent = 0
-        self.transfers = 0
-        # pending completions (finish time, tie-breaker, flow or per_link link, its version) and the one timer
-        self._finishes: list[tuple[float, int, Flow | Link, int]] = []
-        self._order = itertools.count()
-        self._timer_at = math.inf
-        self._timer_token = 0
+        # pending completions: flows (maxmin, equal) or links (per_link), tagged with their version
+        self._finishes: TimerHeap[Flow | Link] = TimerHeap(env, _is_current, self._complete, slack=1e-12, exact=False)
+        self._order = itertools.count()  # tie-breaker of the links' finish tags
 
     def latency(self, src: Endpoint, dst: Endpoint) -> float:
         """One-way latency of the next message from ``src`` to ``dst`` (jitter drawn from the run's RNG)."""
@@ -124,7 +120,6 @@ class Network:
         """Start sending ``nbytes`` from ``src`` to ``dst``; ``flow.done`` fires when they arrive."""
         done = self.env.event()
         self.bytes_sent += nbytes
-        self.transfers += 1
         if src is dst:
             done.succeed()
             return Flow(src.up, dst.down, 0, 0.0, done, self.env.now)
@@ -144,7 +139,7 @@ class Network:
                 flows[flow] = None
                 heapq.heappush(link.finishes, (link.served + remaining, next(order), flow))
                 self._schedule_link(link)
-            self._arm_timer()
+            self._finishes.arm()
             return flow
         flow.up.flows[flow] = None
         flow.down.flows[flow] = None
@@ -162,7 +157,7 @@ class Network:
                     link.advance(self.env.now)
                     del link.flows[flow]
                     self._schedule_link(link)
-            self._arm_timer()
+            self._finishes.arm()
         elif flow in flow.up.flows:
             self._remove(flow)
 
@@ -202,12 +197,13 @@ class Network:
             new_rates = self._max_min_rates(links, flows)
         else:
             new_rates = {f: min(f.up.capacity / len(f.up.flows), f.down.capacity / len(f.down.flows)) for f in flows}
+        push = self._finishes.push
         for flow, rate in new_rates.items():
             if rate != flow.rate or flow.version == 0:
                 flow.rate = rate
                 flow.version += 1
-                heapq.heappush(self._finishes, (now + flow.remaining / rate, next(self._order), flow, flow.version))
-        self._arm_timer()
+                push(now + flow.remaining / rate, flow, flow.version)
+        self._finishes.arm()
 
     def _schedule_link(self, link: Link) -> None:
         """per_link: one completion entry for the link's earliest-finishing flow (older entries go stale)."""
@@ -217,7 +213,7 @@ class Network:
         version = link.version = link.version + 1
         if finishes:
             finish = link.served_at + (finishes[0][0] - link.served) * len(flows) / link.capacity
-            heapq.heappush(self._finishes, (finish, next(self._order), link, version))
+            self._finishes.push(finish, link, version)
 
     def _finish_on_link(self, link: Link) -> None:
         """per_link: flows whose last byte just crossed ``link``; a flow done on both links is delivered."""
@@ -238,28 +234,6 @@ class Network:
                     self._deliver_after_latency(flow)
         self._schedule_link(link)
 
-    def _arm_timer(self) -> None:
-        """Keep one SimPy timer, at the earliest pending completion (stale entries are skipped lazily)."""
-        finishes = self._finishes
-        while finishes:
-            _, _, item, version = finishes[0]
-            if item.version == version and (item.__class__ is Link or (item.active and item in item.up.flows)):
-                break  # _is_current, inlined (hot path)
-            heapq.heappop(finishes)
-        if finishes and finishes[0][0] < self._timer_at:
-            self._timer_at = finishes[0][0]
-            self._timer_token += 1
-            token = self._timer_token
-            delay = max(0.0, self._timer_at - self.env.now)
-            self.env.timeout(delay).callbacks.append(lambda _event: self._on_timer(token))
-
-    @staticmethod
-    def _is_current(entry: tuple[float, int, Flow | Link, int]) -> bool:
-        _, _, item, version = entry
-        if isinstance(item, Link):
-            return item.version == version
-        return item.active and item.version == version and item in item.up.flows
-
     @staticmethod
     def _max_min_rates(links: dict[Link, None], flows: dict[Flow, None]) -> dict[Flow, float]:
         """Progressive filling: repeatedly saturate the link offering the smallest fair share."""
@@ -267,7 +241,7 @@ class Network:
         unfrozen = {link: len(link.flows) for link in links}
         rates: dict[Flow, float] = {}
         while len(rates) < len(flows):
-            share = min(capacity_left[l] / unfrozen[l] for l in links if unfrozen[l])
+            share = min(capacity_left[link] / unfrozen[link] for link in links if unfrozen[link])
             for link in links:
                 if unfrozen[link] and capacity_left[link] / unfrozen[link] <= share * (1 + 1e-12):
                     for flow in link.flows:
@@ -278,23 +252,14 @@ class Network:
                                 unfrozen[shared] -= 1
         return rates
 
-    def _on_timer(self, token: int) -> None:
-        if token != self._timer_token:
+    def _complete(self, item: Flow | Link) -> None:
+        """A due completion: a flow's last byte left (maxmin, equal), or a link's earliest flow is served (per_link)."""
+        if item.__class__ is Link:
+            self._finish_on_link(item)
             return
-        self._timer_at = math.inf
-        due = self.env.now + 1e-12 * max(1.0, self.env.now)  # absorb rounding in now + remaining / rate
-        finishes = self._finishes
-        while finishes and finishes[0][0] <= due:
-            _, _, item, version = heapq.heappop(finishes)
-            if item.__class__ is Link:
-                if item.version == version:
-                    self._finish_on_link(item)
-            elif item.active and item.version == version and item in item.up.flows:
-                flow = item
-                flow.remaining = 0.0
-                self._remove(flow)
-                self._deliver_after_latency(flow)
-        self._arm_timer()
+        item.remaining = 0.0
+        self._remove(item)
+        self._deliver_after_latency(item)
 
     def _deliver_after_latency(self, flow: Flow) -> None:
         """Trigger ``flow.done`` now, to be processed one latency later (one SimPy event, as a Timeout).
@@ -303,7 +268,9 @@ class Network:
         and a sender that stopped waiting (crashed, cancelled) simply no longer listens to ``flow.done``.
         """
         flow.active = False
-        done = flow.done
-        done._ok = True
-        done._value = None
-        self.env.schedule(done, NORMAL, flow.latency)
+        succeed_at(self.env, flow.done, self.env.now + flow.latency)
+
+
+def _is_current(item: Flow | Link, version: int) -> bool:
+    """Whether a completion entry still stands: its flow or link was not rescheduled since, nor the flow removed."""
+    return item.version == version and (item.__class__ is Link or (item.active and item in item.up.flows))

@@ -24,5 +24,5 @@ def test_protocol_rpc_round_trips(benchmark):
 
 
 def test_rpc_schedules_a_bounded_number_of_events():
-    rpcs, events = runtime_rpcs(5, 4, count_events=True)
+    rpcs, events = runtime_rpcs(5, 4)
     assert rpcs == 20 and rpcs * 5 <= events <= rpcs * 20

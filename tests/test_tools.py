@@ -1,0 +1,24 @@
+"""The benchmark tools' configuration: tools/bench_scale.py composes the scale_bench preset."""
+
+from __future__ import annotations
+
+import pytest
+
+from node0sim.app import compose_run_config
+from tools.bench_scale import scale_overrides
+
+# What tools/bench_scale.py set by hand before the preset existed (the README's scale numbers were measured with it).
+EXPLICIT = [
+    "model=node0_8b", "sim.numerics=false", "topology.num_stages=32", "topology.num_trainers=32", "train.schedule=async",
+    "train.steps=10000000", "train.batch_size=1024", "train.micro_batch_size=1", "train.seq_len=4096", "averaging=node0",
+    "churn=volunteer", "compression=subspace", "compression.rate=100", "sim.gpu=l4", "train.request_timeout_s=30",
+]
+
+
+@pytest.mark.parametrize("peers, virtual_s, link_sharing", [(300, None, None), (1000, 3600.0, "per_link"), (10, 300.0, "maxmin")])
+def test_scale_bench_preset_is_the_hand_written_configuration(peers: int, virtual_s: float | None, link_sharing: str | None):
+    explicit = [
+        *EXPLICIT, f"topology.peers_per_stage={max(1, peers // 32)}", f"train.max_sim_time_s={virtual_s or 600.0}",
+        f"sim.link_sharing={link_sharing or 'equal'}",
+    ]
+    assert compose_run_config(*scale_overrides(peers, virtual_s, link_sharing)) == compose_run_config(*explicit)
