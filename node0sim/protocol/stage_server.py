@@ -86,7 +86,7 @@ class StageServer:
         self.averager = averager(rt, self.stage, averaging)
         self.powersgd = PowerSGD(compute.parameter_shapes, averaging.powersgd_rank) if averaging.powersgd_rank else None
         rng = random.Random(_stable_hash(seed, rt.peer_id))
-        self.state = StateTransfer(rt, compute, self.progress, averaging, rng, self.stats)
+        self.state_transfer = StateTransfer(rt, compute, self.progress, averaging, rng, self.stats)
         self._loops: list[Task] = []
 
     @property
@@ -136,7 +136,7 @@ class StageServer:
 
     async def load_state_from_peers(self, attempts: int = 3) -> bool:
         """Download the stage's newest state from a peer (see :meth:`StateTransfer.load_state_from_peers`)."""
-        return await self.state.load_state_from_peers(attempts)
+        return await self.state_transfer.load_state_from_peers(attempts)
 
     # ---- serving ---------------------------------------------------------------------------
     def _token_ids(self, request: ForwardRequest | BackwardRequest | TailRequest) -> Any:
@@ -172,7 +172,7 @@ class StageServer:
     async def handle_get_state(self, caller: str, request: StateRequest) -> StateResponse:
         """Send this peer's parameters and optimizer state to a joiner."""
         self._check_stage(request.stage)
-        return await self.state.export()
+        return await self.state_transfer.export()
 
     def _run_batch(self, kind: str, works: list[Work]) -> list[Any]:
         """Results (or ValueErrors) of one call; samples whose gradients were accumulated are counted in the same slot."""
