@@ -46,6 +46,7 @@ def test_record_round_trips_through_its_dht_value():
     {**RECORD.to_dht(), "ready": 1}, {**RECORD.to_dht(), "ready": None},
     {**RECORD.to_dht(), "averaging": "3"}, {**RECORD.to_dht(), "averaging": True}, {**RECORD.to_dht(), "averaging": -2},
     {**RECORD.to_dht(), "averaging": 2.0},
+    {**RECORD.to_dht(), "time": 10**400}, {**RECORD.to_dht(), "samples": 10**400}, {**RECORD.to_dht(), "rate": -(2**60)},
 ])
 def test_a_malformed_value_is_no_record(value):
     assert StageRecord.from_dht(value) is None
@@ -55,6 +56,14 @@ def test_parse_stage_keeps_the_well_formed_records_in_order():
     value = {"b": RECORD.to_dht(), "x": {"epoch": "junk"}, "a": RECORD.to_dht(), "gone": None, "y": "junk"}
     assert list(parse_stage(value)) == ["b", "a"]
     assert parse_stage(None) == {} and parse_stage("junk") == {} and parse_stage([RECORD.to_dht()]) == {}
+
+
+def test_parse_stage_parses_a_value_once_and_a_new_value_anew():
+    value = RECORD.to_dht()
+    first, again = parse_stage({"a": value}), parse_stage({"a": value, "b": value})
+    assert again["a"] is again["b"] is first["a"]  # the same object read again: parsed once
+    changed = {**value, "ready": "yes"}
+    assert parse_stage({"a": changed}) == {} and parse_stage({"a": dict(value)})["a"] is not first["a"]
 
 
 def test_samples_at_extrapolates_at_the_rate():

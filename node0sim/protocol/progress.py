@@ -21,12 +21,18 @@ def stage_key(run_id: str, stage: int) -> str:
     return f"{run_id}/stage/{stage}"
 
 
+_MAX_INT = 2**53
+"""Larger integers are not exactly floats (and past ~1e308 not floats at all: arithmetic with them raises)."""
+
+
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_INT
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= _MAX_INT
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +80,30 @@ class StageRecord:
 
 _FIELDS = StageRecord.__dataclass_fields__.keys()
 
+_PARSED_LIMIT = 1 << 14
+_parsed: dict[int, tuple[Any, StageRecord | None]] = {}
+"""``from_dht`` of values read before, by ``id``; each entry holds its value, so the id cannot be reused
+while it is there. In the simulator every reader gets the object its writer stored, so a record is
+parsed once, not once per reader and read (the live DHT hands out fresh copies: they miss)."""
+
+
+def _record_of(value: Any) -> StageRecord | None:
+    """``StageRecord.from_dht(value)``, remembered for this very object (DHT values are never changed in place)."""
+    seen = _parsed.get(id(value))
+    if seen is not None and seen[0] is value:
+        return seen[1]
+    if len(_parsed) >= _PARSED_LIMIT:
+        _parsed.clear()
+    record = StageRecord.from_dht(value)
+    _parsed[id(value)] = (value, record)
+    return record
+
 
 def parse_stage(value: Any) -> dict[str, StageRecord]:
     """The well-formed records in a stage key's DHT value (a ``{peer: record}`` dict), in its order."""
     if not isinstance(value, dict):
         return {}
-    records = {peer: StageRecord.from_dht(record) for peer, record in value.items()}
+    records = {peer: _record_of(record) for peer, record in value.items()}
     return {peer: record for peer, record in records.items() if record is not None}
 
 
