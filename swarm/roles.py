@@ -22,8 +22,10 @@ from node0sim.experiment import evaluate, micro_batch_sources, model_config, sta
 from node0sim.metrics import RunRecorder, StepTracker
 from node0sim.protocol.averaging import GroupAverager
 from node0sim.protocol.messages import TensorSpec
+from node0sim.protocol.progress import read_stage
 from node0sim.protocol.stage_compute import StageCompute
-from node0sim.protocol.stage_server import StageServer, StateRequest, stage_key
+from node0sim.protocol.stage_server import StageServer
+from node0sim.protocol.state_transfer import StateRequest
 from node0sim.protocol.swarm_peer import BalanceConfig, SwarmPeer
 from node0sim.protocol.trainer import Trainer
 from node0sim.runtime import RPCError
@@ -198,7 +200,7 @@ async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: Swarm
             log.info("Averaged gradients with %d peers (stage %d, epoch %d)", server.stats.last_group_size, server.stage, server.epoch)
         if server.stats.solo_steps > solo:
             solo = server.stats.solo_steps
-            others = sum(1 for peer, r in server.records.items() if peer != rt.peer_id and r and r["ready"])
+            others = len(server.progress.others())
             log.info("Averaging step failed: could not find a group; stepped with local gradients (stage %d, epoch %d, "
                      "%d other ready peer(s) in the stage)", server.stage, server.epoch, others)
         if time.monotonic() - last_log >= swarm.log_period_s:
@@ -265,8 +267,8 @@ async def train(local: Mapping[str, Any], swarm_run: RunConfig, recorder_factory
 async def _current_weights(rt: LiveRuntime, run: RunConfig, templates: list[StageCompute]) -> list[StageCompute]:
     """The pipeline as the swarm holds it now: each stage's state fetched from one of its servers."""
     for stage, template in enumerate(templates):
-        records = await rt.dht_get(stage_key(run.run_id, stage)) or {}
-        for peer in [p for p, r in records.items() if r and r["ready"]]:
+        records = await read_stage(rt, run.run_id, stage)
+        for peer in [p for p, r in records.items() if r.ready]:
             try:
                 response = await rt.call(peer, "get_state", StateRequest(stage), run.averaging.state_timeout_s)
             except RPCError as error:

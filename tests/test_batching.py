@@ -8,6 +8,7 @@ import torch
 from node0sim.model import build_stages
 from node0sim.model.costs import stage_shapes
 from node0sim.protocol.averaging import AveragingConfig
+from node0sim.protocol.batching import BatchingQueue
 from node0sim.protocol.codecs import DenseCodec
 from node0sim.protocol.messages import BackwardRequest, ForwardRequest, TailRequest
 from node0sim.protocol.stage_compute import CostStageCompute, OptimConfig, TensorStageCompute
@@ -166,3 +167,67 @@ def test_summary_reports_batched_calls(tmp_path):
     requests = summary["request_calls"] * summary["mean_requests_per_call"]
     assert summary["micro_batches_done"] * 3 <= round(requests)  # forward, tail, backward per micro-batch
     assert 1.0 < summary["mean_requests_per_call"] <= 3.0
+
+
+# ---- the queue alone ------------------------------------------------------------------------------
+
+def _queue_run(limit: int, requests: list[tuple[str, int]], fail_calls_of: str | None = None):
+    """Submit ``(kind, item)`` requests (the first alone, the rest while it computes) to a BatchingQueue whose
+    calls double each item (and reject negative ones); the results (or errors) and the calls made."""
+    sim = make_sim()
+    peer = sim.add_peer("p", region="r", up_mbps=1, down_mbps=1, gpu=gpu_profile("t4"), utilization=1e-9)
+    calls: list[tuple[str, list[int]]] = []
+
+    def run_batch(kind, items):
+        calls.append((kind, list(items)))
+        if kind == fail_calls_of:
+            raise RuntimeError("the accelerator failed")
+        return [ValueError(f"bad item {i}") if i < 0 else (kind, 2 * i) for i in items]
+
+    queue = BatchingQueue(peer.runtime, run_batch, limit)
+
+    async def one(kind, item):
+        try:
+            return await queue.submit(kind, item, flops=1e3)
+        except Exception as error:
+            return error
+
+    async def protocol():
+        first = peer.runtime.spawn(one(*requests[0]))
+        await peer.runtime.sleep(1e-6)
+        rest = [peer.runtime.spawn(one(*r)) for r in requests[1:]]
+        return await peer.runtime.gather([first, *rest])
+
+    task = peer.runtime.spawn(protocol())
+    sim.run(until=task.process)
+    return task.process.value, calls
+
+
+def test_queue_serves_the_oldest_kind_first_with_up_to_the_limit_of_its_kind():
+    requests = [("f", 0), ("f", 1), ("b", 2), ("f", 3), ("b", 4), ("f", 5), ("b", 6)]
+    results, calls = _queue_run(2, requests)
+    assert calls == [("f", [0]), ("f", [1, 3]), ("b", [2, 4]), ("f", [5]), ("b", [6])]
+    assert results == [(kind, 2 * item) for kind, item in requests]
+
+
+def test_queue_without_batching_makes_one_call_per_request_in_arrival_order():
+    requests = [("f", 0), ("b", 1), ("f", 2)]
+    results, calls = _queue_run(1, requests)
+    assert calls == [("f", [0]), ("b", [1]), ("f", [2])]
+    assert results == [("f", 0), ("b", 2), ("f", 4)]
+
+
+def test_queue_rejects_a_request_alone_and_a_failed_call_fails_its_batch_only():
+    results, _ = _queue_run(4, [("f", 0), ("f", 1), ("f", -1), ("f", 2)])
+    assert results[:2] == [("f", 0), ("f", 2)] and results[3] == ("f", 4)
+    assert isinstance(results[2], ValueError) and "bad item -1" in str(results[2])
+    results, calls = _queue_run(4, [("f", 0), ("b", 1), ("f", 2), ("b", 3)], fail_calls_of="b")
+    assert calls == [("f", [0]), ("b", [1, 3]), ("f", [2])]
+    assert results[0] == ("f", 0) and results[2] == ("f", 4)
+    assert all(isinstance(results[i], RuntimeError) for i in (1, 3))
+
+
+def test_queue_needs_a_positive_limit():
+    peer = make_sim().add_peer("p", region="r", up_mbps=1, down_mbps=1, gpu=gpu_profile("t4"), utilization=1.0)
+    with pytest.raises(ValueError, match="max_batch_requests"):
+        BatchingQueue(peer.runtime, lambda kind, items: items, 0)

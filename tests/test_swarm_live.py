@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from node0sim.app import compose_run_config
-from node0sim.protocol.stage_server import StateRequest, stage_key
+from node0sim.protocol.progress import stage_key
+from node0sim.protocol.state_transfer import StateRequest
 from node0sim.sim.runner import run_simulation
 from swarm.local import LocalSwarm
 from swarm.node import LiveNode, NodeSettings

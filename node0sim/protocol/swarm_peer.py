@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from node0sim.protocol.balancing import choose_stage, should_move, stage_throughputs
-from node0sim.protocol.stage_server import StageServer, stage_key
+from node0sim.protocol.progress import read_stages
+from node0sim.protocol.stage_server import StageServer
 from node0sim.runtime import Runtime
 
 
@@ -26,11 +27,8 @@ class BalanceConfig:
 
 async def stage_throughputs_from_dht(rt: Runtime, run_id: str, num_stages: int) -> list[float]:
     """Total announced throughput of every stage, read from the stages' DHT records."""
-    lookups = [rt.spawn(rt.dht_get(stage_key(run_id, stage))) for stage in range(num_stages)]
-    announced = {}
-    for stage, records in enumerate(await rt.gather(lookups)):
-        live = records.items() if isinstance(records, dict) else ()
-        announced[stage] = {peer: r["throughput"] for peer, r in live if r is not None}
+    stages = await read_stages(rt, run_id, num_stages)
+    announced = {stage: {peer: r.throughput for peer, r in records.items()} for stage, records in enumerate(stages)}
     return stage_throughputs(announced, num_stages)
 
 

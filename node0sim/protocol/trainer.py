@@ -9,8 +9,8 @@ from typing import Any, Callable, Protocol
 import torch
 
 from node0sim.protocol.messages import BackwardRequest, ForwardRequest, Payload, TailRequest, TensorSpec, leading_dims
+from node0sim.protocol.progress import read_stages
 from node0sim.protocol.routing import Router
-from node0sim.protocol.stage_server import stage_key
 from node0sim.runtime import RPCError, Runtime, Task
 
 
@@ -127,10 +127,8 @@ class Trainer:
 
     async def _discover(self) -> None:
         """Refresh every stage's peers and their announced throughputs from the DHT."""
-        lookups = [self.rt.spawn(self.rt.dht_get(stage_key(self.run_id, stage))) for stage in range(self.num_stages)]
-        for stage, records in enumerate(await self.rt.gather(lookups)):
-            live = {p: r["throughput"] for p, r in records.items() if r and r["ready"]} if isinstance(records, dict) else {}
-            self.router.update_peers(stage, live)
+        for stage, records in enumerate(await read_stages(self.rt, self.run_id, self.num_stages)):
+            self.router.update_peers(stage, {p: r.throughput for p, r in records.items() if r.ready})
 
     async def _call(self, stage: int, method: str, request: Any, samples: int, backward: bool = False) -> Any:
         """Call the peer of ``stage`` expected to finish first; on failure ban it and retry on another."""

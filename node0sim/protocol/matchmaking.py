@@ -1,0 +1,46 @@
+"""Matchmaking: which peers of a stage average together at the end of an epoch.
+
+As in hivemind's matchmaking, a group forms in the DHT: peers that ended ``epoch`` register under
+``group_key`` with their bandwidth, and the group is everyone registered within
+``matchmaking_time_s`` of the first registration.
+"""
+
+from __future__ import annotations
+
+from node0sim.protocol.averaging import AveragingConfig, group_key
+from node0sim.runtime import Runtime
+
+
+class Matchmaker:
+    """Forms this peer's averaging groups for one stage.
+
+    Every member of a group that formed sees the same members (sorted) and bandwidths, as long as
+    the DHT delivers the registrations within ``matchmaking_slack_s`` after the window closes; a
+    peer that registered too late averages alone.
+    """
+
+    def __init__(self, rt: Runtime, run_id: str, stage: int, cfg: AveragingConfig, bandwidth_mbps: float):
+        self.rt = rt
+        self.run_id = run_id
+        self.stage = stage
+        self.cfg = cfg
+        self.bandwidth_mbps = bandwidth_mbps
+
+    def alone(self) -> tuple[list[str], list[float]]:
+        """A group of this peer only."""
+        return [self.rt.peer_id], [self.bandwidth_mbps]
+
+    async def form_group(self, epoch: int) -> tuple[list[str], list[float]]:
+        """The members of this peer's group for ``epoch`` and their bandwidths (Mb/s)."""
+        me = self.rt.peer_id
+        key = group_key(self.run_id, self.stage, epoch)
+        ttl = self.cfg.matchmaking_time_s + self.cfg.averaging_timeout_s
+        await self.rt.dht_store(key, {"time": self.rt.now(), "bandwidth": self.bandwidth_mbps}, expires_in=ttl, subkey=me)
+        group = await self.rt.dht_get(key) or {}
+        deadline = min(r["time"] for r in group.values()) + self.cfg.matchmaking_time_s
+        await self.rt.sleep(max(0.0, deadline + self.cfg.matchmaking_slack_s - self.rt.now()))
+        group = await self.rt.dht_get(key) or {}
+        members = sorted(peer for peer, r in group.items() if r["time"] <= deadline)
+        if me not in members:
+            return self.alone()
+        return members, [group[peer]["bandwidth"] for peer in members]
