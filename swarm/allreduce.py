@@ -82,7 +82,8 @@ async def install(rt: LiveRuntime) -> AllReduceRouter:
 
 class _Runner(AllReduceRunner):
     """hivemind's runner with the :class:`Averager` rule for a member's part that is not finite: the
-    part's owner refuses it (bans the sender, whose remaining contribution is left out)."""
+    part's owner refuses it by banning the sender (hivemind streams a part in chunks: chunks averaged
+    before the bad one stay averaged, the sender's contribution is left out from it on)."""
 
     async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
         async for reply in super()._accumulate_parts_streaming(_finite_parts(stream), sender_index):
