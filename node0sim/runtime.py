@@ -104,25 +104,42 @@ class Runtime(ABC):
     def call(self, peer: str, method: str, request: Message, timeout: float) -> Awaitable[Any]:
         """Send ``request`` to ``peer``'s handler for ``method`` and return its response.
 
-        Raises :class:`RequestTimeout` after ``timeout`` seconds without a response and
-        :class:`RemoteError` if the handler rejected the request.
+        What the caller gets, on every backend:
+
+        - the handler's response;
+        - :class:`RemoteError` with the handler's message when the handler raised ``ValueError`` (it
+          refused a malformed or unacceptable request) or :class:`RPCError` (a call of its own failed),
+          and when ``peer`` does not serve ``method``;
+        - :class:`RemoteError` naming the exception type when the handler raised anything else: that is a
+          bug, which the backend also reports (the simulator raises it from ``Simulation.run``, the live
+          backend logs it and keeps it in ``LiveRuntime.errors``);
+        - :class:`RequestTimeout` when no response came within ``timeout`` seconds: the peer is slow, gone,
+          or crashed mid-request (a handler stopped by its peer's crash never replies);
+        - a plain :class:`RPCError`, sooner, when a live backend learns that the connection failed (a peer
+          that vanished). Callers treat every :class:`RPCError` as "no response".
+
+        A request over the backend's message size limit raises ``ValueError`` here, before anything is sent.
         """
 
     @abstractmethod
     def serve(self, method: str, handler: Handler) -> None:
-        """Register ``handler`` for incoming calls of ``method`` on this peer."""
+        """Register ``handler`` for incoming calls of ``method`` on this peer (replacing an earlier one)."""
 
     @abstractmethod
     def dht_store(self, key: str, value: Any, expires_in: float, subkey: str | None = None) -> Awaitable[None]:
         """Store ``value`` under ``key`` (or under ``subkey`` of a dictionary record) for ``expires_in`` s.
 
-        A peer's later store to the same key and subkey replaces its earlier one (storing ``None`` with
-        ``expires_in=0`` withdraws a record).
+        A peer's later store to the same key and subkey replaces its earlier one, whatever the
+        expiration times. Storing ``None`` withdraws the record (``expires_in=0`` by convention): from
+        then on it is absent.
         """
 
     @abstractmethod
     def dht_get(self, key: str) -> Awaitable[Any]:
-        """The unexpired value under ``key``; a ``{subkey: value}`` dict for dictionary records; ``None`` if absent."""
+        """The unexpired value under ``key``; for a dictionary record a ``{subkey: value}`` dict of its
+        unexpired subkeys; ``None`` if there is none. A withdrawn record is absent: it is never returned as
+        a ``None`` value, nor a subkey with a ``None`` value (an empty dictionary record is ``None``).
+        """
 
     @abstractmethod
     def spawn(self, coro: Coroutine[Any, Any, T]) -> Task:

@@ -5,24 +5,26 @@ the DHT, matchmaking by DHT registration); this module only replaces the group a
 ``hivemind.averaging.allreduce.AllReduceRunner``, the runner inside hivemind's
 ``DecentralizedAverager`` (reduce-scatter + all-gather in parts proportional to each member's
 bandwidth, streaming, senders and reducers that vanish are banned after their timeout and their
-parts keep local values). It has the protocol averager's interface, so ``StageServer`` (and the
-protocol's PowerSGD, whose two phases are all-reduces) use it unchanged.
+parts keep local values). It implements the protocol's ``Averager``, its rule for bad parts
+included, so ``StageServer`` (and the protocol's PowerSGD, whose two phases are all-reduces) use it
+unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner
-from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES
+from hivemind.averaging.partition import DEFAULT_PART_SIZE_BYTES, AllreduceException
+from hivemind.compression import deserialize_torch_tensor
 from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, anext, as_aiter
 
-from node0sim.protocol.averaging import AveragingConfig
+from node0sim.protocol.averaging import Averager, AveragingConfig
 from swarm.runtime import LiveRuntime
 
 log = logging.getLogger(__name__)
@@ -78,8 +80,27 @@ async def install(rt: LiveRuntime) -> AllReduceRouter:
     return rt.all_reduce_router
 
 
-class HivemindGroupAverager:
-    """Drop-in for the protocol's ``GroupAverager`` on a live peer, running hivemind's AllReduceRunner."""
+class _Runner(AllReduceRunner):
+    """hivemind's runner with the :class:`Averager` rule for a member's part that is not finite: the
+    part's owner refuses it by banning the sender (hivemind streams a part in chunks: chunks averaged
+    before the bad one stay averaged, the sender's contribution is left out from it on)."""
+
+    async def _accumulate_parts_streaming(self, stream: AsyncIterator[averaging_pb2.AveragingData], sender_index: int):
+        async for reply in super()._accumulate_parts_streaming(_finite_parts(stream), sender_index):
+            yield reply
+
+
+async def _finite_parts(stream: AsyncIterator[averaging_pb2.AveragingData]) -> AsyncIterator[averaging_pb2.AveragingData]:
+    async for message in stream:
+        if not torch.isfinite(deserialize_torch_tensor(message.tensor_part)).all():
+            raise AllreduceException("an all-reduce part is not finite")
+        yield message
+
+
+class HivemindGroupAverager(Averager):
+    """The :class:`Averager` of a live peer that runs hivemind's AllReduceRunner (drop-in for ``GroupAverager``)."""
+
+    _runner_type: type[AllReduceRunner] = _Runner
 
     def __init__(self, rt: LiveRuntime, stage: int, cfg: AveragingConfig):
         self.rt = rt
@@ -93,17 +114,24 @@ class HivemindGroupAverager:
             raise RuntimeError("swarm.allreduce.install(runtime) must run before a HivemindGroupAverager serves")
 
     async def all_reduce(
-        self, tag: str, members: list[str], bandwidths: list[float], vector: Any, weight: float
+        self, tag: str, members: list[str], bandwidths: list[float], vector: torch.Tensor, weight: float
     ) -> tuple[torch.Tensor | None, int]:
         """Weighted average ``sum(vector_i) / sum(weight_i)`` over ``members`` (``vector``: this peer's
-        weighted sum), as the protocol's averager; ``(None, n)`` when every weight was 0."""
+        weighted sum), as :meth:`Averager.all_reduce` says."""
+        if not torch.isfinite(vector).all():
+            vector, weight = torch.zeros_like(vector), 0.0
+        return await self._all_reduce(tag, members, bandwidths, vector, weight)
+
+    async def _all_reduce(
+        self, tag: str, members: list[str], bandwidths: list[float], vector: torch.Tensor, weight: float
+    ) -> tuple[torch.Tensor | None, int]:
         if len(members) == 1:
             return (vector / weight if weight > 0 else None), 1
         router = self.rt.all_reduce_router
         local = vector / weight if weight > 0 else torch.zeros_like(vector)
         group_id = f"{self.stage}/{tag}/{','.join(members)}".encode()
         total = sum(bandwidths)
-        runner = AllReduceRunner(
+        runner = self._runner_type(
             p2p=self.rt.p2p, servicer_type=AllReduceRouter, prefix=NAMESPACE, group_id=group_id, tensors=[local.clone()],
             weight=float(weight), ordered_peer_ids=[PeerID.from_base58(m) for m in members],
             peer_fractions=tuple(b / total for b in bandwidths),

@@ -84,7 +84,7 @@ class LiveRuntime(Runtime):
         self.peer_id = p2p.peer_id.to_base58()
         self.max_message_bytes = max_message_bytes
         self.errors: list[BaseException] = []
-        """Failures of spawned tasks that nobody joined (logged when they happen)."""
+        """Failures of spawned tasks that nobody joined, and bugs of handlers (logged when they happen)."""
         self.handled: dict[str, int] = {}
         """Requests this peer answered, per method."""
         self.sent_bytes: dict[str, int] = {}
@@ -158,9 +158,9 @@ class LiveRuntime(Runtime):
         found = await self.dht.get(key, latest=True)
         if found is None:
             return None
-        if isinstance(found.value, dict):
+        if isinstance(found.value, dict):  # withdrawn subkeys hold None until they expire: they are absent
             now = get_dht_time()
-            live = {sub: item.value for sub, item in found.value.items() if item.expiration_time > now}
+            live = {sub: item.value for sub, item in found.value.items() if item.expiration_time > now and item.value is not None}
             return live or None
         return found.value
 
@@ -232,10 +232,11 @@ class LiveRuntime(Runtime):
             return method, _OK, response
         except (asyncio.IncompleteReadError, ConnectionError):
             raise
-        except (ValueError, RemoteError) as rejected:  # includes wire.WireError and oversized messages
+        except (ValueError, RPCError) as rejected:  # includes wire.WireError and oversized messages
             return method, _ERROR, str(rejected).encode()
-        except Exception as bug:
+        except Exception as bug:  # as Runtime.call says: the caller is told, the bug is kept
             log.exception("handler %s failed on a request from %s", method, caller)
+            self.errors.append(bug)
             return method, _ERROR, f"internal error in {method}: {type(bug).__name__}".encode()
 
 

@@ -2,9 +2,9 @@
 
 Volunteers exchange messages with strangers, so nothing here unpickles: a message is msgpack
 of ``{"type": <allowed class name>, "fields": {...}}``, tensors travel as ``(dtype, shape,
-raw bytes)`` with the dtype taken from an allowlist, and the receiver rebuilds only the
-dataclasses listed in :data:`MESSAGE_TYPES`. Anything else is refused with a :class:`WireError`
-that names the problem.
+raw bytes)`` with the dtype taken from an allowlist, and the receiver rebuilds only the message
+classes the protocol declares (``@message``, registered in ``MESSAGE_TYPES``). Anything else is
+refused with a :class:`WireError` that names the problem.
 """
 
 from __future__ import annotations
@@ -15,27 +15,13 @@ from typing import Any
 import msgpack
 import torch
 
-from node0sim.protocol.averaging import Ack, GatherPart, ReducePart
-from node0sim.protocol.messages import (
-    BackwardRequest,
-    BackwardResponse,
-    ForwardRequest,
-    ForwardResponse,
-    Packed,
-    TailRequest,
-    TailResponse,
-    TensorSpec,
-)
+import node0sim.protocol.averaging  # noqa: F401 (declares the all-reduce messages)
+from node0sim.protocol.messages import MESSAGE_TYPES, Packed, TensorSpec
 from node0sim.protocol.stage_server import StateRequest, StateResponse
 
-MESSAGE_TYPES: dict[str, type] = {
-    cls.__name__: cls
-    for cls in (
-        ForwardRequest, ForwardResponse, BackwardRequest, BackwardResponse, TailRequest, TailResponse,
-        ReducePart, GatherPart, Ack, StateRequest, StateResponse,
-    )
-}
-"""Every message class the protocol sends; nothing else is decoded."""
+# until stage_server.py declares its state messages with @message
+for _state_message in (StateRequest, StateResponse):
+    MESSAGE_TYPES.setdefault(_state_message.__name__, _state_message)
 
 DTYPES: dict[str, torch.dtype] = {
     str(dtype).removeprefix("torch."): dtype
@@ -51,7 +37,7 @@ class WireError(ValueError):
 
 
 def encode(message: Any) -> bytes:
-    """Serialize a protocol message (a dataclass from :data:`MESSAGE_TYPES`)."""
+    """Serialize a protocol message (a class in ``MESSAGE_TYPES``)."""
     name = type(message).__name__
     if MESSAGE_TYPES.get(name) is not type(message):
         raise WireError(f"{name} is not a protocol message type")

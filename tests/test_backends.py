@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from node0sim.model import Llama, build_stages
-from node0sim.protocol.averaging import AveragingConfig, GroupAverager
+from node0sim.protocol.averaging import Ack, AveragingConfig, GroupAverager
 from node0sim.protocol.codecs import DenseCodec
 from node0sim.protocol.stage_compute import OptimConfig, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.trainer import Trainer, TrainerConfig
+from node0sim.runtime import RemoteError, RequestTimeout, RPCError
 from tests.backends import BACKENDS, run_scenario
 from tests.test_pipeline import CFG, FixedBatch
 
@@ -50,12 +51,24 @@ def test_one_pipeline_step_equals_the_single_process_model_on_both_backends(back
             torch.testing.assert_close(param.grad / 6, expected[name].grad, atol=1e-6, rtol=1e-4)
 
 
-def _averager_for(backend):
+class _SkipsTheOwnVectorRule(GroupAverager):
+    """A faulty member: sends its non-finite vector instead of taking part with zeros."""
+
+    all_reduce = GroupAverager._all_reduce
+
+
+def _averager_for(backend, faulty=False):
     if backend == "swarm/hivemind":
+        from hivemind.averaging.allreduce import AllReduceRunner
+
         from swarm.allreduce import HivemindGroupAverager
 
-        return HivemindGroupAverager
-    return GroupAverager
+        class _FaultyHivemindAverager(HivemindGroupAverager):  # also runs hivemind's runner unchecked
+            _runner_type = AllReduceRunner
+            all_reduce = HivemindGroupAverager._all_reduce
+
+        return _FaultyHivemindAverager if faulty else HivemindGroupAverager
+    return _SkipsTheOwnVectorRule if faulty else GroupAverager
 
 
 async def _install_routers(backend, runtimes):
@@ -66,48 +79,157 @@ async def _install_routers(backend, runtimes):
             await install(rt)
 
 
-@pytest.mark.parametrize("backend", [*BACKENDS, "swarm/hivemind"])
-def test_all_reduce_gives_every_member_the_sample_weighted_average_on_both_backends(backend):
+def _all_reduce(backend, vectors, weights, timeout=20.0, faulty=(), bandwidths=(10.0, 20.0, 30.0)):
+    """``({member: ((mean, contributors), timeouts)}, elapsed)`` of the members that call all_reduce: those in
+    ``vectors`` (the others of a, b, c are in the group but silent); ``faulty`` members skip the own-vector rule."""
     names = ["a", "b", "c"]
-    sums = {"a": torch.arange(1000.0) * 2, "b": torch.ones(1000) * 30, "c": -torch.arange(1000.0)}
-    weights = {"a": 2.0, "b": 3.0, "c": 5.0}
 
     async def scenario(runtimes):
         await _install_routers(backend, runtimes)
-        averagers = {n: _averager_for(backend)(runtimes[n], 0, AveragingConfig(8, averaging_timeout_s=20.0)) for n in names}
-        for averager in averagers.values():
-            averager.serve()
-        members = sorted(runtimes[n].peer_id for n in names)
-        tasks = [runtimes[n].spawn(averagers[n].all_reduce("r", members, [10.0, 20.0, 30.0], sums[n], weights[n])) for n in names]
-        return await runtimes["a"].gather(tasks)
-
-    expected = (sums["a"] + sums["b"] + sums["c"]) / 10.0
-    for result, contributors in run_scenario(backend.split("/")[0], names, scenario):
-        assert contributors == 3
-        torch.testing.assert_close(result, expected)
-
-
-@pytest.mark.parametrize("backend", [*BACKENDS, "swarm/hivemind"])
-def test_a_member_that_never_shows_up_costs_the_others_at_most_the_averaging_timeout(backend):
-    names = ["a", "b", "c"]
-    timeout = 4.0
-
-    async def scenario(runtimes):
-        await _install_routers(backend, runtimes)
-        averagers = {n: _averager_for(backend)(runtimes[n], 0, AveragingConfig(8, averaging_timeout_s=timeout)) for n in names}
+        cfg = AveragingConfig(8, averaging_timeout_s=timeout)
+        averagers = {n: _averager_for(backend, n in faulty)(runtimes[n], 0, cfg) for n in names}
         for averager in averagers.values():
             averager.serve()
         members = sorted(runtimes[n].peer_id for n in names)
         started = runtimes["a"].now()
-        vectors = {"a": torch.full((6000,), 2.0), "b": torch.full((6000,), 4.0)}  # "c" is in the group but silent
-        tasks = [runtimes[n].spawn(averagers[n].all_reduce("r", members, [1.0, 1.0, 1.0], vectors[n], 1.0)) for n in "ab"]
+        rounds = {n: averagers[n].all_reduce("r", members, list(bandwidths), vectors[n], weights[n]) for n in vectors}
+        tasks = [runtimes[n].spawn(rounds[n]) for n in vectors]
         results = await runtimes["a"].gather(tasks)
-        return results, runtimes["a"].now() - started, [averagers[n].timeouts for n in "ab"]
+        return {n: (result, averagers[n].timeouts) for n, result in zip(vectors, results)}, runtimes["a"].now() - started
 
-    results, elapsed, timeouts = run_scenario(backend.split("/")[0], names, scenario)
+    return run_scenario(backend.split("/")[0], names, scenario)
+
+
+AVERAGER_BACKENDS = [*BACKENDS, "swarm/hivemind"]
+
+
+@pytest.mark.parametrize("backend", AVERAGER_BACKENDS)
+def test_all_reduce_gives_every_member_the_sample_weighted_average_on_both_backends(backend):
+    sums = {"a": torch.arange(1000.0) * 2, "b": torch.ones(1000) * 30, "c": -torch.arange(1000.0)}
+    weights = {"a": 2.0, "b": 3.0, "c": 5.0}
+    expected = (sums["a"] + sums["b"] + sums["c"]) / 10.0
+    outcome, _ = _all_reduce(backend, sums, weights)
+    for (result, contributors), _ in outcome.values():
+        assert contributors == 3
+        torch.testing.assert_close(result, expected)
+
+
+@pytest.mark.parametrize("backend", AVERAGER_BACKENDS)
+def test_a_member_that_never_shows_up_costs_the_others_at_most_the_averaging_timeout(backend):
+    timeout = 4.0
+    vectors = {"a": torch.full((6000,), 2.0), "b": torch.full((6000,), 4.0)}  # "c" is in the group but silent
+    outcome, elapsed = _all_reduce(backend, vectors, {"a": 1.0, "b": 1.0}, timeout, bandwidths=(1.0, 1.0, 1.0))
     assert elapsed <= timeout * 1.6
-    assert all(t >= 1 for t in timeouts)
-    for result, contributors in results:
-        assert contributors == 2
+    for (result, contributors), timeouts in outcome.values():
+        assert timeouts >= 1 and contributors == 2
         # the parts a and b own are averaged (3.0); the silent member's part keeps each peer's own values
         assert (result == 3.0).sum() >= 2000
+
+
+# ---- the Averager's rule for bad parts (node0sim.protocol.averaging.Averager), on every averager --------
+
+@pytest.mark.parametrize("backend", AVERAGER_BACKENDS)
+def test_a_member_whose_vector_is_not_finite_adds_nothing_and_gets_the_others_mean(backend):
+    sums = {"a": torch.arange(1000.0) * 2, "b": torch.ones(1000) * 30, "c": torch.full((1000,), float("nan"))}
+    weights = {"a": 2.0, "b": 3.0, "c": 5.0}
+    expected = (sums["a"] + sums["b"]) / 5.0
+    outcome, _ = _all_reduce(backend, sums, weights)
+    for (result, contributors), _ in outcome.values():
+        assert contributors == 3  # c took part, with weight 0
+        torch.testing.assert_close(result, expected)
+
+
+@pytest.mark.parametrize("backend", AVERAGER_BACKENDS)
+def test_a_faulty_members_non_finite_parts_are_refused_and_nobody_gets_a_non_finite_mean(backend):
+    vectors = {"a": torch.full((6000,), 2.0), "b": torch.full((6000,), 4.0), "c": torch.full((6000,), float("nan"))}
+    weights = {"a": 1.0, "b": 1.0, "c": 1.0}
+    outcome, _ = _all_reduce(backend, vectors, weights, timeout=4.0, faulty=("c",), bandwidths=(1.0, 1.0, 1.0))
+    for name in "ab":
+        (mean, contributors), timeouts = outcome[name]
+        # c's contribution to a's and b's parts was refused; c's own part came back non-finite: no mean
+        assert mean is None and contributors == 2 and timeouts >= 1
+
+
+@pytest.mark.parametrize("backend", AVERAGER_BACKENDS)
+def test_a_peer_whose_own_vector_is_not_finite_never_steps_alone_with_it(backend):
+    vector = torch.full((6000,), 2.0)
+    vector[7] = float("inf")
+    outcome, _ = _all_reduce(backend, {"a": vector}, {"a": 3.0}, timeout=4.0, bandwidths=(1.0, 1.0, 1.0))
+    (mean, _), _ = outcome["a"]
+    assert mean is None  # a took part with weight 0 and b and c are silent: no weight behind the mean of a's part
+
+
+# ---- the runtime interface's rules (node0sim/runtime.py), on both backends ----------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_withdrawn_dht_record_is_absent_and_a_later_store_replaces_an_earlier_one(backend):
+    async def scenario(runtimes):
+        a, b = runtimes["a"], runtimes["b"]
+        await a.dht_store("test/k", {"x": 1}, expires_in=60, subkey="a")
+        await b.dht_store("test/k", {"x": 2}, expires_in=60, subkey="b")
+        await a.dht_store("test/k", {"x": 3}, expires_in=30, subkey="a")  # expires sooner, replaces all the same
+        replaced = await b.dht_get("test/k")
+        await a.dht_store("test/k", None, expires_in=0, subkey="a")
+        withdrawn = await b.dht_get("test/k")
+        await b.dht_store("test/k", None, expires_in=0, subkey="b")
+        await a.dht_store("test/plain", "v", expires_in=60)
+        await a.dht_store("test/plain", None, expires_in=0)
+        return replaced, withdrawn, await a.dht_get("test/k"), await b.dht_get("test/plain")
+
+    replaced, withdrawn, emptied, plain = run_scenario(backend, ["a", "b"], scenario)
+    assert replaced == {"a": {"x": 3}, "b": {"x": 2}}
+    assert withdrawn == {"b": {"x": 2}}
+    assert emptied is None and plain is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_what_a_caller_gets_when_the_handler_refuses_fails_upstream_is_missing_or_too_slow(backend):
+    async def scenario(runtimes):
+        client, server = runtimes["client"], runtimes["server"]
+
+        async def refuses(caller, request):
+            raise ValueError("no thanks")
+
+        async def fails_upstream(caller, request):
+            raise RequestTimeout("upstream gave no answer")
+
+        async def slow(caller, request):
+            await server.sleep(3.0)
+            return Ack()
+
+        for method, handler in [("refuses", refuses), ("fails_upstream", fails_upstream), ("slow", slow)]:
+            server.serve(method, handler)
+        outcomes = {}
+        for method, timeout in [("refuses", 10), ("fails_upstream", 10), ("missing", 10), ("slow", 1)]:
+            started = client.now()
+            try:
+                await client.call(server.peer_id, method, Ack(), timeout=timeout)
+            except RPCError as error:
+                outcomes[method] = (type(error), str(error), client.now() - started)
+        return outcomes
+
+    outcomes = run_scenario(backend, ["client", "server"], scenario)
+    assert outcomes["refuses"][0] is RemoteError and "no thanks" in outcomes["refuses"][1]
+    assert outcomes["fails_upstream"][0] is RemoteError and "upstream gave no answer" in outcomes["fails_upstream"][1]
+    assert outcomes["missing"][0] is RemoteError and "does not serve" in outcomes["missing"][1]
+    assert outcomes["slow"][0] is RequestTimeout and outcomes["slow"][2] < 2.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_handler_bug_reaches_the_caller_as_a_remote_error_and_is_reported(backend):
+    seen = []
+
+    async def scenario(runtimes):
+        async def buggy(caller, request):
+            raise LookupError("handler bug")
+
+        runtimes["server"].serve("buggy", buggy)
+        try:
+            await runtimes["client"].call(runtimes["server"].peer_id, "buggy", Ack(), timeout=10)
+        except RemoteError as error:
+            seen.append(str(error))
+        await runtimes["client"].sleep(1.0)
+
+    with pytest.raises(Exception, match="handler bug"):  # the simulation stops with it; a live peer keeps it in errors
+        run_scenario(backend, ["client", "server"], scenario)
+    assert len(seen) == 1 and "internal error in buggy: LookupError" in seen[0]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from node0sim.protocol.averaging import Ack, ReducePart
-from node0sim.protocol.messages import BackwardRequest, ForwardRequest, Packed, TailResponse, TensorSpec
+from node0sim.protocol.messages import MESSAGE_TYPES, BackwardRequest, ForwardRequest, Packed, TailResponse, TensorSpec, message
 from node0sim.protocol.stage_server import StateResponse
 from swarm.wire import WireError, decode, encode
 
@@ -64,3 +64,15 @@ def test_malformed_messages_are_refused_with_the_reason(data, complaint):
 def test_only_protocol_types_can_be_sent():
     with pytest.raises(WireError, match="not a protocol message"):
         encode({"stage": 0})
+
+
+def test_the_wire_decodes_every_declared_message_class_and_their_names_are_unique():
+    assert {
+        "ForwardRequest", "ForwardResponse", "BackwardRequest", "BackwardResponse", "TailRequest", "TailResponse",
+        "ReducePart", "GatherPart", "Ack", "StateRequest", "StateResponse",
+    } <= set(MESSAGE_TYPES)
+    with pytest.raises(TypeError, match="two message classes are named Ack"):
+
+        @message
+        class Ack:
+            pass

@@ -6,16 +6,18 @@ is everyone registered within ``matchmaking_time_s`` of the first, and the group
 reduce-scatter then all-gather, each member owning a part of the vector proportional to its
 bandwidth. A member that vanishes costs the others at most ``averaging_timeout_s``: parts it
 owned fall back to each member's local values, contributions it never sent are left out.
+
+:class:`Averager` is the interface of an in-stage all-reduce; :class:`GroupAverager` is the
+protocol's own, over the runtime's RPC (the live backend may run hivemind's instead).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Protocol
 
-import torch
-
-from node0sim.protocol.messages import HEADER_BYTES, Payload, TensorSpec, payload_bytes
+from node0sim.protocol.messages import GATHER_PART, HEADER_BYTES, REDUCE_PART, Payload, message, payload_bytes
+from node0sim.protocol.tensors import Tensor, all_finite, cat, is_tensor, same_layout, zeros_like
 from node0sim.runtime import Future, RPCError, Runtime
 
 
@@ -57,7 +59,46 @@ def group_key(run_id: str, stage: int, epoch: int) -> str:
     return f"{run_id}/group/{stage}/{epoch}"
 
 
-@dataclass(frozen=True)
+class Averager(Protocol):
+    """One peer's side of the in-stage all-reduces of a stage (what :class:`StageServer` averages with).
+
+    Bad parts, the same rule in every implementation, so that a faulty or hostile member costs at most
+    its own contribution and no caller ever steps with non-finite values:
+
+    - a peer whose own ``vector`` is not finite takes part with zeros and weight 0 (it adds nothing and
+      receives the others' mean);
+    - a contribution from another member that is not finite (or not of the part's shape and dtype) is
+      refused by the part's owner and left out of that part's average together with its weight, as if
+      the member had not sent it;
+    - when the assembled mean is not finite (an owner sent a non-finite averaged part) or the weights
+      of the part this peer averaged add up to 0, :meth:`all_reduce` returns ``(None, contributors)``.
+    """
+
+    timeouts: int
+    """Rounds in which some member's part did not arrive in time (or the round failed as a whole)."""
+
+    def serve(self) -> None:
+        """Start accepting this peer's share of all-reduce traffic (before its first round)."""
+
+    async def all_reduce(
+        self, tag: str, members: list[str], bandwidths: list[float], vector: Tensor, weight: float
+    ) -> tuple[Tensor | None, int]:
+        """Weighted average ``sum(vector_i) / sum(weight_i)`` over ``members`` (sorted peer ids, this peer
+        among them; ``vector`` is this peer's weighted sum, a flat tensor or spec; ``bandwidths`` set each
+        member's share of the work). Every member calls it with the same ``tag`` (unique per round).
+
+        Returns ``(mean, contributors)``: ``contributors`` counts this peer and the members whose
+        contribution to this peer's part arrived and was not refused. A member that vanishes costs the
+        others at most ``averaging_timeout_s``; parts it should have averaged keep this peer's own values.
+        ``mean`` is ``None`` as the bad-parts rule says.
+        """
+
+
+AveragerFactory = Callable[[Runtime, int, AveragingConfig], Averager]
+"""``factory(rt, stage, cfg)``: the averager of one peer of ``stage``."""
+
+
+@message
 class ReducePart:
     """Reduce-scatter: the sender's weighted sum for the part owned by the receiver."""
 
@@ -70,7 +111,7 @@ class ReducePart:
         return HEADER_BYTES + payload_bytes(self.values)
 
 
-@dataclass(frozen=True)
+@message
 class GatherPart:
     """All-gather: the averaged part ``part`` from its owner."""
 
@@ -83,7 +124,7 @@ class GatherPart:
         return HEADER_BYTES + payload_bytes(self.values)
 
 
-@dataclass(frozen=True)
+@message
 class Ack:
     """Receipt of a part."""
 
@@ -103,20 +144,12 @@ def part_bounds(length: int, bandwidths: list[float]) -> list[tuple[int, int]]:
     return bounds
 
 
-def _slice(vector: Payload, start: int, end: int) -> Payload:
-    return vector[start:end] if isinstance(vector, torch.Tensor) else TensorSpec((end - start,), vector.dtype)
-
-
-def _length(vector: Payload) -> int:
-    return vector.numel() if isinstance(vector, torch.Tensor) else vector.shape[0]
-
-
 @dataclass
 class _Round:
     """What one all-reduce (identified by its tag) has received so far."""
 
-    contributions: dict[str, tuple[Payload, float]] = field(default_factory=dict)
-    gathered: dict[int, Payload] = field(default_factory=dict)
+    contributions: dict[str, tuple[Tensor, float]] = field(default_factory=dict)
+    gathered: dict[int, Tensor] = field(default_factory=dict)
     expected: int | None = None
     reduced: Future | None = None
     complete: Future | None = None
@@ -130,8 +163,8 @@ class _Round:
             self.complete.set_result(None)
 
 
-class GroupAverager:
-    """One peer's side of in-stage all-reduces: serves incoming parts and runs its own rounds."""
+class GroupAverager(Averager):
+    """The protocol's :class:`Averager`: serves incoming parts and runs its own rounds over the runtime's RPC."""
 
     def __init__(self, rt: Runtime, stage: int, cfg: AveragingConfig):
         self.rt = rt
@@ -143,22 +176,24 @@ class GroupAverager:
 
     def serve(self) -> None:
         """Register the all-reduce handlers on this peer."""
-        self.rt.serve("reduce_part", self.handle_reduce_part)
-        self.rt.serve("gather_part", self.handle_gather_part)
+        self.rt.serve(REDUCE_PART, self.handle_reduce_part)
+        self.rt.serve(GATHER_PART, self.handle_gather_part)
 
     def _round(self, tag: str) -> _Round:
         if tag not in self._rounds:
             self._rounds[tag] = _Round(reduced=self.rt.future(), complete=self.rt.future())
         return self._rounds[tag]
 
-    def _check_stage(self, stage: int) -> None:
+    def _check_part(self, caller: str, stage: int, values: Any) -> None:
         if stage != self.stage:
             raise ValueError(f"all-reduce part for stage {stage} sent to a peer of stage {self.stage}")
+        if not is_tensor(values) or values.dim() != 1:
+            raise ValueError(f"all-reduce part from {caller} is not a flat tensor")
 
     async def handle_reduce_part(self, caller: str, msg: ReducePart) -> Ack:
-        """A group member's contribution to the part this peer owns."""
-        self._check_stage(msg.stage)
-        if isinstance(msg.values, torch.Tensor) and not torch.isfinite(msg.values).all():
+        """A group member's contribution to the part this peer owns (refused if not finite)."""
+        self._check_part(caller, msg.stage, msg.values)
+        if not all_finite(msg.values):
             raise ValueError(f"all-reduce part from {caller} is not finite")
         if msg.tag not in self._finished:
             round_ = self._round(msg.tag)
@@ -168,7 +203,7 @@ class GroupAverager:
 
     async def handle_gather_part(self, caller: str, msg: GatherPart) -> Ack:
         """An averaged part from its owner."""
-        self._check_stage(msg.stage)
+        self._check_part(caller, msg.stage, msg.values)
         if msg.tag not in self._finished:
             round_ = self._round(msg.tag)
             round_.gathered[msg.part] = msg.values
@@ -176,13 +211,17 @@ class GroupAverager:
         return Ack()
 
     async def all_reduce(
-        self, tag: str, members: list[str], bandwidths: list[float], vector: Payload, weight: float
-    ) -> tuple[Payload | None, int]:
-        """Weighted average ``sum(vector_i) / sum(weight_i)`` over ``members`` (``vector`` is this peer's
-        weighted sum). Returns ``(average or None if every weight was 0, number of contributors)``.
-        """
+        self, tag: str, members: list[str], bandwidths: list[float], vector: Tensor, weight: float
+    ) -> tuple[Tensor | None, int]:
+        if not all_finite(vector):
+            vector, weight = zeros_like(vector), 0.0
+        return await self._all_reduce(tag, members, bandwidths, vector, weight)
+
+    async def _all_reduce(
+        self, tag: str, members: list[str], bandwidths: list[float], vector: Tensor, weight: float
+    ) -> tuple[Tensor | None, int]:
         me = members.index(self.rt.peer_id)
-        bounds = part_bounds(_length(vector), bandwidths)
+        bounds = part_bounds(vector.numel(), bandwidths)
         # reduce-scatter gets the first half of the time budget, so that owners' averaged parts
         # still reach everyone before the all-gather deadline when some member is missing
         started = self.rt.now()
@@ -190,37 +229,35 @@ class GroupAverager:
         deadline = started + self.cfg.averaging_timeout_s
         round_ = self._round(tag)
         round_.expected = len(members)
-        self._send_all(me, members, lambda j: ("reduce_part", ReducePart(self.stage, tag, _slice(vector, *bounds[j]), weight)))
+        self._send_all(me, members, lambda j: (REDUCE_PART, ReducePart(self.stage, tag, vector[slice(*bounds[j])], weight)))
         round_.check()
         await self._wait(round_.reduced, reduce_deadline)
-        total_weight = weight + sum(w for _, w in round_.contributions.values())
-        own = _slice(vector, *bounds[me])
-        if isinstance(own, torch.Tensor):
-            own = own.clone()
-            for values, _ in round_.contributions.values():
-                own += values
-            own = own / total_weight if total_weight > 0 else own
-        self._send_all(me, members, lambda j: ("gather_part", GatherPart(self.stage, tag, me, own)))
+        own = vector[slice(*bounds[me])].clone()
+        contributions = [(values, w) for values, w in round_.contributions.values() if same_layout(values, own)]
+        total_weight = weight + sum(w for _, w in contributions)
+        for values, _ in contributions:
+            own += values
+        own = own / total_weight if total_weight > 0 else own
+        self._send_all(me, members, lambda j: (GATHER_PART, GatherPart(self.stage, tag, me, own)))
         await self._wait(round_.complete, deadline)
-        contributors = 1 + len(round_.contributions)
+        contributors = 1 + sum(same_layout(values, own) for values, _ in round_.contributions.values())
         result = self._assemble(round_, me, own, vector, weight, bounds)
         del self._rounds[tag]
         self._finished.add(tag)
-        return (result if total_weight > 0 else None), contributors
+        return (result if total_weight > 0 and all_finite(result) else None), contributors
 
     @staticmethod
-    def _assemble(round_: _Round, me: int, own: Payload, vector: Payload, weight: float, bounds: list) -> Payload:
-        if not isinstance(vector, torch.Tensor):
-            return vector
+    def _assemble(round_: _Round, me: int, own: Tensor, vector: Tensor, weight: float, bounds: list) -> Tensor:
         parts = []
         for j, (start, end) in enumerate(bounds):
+            local = vector[start:end]
             if j == me:
                 parts.append(own)
-            elif j in round_.gathered:
+            elif same_layout(round_.gathered.get(j), local):
                 parts.append(round_.gathered[j])
-            else:  # the owner vanished: keep this peer's own values for that part
-                parts.append(vector[start:end] / weight if weight > 0 else vector[start:end])
-        return torch.cat(parts)
+            else:  # the owner vanished (or sent a malformed part): keep this peer's own values for that part
+                parts.append(local / weight if weight > 0 else local)
+        return cat(parts)
 
     async def _wait(self, future: Future, deadline: float) -> None:
         try:
@@ -240,8 +277,8 @@ class GroupAverager:
             self.rt.spawn(self._send_in_turn([(members[j], *message_for(j)) for j in order[lane::lanes]]))
 
     async def _send_in_turn(self, sends: list[tuple[str, str, Any]]) -> None:
-        for peer, method, message in sends:
+        for peer, method, request in sends:
             try:
-                await self.rt.call(peer, method, message, timeout=self.cfg.averaging_timeout_s)
+                await self.rt.call(peer, method, request, timeout=self.cfg.averaging_timeout_s)
             except RPCError:
                 pass  # the receiver is gone: it will not wait for us either

@@ -1,38 +1,48 @@
-"""Messages between trainers and stage servers, and how many bytes each one puts on the wire.
+"""Messages between trainers and stage servers, the RPC method names, and how many bytes each message puts on the wire.
 
 A payload is either a real tensor (numerics mode) or a :class:`TensorSpec` (timing mode: the
 same shape and dtype, no data). Either way the network is charged the same bytes.
+
+Every message class is declared with :func:`message`, which registers it in :data:`MESSAGE_TYPES`:
+the live wire format decodes those classes and nothing else.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from typing import TypeVar
 
 import torch
+
+from node0sim.protocol.tensors import TensorSpec
 
 HEADER_BYTES = 64
 """Per-message framing: method, stage index, tensor shapes and dtypes."""
 
+FORWARD = "forward"
+BACKWARD = "backward"
+TAIL = "tail"
+GET_STATE = "get_state"
+REDUCE_PART = "reduce_part"
+GATHER_PART = "gather_part"
+STAGE_METHODS = (FORWARD, BACKWARD, TAIL)
+"""The RPC methods of the pipeline (a stage server serves ``forward`` and ``backward``, or ``tail`` on the last stage)."""
+AVERAGING_METHODS = (REDUCE_PART, GATHER_PART)
+"""The RPC methods of the protocol's in-stage all-reduce."""
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """Shape and dtype of a tensor that timing mode does not materialize."""
+MESSAGE_TYPES: dict[str, type] = {}
+"""Every message class of the protocol, by class name (filled by :func:`message`)."""
 
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @cached_property  # a message's size is asked for several times on its way (spec is immutable)
-    def nbytes(self) -> int:
-        """Bytes the tensor would occupy."""
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * self.dtype.itemsize
+M = TypeVar("M", bound=type)
 
 
-def _tensor_bytes(part: "torch.Tensor | TensorSpec") -> int:
-    return part.numel() * part.element_size() if isinstance(part, torch.Tensor) else part.nbytes
+def message(cls: M) -> M:
+    """Class decorator of a protocol message: makes ``cls`` a frozen dataclass and registers it in :data:`MESSAGE_TYPES`."""
+    if cls.__name__ in MESSAGE_TYPES:
+        raise TypeError(f"two message classes are named {cls.__name__}")
+    cls = dataclass(frozen=True)(cls)
+    MESSAGE_TYPES[cls.__name__] = cls
+    return cls
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,7 @@ class Packed:
     @property
     def nbytes(self) -> int:
         """Bytes of all parts."""
-        return sum(_tensor_bytes(part) for part in self.parts.values())
+        return sum(part.nbytes for part in self.parts.values())
 
 
 Payload = torch.Tensor | TensorSpec | Packed
@@ -57,22 +67,15 @@ Payload = torch.Tensor | TensorSpec | Packed
 
 def payload_bytes(*payloads: Payload | None) -> int:
     """Wire size of ``payloads`` (``None`` entries are absent fields)."""
-    total = 0
-    for payload in payloads:
-        if isinstance(payload, Packed):
-            total += payload.nbytes
-        elif payload is not None:
-            total += _tensor_bytes(payload)
-    return total
+    return sum(payload.nbytes for payload in payloads if payload is not None)
 
 
 def leading_dims(payload: Payload) -> tuple[int, int]:
     """``(batch, seq_len)`` of a token or activation payload."""
-    shape = payload.shape if isinstance(payload, (Packed, TensorSpec)) else tuple(payload.shape)
-    return shape[0], shape[1]
+    return payload.shape[0], payload.shape[1]
 
 
-@dataclass(frozen=True)
+@message
 class ForwardRequest:
     """Run stage ``stage`` forward on ``inputs`` (token ids for the head, boundary activations otherwise).
 
@@ -87,7 +90,7 @@ class ForwardRequest:
         return HEADER_BYTES + payload_bytes(self.inputs, self.token_ids)
 
 
-@dataclass(frozen=True)
+@message
 class ForwardResponse:
     """The stage's output activations."""
 
@@ -97,7 +100,7 @@ class ForwardResponse:
         return HEADER_BYTES + payload_bytes(self.outputs)
 
 
-@dataclass(frozen=True)
+@message
 class BackwardRequest:
     """Backward through stage ``stage``: the forward input is resent and recomputed.
 
@@ -114,7 +117,7 @@ class BackwardRequest:
         return HEADER_BYTES + payload_bytes(self.inputs, self.grad_outputs, self.token_ids)
 
 
-@dataclass(frozen=True)
+@message
 class BackwardResponse:
     """Gradient with respect to the stage's input (``None`` on the head: token ids have none)."""
 
@@ -124,7 +127,7 @@ class BackwardResponse:
         return HEADER_BYTES + payload_bytes(self.grad_inputs)
 
 
-@dataclass(frozen=True)
+@message
 class TailRequest:
     """Forward, loss and backward on the last stage in one round trip."""
 
@@ -137,7 +140,7 @@ class TailRequest:
         return HEADER_BYTES + payload_bytes(self.inputs, self.targets, self.token_ids)
 
 
-@dataclass(frozen=True)
+@message
 class TailResponse:
     """The micro-batch's mean loss (``None`` in timing mode) and the gradient for the previous stage."""
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from node0sim.protocol.averaging import GroupAverager
-from node0sim.protocol.messages import Payload, TensorSpec
+from node0sim.protocol.averaging import Averager
+from node0sim.protocol.tensors import Tensor, cat, orthonormalize, randn_like, zeros_like
 
 MIN_SAVING = 0.5
 """Compress a matrix only if its factors take at most half of its bytes."""
@@ -36,36 +36,31 @@ def phase_lengths(shapes: list[tuple[int, ...]], rank: int) -> tuple[int, int]:
 
 
 class PowerSGD:
-    """One peer's PowerSGD state (error feedback) for one stage."""
+    """One peer's PowerSGD state (error feedback) for one stage; the same code averages tensors or specs."""
 
     def __init__(self, shapes: list[tuple[int, ...]], rank: int):
         if rank < 1:
             raise ValueError(f"averaging.powersgd_rank must be >= 1 to compress, got {rank}")
         self.shapes = shapes
         self.rank = rank
-        self.errors: dict[int, torch.Tensor] = {}
+        self.errors: dict[int, Tensor] = {}
 
     async def average(
-        self, averager: GroupAverager, tag: str, members: list[str], bandwidths: list[float],
-        gradients: Payload, samples: int, seed: int,
-    ) -> tuple[Payload | None, int]:
+        self, averager: Averager, tag: str, members: list[str], bandwidths: list[float],
+        gradients: Tensor, samples: int, seed: int,
+    ) -> tuple[Tensor | None, int]:
         """Sample-weighted mean of the group's gradients, low-rank compressed; (mean or None, contributors)."""
-        if not isinstance(gradients, torch.Tensor):  # timing mode: only the sizes travel
-            first, second = phase_lengths(self.shapes, self.rank)
-            _, contributors = await averager.all_reduce(f"{tag}/p", members, bandwidths, TensorSpec((first,), torch.float32), samples)
-            await averager.all_reduce(f"{tag}/q", members, bandwidths, TensorSpec((second,), torch.float32), samples)
-            return gradients, contributors
         weight = max(samples, 0)
         local = self._with_errors(gradients, weight)
-        queries = self._queries(seed)
-        phase1 = torch.cat([
+        queries = self._queries(seed, gradients)
+        phase1 = cat([
             (m @ queries[i]).reshape(-1) if i in queries else m.reshape(-1) for i, m in enumerate(local)
         ]) * weight
         mean1, contributors = await averager.all_reduce(f"{tag}/p", members, bandwidths, phase1, weight)
         if mean1 is None:
             return None, contributors
         factors, results = self._split_phase1(mean1, queries)
-        phase2 = torch.cat([local[i].T @ p for i, p in factors.items()]) * weight if factors else torch.zeros(0)
+        phase2 = cat([local[i].T @ p for i, p in factors.items()]) * weight if factors else gradients[:0]
         mean2, _ = await averager.all_reduce(f"{tag}/q", members, bandwidths, phase2.reshape(-1), weight)
         offset = 0
         for i, p in factors.items():
@@ -74,25 +69,25 @@ class PowerSGD:
             offset += count
             results[i] = p @ q.T
             self.errors[i] = local[i] - results[i]
-        return torch.cat([results[i].reshape(-1) for i in range(len(self.shapes))]), contributors
+        return cat([results[i].reshape(-1) for i in range(len(self.shapes))]), contributors
 
-    def _with_errors(self, gradients: torch.Tensor, weight: int) -> list[torch.Tensor]:
+    def _with_errors(self, gradients: Tensor, weight: int) -> list[Tensor]:
         """This peer's mean gradient per tensor, plus its error feedback for compressed matrices."""
         tensors = list(gradients.split([math.prod(s) for s in self.shapes]))
         local = []
         for i, (flat, shape) in enumerate(zip(tensors, self.shapes)):
-            mean = (flat / weight if weight else torch.zeros_like(flat)).view(shape)
+            mean = (flat / weight if weight else zeros_like(flat)).view(shape)
             local.append(mean + self.errors[i] if i in self.errors else mean)
         return local
 
-    def _queries(self, seed: int) -> dict[int, torch.Tensor]:
+    def _queries(self, seed: int, like: Tensor) -> dict[int, Tensor]:
         generator = torch.Generator().manual_seed(seed % 2**63)
         return {
-            i: torch.randn(shape[1], self.rank, generator=generator)
+            i: randn_like(like, (shape[1], self.rank), generator)
             for i, shape in enumerate(self.shapes) if compressed(shape, self.rank)
         }
 
-    def _split_phase1(self, mean: torch.Tensor, queries: dict[int, Any]) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    def _split_phase1(self, mean: Tensor, queries: dict[int, Any]) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         """Orthonormalized P factors of compressed matrices, and the averaged uncompressed tensors."""
         factors, results, offset = {}, {}, 0
         for i, shape in enumerate(self.shapes):
@@ -100,7 +95,7 @@ class PowerSGD:
             chunk = mean[offset:offset + count]
             offset += count
             if i in queries:
-                factors[i] = torch.linalg.qr(chunk.view(shape[0], self.rank)).Q
+                factors[i] = orthonormalize(chunk.view(shape[0], self.rank))
             else:
                 results[i] = chunk.view(shape)
         return factors, results

@@ -22,6 +22,7 @@ from node0sim.model.costs import (
 from node0sim.model.subspace import SubspaceBasis, project_gradients_onto_subspace_, project_onto_subspace_
 from node0sim.protocol.codecs import Codec
 from node0sim.protocol.messages import Packed, Payload, TensorSpec, leading_dims
+from node0sim.protocol.tensors import describe
 
 OPTIMIZER_FLOPS_PER_PARAM = 12
 """AdamW step cost: a dozen elementwise operations per parameter."""
@@ -168,11 +169,7 @@ class StageCompute(ABC):
 
     def apply_update(self, samples: int) -> None:
         """Local optimizer step with the gradients accumulated over ``samples`` samples."""
-        self.step_with(_divide(self.take_gradients(), samples))
-
-
-def _divide(flat: Payload, samples: int) -> Payload:
-    return flat / samples if isinstance(flat, torch.Tensor) else flat
+        self.step_with(self.take_gradients() / samples)
 
 
 class TensorStageCompute(StageCompute):
@@ -213,11 +210,11 @@ class TensorStageCompute(StageCompute):
         if self.is_head:
             x = work.inputs
             if not _are_token_ids(x, self.cfg.vocab_size) or x.dim() != 2:
-                raise ValueError(f"stage {self.index}: expected token ids [B, T] < {self.cfg.vocab_size}, got {_describe(x)}")
+                raise ValueError(f"stage {self.index}: expected token ids [B, T] < {self.cfg.vocab_size}, got {describe(x)}")
             return x.to(self.device)
         x = self.codec.decode(work.inputs, work.token_ids)
         if x.dim() != 3 or x.shape[2] != self.cfg.dim or x.dtype != self._dtype:
-            raise ValueError(f"stage {self.index}: expected activations of shape [B, T, {self.cfg.dim}] {self._dtype}, got {_describe(x)}")
+            raise ValueError(f"stage {self.index}: expected activations of shape [B, T, {self.cfg.dim}] {self._dtype}, got {describe(x)}")
         if not torch.isfinite(x).all():
             raise ValueError(f"stage {self.index}: input activations are not finite")
         return x.to(self.device)
@@ -230,7 +227,7 @@ class TensorStageCompute(StageCompute):
         grad = self.codec.decode_grad(work.grad_outputs)
         shape = (*x.shape[:2], self.cfg.dim)
         if grad.shape != shape or grad.dtype != self._dtype:
-            raise ValueError(f"stage {self.index}: gradient {_describe(grad)} does not match the output {shape} {self._dtype}")
+            raise ValueError(f"stage {self.index}: gradient {describe(grad)} does not match the output {shape} {self._dtype}")
         if not torch.isfinite(grad).all():
             raise ValueError(f"stage {self.index}: output gradient is not finite")
         return grad.to(self.device)
@@ -238,7 +235,7 @@ class TensorStageCompute(StageCompute):
     def _checked_targets(self, work: Work, x: torch.Tensor) -> torch.Tensor:
         targets = work.targets
         if not _are_token_ids(targets, self.cfg.vocab_size) or tuple(targets.shape) != tuple(x.shape[:2]):
-            raise ValueError(f"stage {self.index}: targets must be token ids {tuple(x.shape[:2])}, got {_describe(targets)}")
+            raise ValueError(f"stage {self.index}: targets must be token ids {tuple(x.shape[:2])}, got {describe(targets)}")
         return targets.to(self.device)
 
     def _batches(
@@ -438,13 +435,6 @@ class CostStageCompute(StageCompute):
 
     def import_state(self, state: Payload) -> None:
         """Nothing to load in timing mode."""
-
-
-def _describe(value: Any) -> str:
-    """Shape and dtype of a tensor for error messages (the type name otherwise)."""
-    if isinstance(value, torch.Tensor):
-        return f"{tuple(value.shape)} {value.dtype}"
-    return type(value).__name__
 
 
 def _are_token_ids(value: Any, vocab_size: int) -> bool:

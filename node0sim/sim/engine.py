@@ -14,7 +14,7 @@ from typing import Any, Callable, Coroutine, Generator, TypeVar
 
 import simpy
 
-from node0sim.runtime import Future, Handler, Message, PeerCrashed, RemoteError, RequestTimeout, Runtime, Task
+from node0sim.runtime import Future, Handler, Message, PeerCrashed, RemoteError, RequestTimeout, RPCError, Runtime, Task
 from node0sim.sim.gpus import GPUProfile
 from node0sim.sim.network import Endpoint, Network
 from node0sim.sim.timers import TimerHeap
@@ -152,8 +152,11 @@ class EmulatedDHT:
         self._records: dict[str, dict[str | None, tuple[Any, float]]] = {}
 
     def store(self, key: str, subkey: str | None, value: Any, expires_at: float) -> None:
-        """Write a value (or a subkey of a dictionary record)."""
-        self._records.setdefault(key, {})[subkey] = (value, expires_at)
+        """Write a value (or a subkey of a dictionary record); a ``None`` value withdraws it."""
+        if value is None:
+            self._records.get(key, {}).pop(subkey, None)
+        else:
+            self._records.setdefault(key, {})[subkey] = (value, expires_at)
 
     def get(self, key: str, now: float) -> Any:
         """The unexpired value, a ``{subkey: value}`` dict, or None."""
@@ -345,7 +348,9 @@ class Simulation:
         """One RPC: request bytes, the handler on the destination, response bytes.
 
         A destination that is gone (or crashes before answering) never replies, so the caller's
-        timeout fires, as on a real network. The handler runs inline in this (delivery) process,
+        timeout fires, as on a real network. A handler's exception reaches the caller as
+        :meth:`Runtime.call` says; a bug then also fails an event nobody defuses, so that
+        ``Simulation.run`` raises it once the caller has its reply. The handler runs inline in this (delivery) process,
         which meanwhile is a task of the destination instead of the source: a crash of the
         destination stops the handler, while a crash of the source, or the caller giving up, lets
         it finish and only drops its reply.
@@ -364,13 +369,16 @@ class Simulation:
         del src.tasks[process]
         dst.tasks[process] = None
         call.in_handler = True
-        rejected: Exception | None = None
+        rejected: str | None = None
         try:
             response = await handler(src.peer_id, request)
-        except (ValueError, RemoteError) as error:
-            rejected = error
+        except (ValueError, RPCError) as error:
+            rejected = str(error)
         except PeerCrashed:  # the destination crashed mid-request: it never replies
             await wait(self.env.event())
+        except Exception as bug:  # the caller is told, then the simulation stops with the bug
+            rejected = f"internal error in {method}: {type(bug).__name__}"
+            self.env.active_process.callbacks.append(lambda _delivered, bug=bug: self.env.event().fail(bug))
         finally:
             call.in_handler = False
             dst.tasks.pop(process, None)
