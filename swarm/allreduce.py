@@ -79,7 +79,8 @@ async def install(rt: LiveRuntime) -> AllReduceRouter:
 
 
 class HivemindGroupAverager:
-    """Drop-in for the protocol's ``GroupAverager`` on a live peer, running hivemind's AllReduceRunner."""
+    """Drop-in for the protocol's ``GroupAverager`` on a live peer, running hivemind's AllReduceRunner; what it
+    sends is counted in ``rt.sent_bytes`` under the protocol averager's method names (``averaging_bytes``)."""
 
     def __init__(self, rt: LiveRuntime, stage: int, cfg: AveragingConfig):
         self.rt = rt
@@ -103,7 +104,8 @@ class HivemindGroupAverager:
         local = vector / weight if weight > 0 else torch.zeros_like(vector)
         group_id = f"{self.stage}/{tag}/{','.join(members)}".encode()
         total = sum(bandwidths)
-        runner = AllReduceRunner(
+        runner = _CountingRunner(
+            sent_bytes=self.rt.sent_bytes,
             p2p=self.rt.p2p, servicer_type=AllReduceRouter, prefix=NAMESPACE, group_id=group_id, tensors=[local.clone()],
             weight=float(weight), ordered_peer_ids=[PeerID.from_base58(m) for m in members],
             peer_fractions=tuple(b / total for b in bandwidths),
@@ -124,6 +126,30 @@ class HivemindGroupAverager:
             self.timeouts += 1
         contributors = len(runner.sender_peer_ids) - len(runner.banned_senders)
         return (None if not torch.isfinite(result).all() else result), contributors
+
+
+class _CountingRunner(AllReduceRunner):
+    """``AllReduceRunner`` that adds the bytes it sends to ``sent_bytes`` under the protocol averager's method
+    names: parts for their reducers as ``reduce_part``, averaged parts sent back as ``gather_part``."""
+
+    def __init__(self, *, sent_bytes: dict[str, int], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.sent_bytes = sent_bytes
+
+    def _count(self, method: str, message: averaging_pb2.AveragingData) -> None:
+        self.sent_bytes[method] = self.sent_bytes.get(method, 0) + message.ByteSize()
+
+    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in super()._generate_input_for_peer(peer_index):
+            self._count("reduce_part", message)
+            yield message
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in super().rpc_aggregate_part(stream, context):
+            self._count("gather_part", message)
+            yield message
 
 
 def _part_size(vector: torch.Tensor, group_size: int) -> int:

@@ -204,7 +204,8 @@ async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: Swarm
 
 
 def exit_report(rt: LiveRuntime, server: StageServer) -> ServerReport:
-    """A server's counters, written to ``swarm.info_path`` on exit (the local role sums them)."""
+    """A server's counters, written to ``swarm.info_path`` on exit (the local role sums them); averaging bytes
+    include hivemind's all-reduce streams (``swarm.allreduce`` counts them under the same method names)."""
     return server_report(
         server, averaging_bytes=method_bytes(rt.sent_bytes, AVERAGING_METHODS),
         state_download_bytes=rt.response_bytes.get(STATE_METHOD, 0), handled=dict(rt.handled), sent_bytes=dict(rt.sent_bytes),

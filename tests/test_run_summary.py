@@ -1,11 +1,16 @@
-"""The summary both backends write and the servers' exit reports."""
+"""The summary both backends write, the servers' exit reports, and the bytes the live all-reduces count."""
 
 import json
 
-from node0sim.assembly import micro_batch_share
+import pytest
+import torch
+
+from node0sim.assembly import AVERAGING_METHODS, method_bytes, micro_batch_share
 from node0sim.app import compose_run_config
 from node0sim.metrics import SUMMARY_KEYS
+from node0sim.protocol.averaging import AveragingConfig, GroupAverager
 from node0sim.summary import RunSummary, ServerReport, ServerTotals, TrainerTotals, with_server_reports
+from tests.backends import run_scenario
 
 
 def _report(name: str, stage: int, **counters) -> ServerReport:
@@ -48,3 +53,33 @@ def test_the_micro_batches_are_split_across_trainers_without_loss():
                              "train.schedule=async")
     shares = [micro_batch_share(run, i) for i in range(2)]
     assert shares == [8, 7] and sum(shares) == 5 * run.train.micro_batches_per_step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("averager", ["protocol", "hivemind"])
+def test_a_live_all_reduce_counts_the_bytes_it_sends(averager):
+    """``averaging_bytes`` of a live run: both all-reduces add what they send to the runtime's per-method counters."""
+    vector = torch.arange(20_000.0)
+
+    async def scenario(runtimes):
+        averager_class = GroupAverager
+        if averager == "hivemind":
+            from swarm.allreduce import HivemindGroupAverager, install
+
+            for rt in runtimes.values():
+                await install(rt)
+            averager_class = HivemindGroupAverager
+        averagers = [averager_class(rt, 0, AveragingConfig(8, averaging_timeout_s=20.0)) for rt in runtimes.values()]
+        for a in averagers:
+            a.serve()
+        members = sorted(rt.peer_id for rt in runtimes.values())
+        tasks = [rt.spawn(a.all_reduce("r", members, [1.0, 1.0], vector, 1.0)) for rt, a in zip(runtimes.values(), averagers)]
+        await runtimes["a"].gather(tasks)
+        return [dict(rt.sent_bytes) for rt in runtimes.values()]
+
+    vector_bytes = vector.numel() * 4
+    for sent in run_scenario("swarm", ["a", "b"], scenario):
+        # each member sends the other's half of its vector, and its own averaged half back
+        for method in AVERAGING_METHODS:
+            assert vector_bytes / 2 * 0.9 < sent.get(method, 0) < vector_bytes / 2 * 1.2, (method, sent)
+        assert method_bytes(sent, AVERAGING_METHODS) > vector_bytes * 0.9
