@@ -19,7 +19,6 @@ from node0sim.model.subspace import SubspaceBasis, load_basis, load_basis_from_h
 from node0sim.protocol.codecs import make_codec, rank_for
 from node0sim.protocol.messages import Payload, TensorSpec
 from node0sim.protocol.stage_compute import CostStageCompute, StageCompute, TensorStageCompute
-from node0sim.protocol.trainer import TrainerConfig
 
 
 def model_config(run: RunConfig, vocab_size: int | None) -> ModelConfig:
@@ -121,16 +120,6 @@ def micro_batch_sources(
 def vocabulary_size(run: RunConfig) -> int | None:
     """The tokenizer's vocabulary (None in timing mode), without loading any data."""
     return load_tokenizer(run.data.tokenizer).vocab_size if run.sim.numerics else None
-
-
-def trainer_config(run: RunConfig, templates: list[StageCompute], micro_batches: int) -> TrainerConfig:
-    """How one trainer that pushes ``micro_batches`` micro-batches drives the pipeline."""
-    return TrainerConfig(
-        micro_batches=micro_batches, micro_batches_per_step=run.train.micro_batches_per_step,
-        schedule=run.train.schedule, max_inflight=run.train.max_inflight,
-        request_timeout_s=run.train.request_timeout_s, max_retries=run.train.max_retries,
-        send_token_ids=templates[0].codec.needs_token_ids,
-    )
 
 
 def evaluate(computes: list[StageCompute], batches: list[torch.Tensor]) -> float | None:

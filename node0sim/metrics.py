@@ -10,12 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, TextIO
 
-SUMMARY_KEYS = (
-    "backend", "num_stages", "num_peers", "steps", "samples", "tokens", "sim_time_s", "wall_time_s",
-    "tokens_per_s", "loss_first", "loss_last", "bytes_sent", "activation_bytes_per_token",
-    "failed_requests", "retried_requests",
-)
-"""Keys every ``summary.json`` has (MISSION.md); runs add more."""
+from node0sim.summary import SUMMARY_KEYS
 
 
 def _fmt(value: Any, spec: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import torch
 from hivemind.averaging.allreduce import AllReduceRunner
@@ -80,8 +80,32 @@ async def install(rt: LiveRuntime) -> AllReduceRouter:
     return rt.all_reduce_router
 
 
-class _Runner(AllReduceRunner):
-    """hivemind's runner with the :class:`Averager` rule for a member's part that is not finite: the
+class _CountingRunner(AllReduceRunner):
+    """``AllReduceRunner`` that adds the bytes it sends to ``sent_bytes`` under the protocol averager's method
+    names: parts for their reducers as ``reduce_part``, averaged parts sent back as ``gather_part``."""
+
+    def __init__(self, *, sent_bytes: dict[str, int], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.sent_bytes = sent_bytes
+
+    def _count(self, method: str, message: averaging_pb2.AveragingData) -> None:
+        self.sent_bytes[method] = self.sent_bytes.get(method, 0) + message.ByteSize()
+
+    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in super()._generate_input_for_peer(peer_index):
+            self._count("reduce_part", message)
+            yield message
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for message in super().rpc_aggregate_part(stream, context):
+            self._count("gather_part", message)
+            yield message
+
+
+class _Runner(_CountingRunner):
+    """The counting runner with the :class:`Averager` rule for a member's part that is not finite: the
     part's owner refuses it by banning the sender (hivemind streams a part in chunks: chunks averaged
     before the bad one stay averaged, the sender's contribution is left out from it on)."""
 
@@ -98,9 +122,10 @@ async def _finite_parts(stream: AsyncIterator[averaging_pb2.AveragingData]) -> A
 
 
 class HivemindGroupAverager(Averager):
-    """The :class:`Averager` of a live peer that runs hivemind's AllReduceRunner (drop-in for ``GroupAverager``)."""
+    """The :class:`Averager` of a live peer that runs hivemind's AllReduceRunner (drop-in for ``GroupAverager``); what it
+    sends is counted in ``rt.sent_bytes`` under the protocol averager's method names (``averaging_bytes``)."""
 
-    _runner_type: type[AllReduceRunner] = _Runner
+    _runner_type: type[_CountingRunner] = _Runner
 
     def __init__(self, rt: LiveRuntime, stage: int, cfg: AveragingConfig):
         self.rt = rt
@@ -132,6 +157,7 @@ class HivemindGroupAverager(Averager):
         group_id = f"{self.stage}/{tag}/{','.join(members)}".encode()
         total = sum(bandwidths)
         runner = self._runner_type(
+            sent_bytes=self.rt.sent_bytes,
             p2p=self.rt.p2p, servicer_type=AllReduceRouter, prefix=NAMESPACE, group_id=group_id, tensors=[local.clone()],
             weight=float(weight), ordered_peer_ids=[PeerID.from_base58(m) for m in members],
             peer_fractions=tuple(b / total for b in bandwidths),
@@ -152,6 +178,7 @@ class HivemindGroupAverager(Averager):
             self.timeouts += 1
         contributors = len(runner.sender_peer_ids) - len(runner.banned_senders)
         return (None if not torch.isfinite(result).all() else result), contributors
+
 
 
 def _part_size(vector: torch.Tensor, group_size: int) -> int:

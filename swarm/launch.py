@@ -11,16 +11,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 from node0sim.config import ConfigError, RunConfig
 from node0sim.metrics import RunRecorder
+from node0sim.summary import ServerReport, with_server_reports
 from swarm.lifecycle import SwarmError
 from swarm.local import LocalSwarm
 from swarm.roles import run_role
 
 log = logging.getLogger("node0sim.swarm")
-
-SERVER_COUNTERS = (
-    "averaging_rounds", "solo_steps", "state_averaging_rounds", "state_downloads", "failed_state_downloads",
-    "averaging_timeouts", "request_calls",
-)
 
 
 def run_swarm(
@@ -70,19 +66,11 @@ def run_local(run: RunConfig, out_dir: Path, overrides: Sequence[str]) -> dict[s
     return summary
 
 
-def add_server_reports(summary_path: Path, reports: list[dict[str, Any]], run: RunConfig) -> dict[str, Any]:
-    """Fill the summary's server-side keys from the servers' exit reports; rewrite it."""
+def add_server_reports(summary_path: Path, reports: dict[str, ServerReport], run: RunConfig) -> dict[str, Any]:
+    """Fill the summary's server-side keys from the servers' exit reports (by peer name); rewrite it."""
     if not summary_path.is_file():
         raise SwarmError(f"the trainer stopped before it finished (no {summary_path}); peer logs are next to it in swarm/")
-    summary = json.loads(summary_path.read_text())
-    summary["num_peers"] = run.topology.num_stages * run.topology.peers_per_stage
-    for key in SERVER_COUNTERS:
-        summary[key] = sum(r[key] for r in reports)
-    batched = sum(r["batched_requests"] for r in reports)
-    summary["mean_requests_per_call"] = batched / summary["request_calls"] if summary["request_calls"] else None
-    summary["final_peers_per_stage"] = [sum(r["stage"] == s for r in reports) for s in range(run.topology.num_stages)]
-    summary["averaging_bytes"] = sum(r["sent_bytes"].get(m, 0) for r in reports for m in ("reduce_part", "gather_part"))
-    summary["state_download_bytes"] = sum(r["response_bytes"].get("get_state", 0) for r in reports)
-    summary["server_reports"] = reports
+    num_peers = run.topology.num_stages * run.topology.peers_per_stage
+    summary = with_server_reports(json.loads(summary_path.read_text()), reports, run.topology.num_stages, num_peers)
     summary_path.write_text(json.dumps(summary, indent=1))
     return summary

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from node0sim.summary import ServerReport
 from swarm.lifecycle import SwarmError, clean_leftovers, runtime_dir
 
 PER_PEER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -101,13 +102,13 @@ class LocalSwarm:
         """Send ``sig`` to peer ``name`` (SIGKILL: a crash without goodbye)."""
         self.processes[name].send_signal(sig)
 
-    def reports(self, prefix: str = "") -> list[dict[str, Any]]:
-        """The exit reports (``swarm.info_path``) of the servers whose names start with ``prefix``."""
-        found = []
+    def reports(self, prefix: str = "") -> dict[str, ServerReport]:
+        """The exit reports (``swarm.info_path``) of the servers whose names start with ``prefix``, by name."""
+        found = {}
         for name in self.processes:
             path = self.folder / f"{name}.json"
             if name.startswith(prefix) and name != "bootstrap" and path.is_file():
-                found.append({"name": name, **json.loads(path.read_text())})
+                found[name] = ServerReport.from_dict(json.loads(path.read_text()))
         return found
 
     def stop(self, grace_s: float = 30.0) -> dict[str, int]:

@@ -12,23 +12,28 @@ import json
 import logging
 import signal
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping
 
 import torch
 
+from node0sim.assembly import (
+    AVERAGING_METHODS, STAGE_METHODS, STATE_METHOD, flops_per_sample, make_swarm_peer, make_trainer, method_bytes,
+    server_report, summarize, trainer_totals,
+)
 from node0sim.config import RunConfig, SwarmConfig
-from node0sim.experiment import evaluate, micro_batch_sources, model_config, stage_computes, trainer_config, vocabulary_size
+from node0sim.experiment import evaluate, micro_batch_sources, model_config, stage_computes, vocabulary_size
 from node0sim.metrics import RunRecorder, StepTracker
 from node0sim.protocol.averaging import GroupAverager
-from node0sim.protocol.messages import TensorSpec
 from node0sim.protocol.progress import read_stage
 from node0sim.protocol.stage_compute import StageCompute
 from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.state_transfer import StateRequest
-from node0sim.protocol.swarm_peer import BalanceConfig, SwarmPeer
+from node0sim.protocol.swarm_peer import SwarmPeer
 from node0sim.protocol.trainer import Trainer
 from node0sim.runtime import RPCError
+from node0sim.summary import ServerReport, ServerTotals, TrainerTotals
 from swarm import allreduce, run_config
 from swarm.lifecycle import SwarmError, ensure_identity, fingerprint
 from swarm.node import LiveNode, NodeSettings
@@ -36,7 +41,6 @@ from swarm.runtime import LiveRuntime
 
 log = logging.getLogger("node0sim.swarm")
 
-STAGE_METHODS = ("forward", "backward", "tail")
 GOODBYE_TIMEOUT_S = 10.0
 
 
@@ -146,9 +150,7 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
         run, _ = await _joined_run(node, local, swarm_run.swarm, swarm_run.run_id)
         device = _device(run.swarm.device)
         templates = stage_computes(run, model_config(run, vocabulary_size(run)), str(device))
-        sample = TensorSpec((1, run.train.seq_len), torch.int64)
-        flops_per_sample = sum(c.forward_flops(sample) + c.backward_flops(sample) for c in templates) / len(templates)
-        throughput = measured_flops(device) / flops_per_sample
+        throughput = measured_flops(device) / flops_per_sample(run, templates)
         rt = node.runtime
 
         averager = GroupAverager
@@ -156,13 +158,7 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
             await allreduce.install(rt)
             averager = allreduce.HivemindGroupAverager
 
-        def make_server(stage: int) -> StageServer:
-            return StageServer(rt, run.run_id, templates[stage], run.averaging, throughput=throughput,
-                               bandwidth_mbps=run.network.up_mbps, seed=run.seed,
-                               max_batch_requests=run.topology.max_batch_requests, averager=averager)
-
-        member = SwarmPeer(rt, run.run_id, len(templates), throughput,
-                           make_server, BalanceConfig(run.topology.rebalance_period_s, run.topology.rebalance_margin))
+        member = make_swarm_peer(rt, run, templates.__getitem__, throughput, averager)
         joining = rt.spawn(member.run(run.swarm.stage, load_state=True))
         await _report_while_serving(rt, member, run.swarm)
         await joining.join()
@@ -171,7 +167,7 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
             if member is not None and member.server is not None:
                 await asyncio.wait_for(member.leave(), GOODBYE_TIMEOUT_S)
                 if swarm_run.swarm.info_path:
-                    _write_json(Path(swarm_run.swarm.info_path), server_report(node.runtime, member.server))
+                    _write_json(Path(swarm_run.swarm.info_path), asdict(exit_report(node.runtime, member.server)))
         finally:
             await node.stop()
 
@@ -209,17 +205,13 @@ async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: Swarm
             processed, last_log = total, time.monotonic()
 
 
-def server_report(rt: LiveRuntime, server: StageServer) -> dict[str, Any]:
-    """A server's counters, written to ``swarm.info_path`` on exit (the local role sums them)."""
-    stats = server.stats
-    return {
-        "peer_id": rt.peer_id, "stage": server.stage, "epoch": server.epoch, "samples": stats.samples,
-        "averaging_rounds": stats.averaging_rounds, "solo_steps": stats.solo_steps,
-        "state_averaging_rounds": stats.state_averaging_rounds, "state_downloads": stats.state_downloads,
-        "failed_state_downloads": stats.failed_state_downloads, "averaging_timeouts": server.averager.timeouts,
-        "request_calls": stats.request_calls, "batched_requests": stats.batched_requests,
-        "handled": dict(rt.handled), "sent_bytes": dict(rt.sent_bytes), "response_bytes": dict(rt.response_bytes),
-    }
+def exit_report(rt: LiveRuntime, server: StageServer) -> ServerReport:
+    """A server's counters, written to ``swarm.info_path`` on exit (the local role sums them); averaging bytes
+    include hivemind's all-reduce streams (``swarm.allreduce`` counts them under the same method names)."""
+    return server_report(
+        server, averaging_bytes=method_bytes(rt.sent_bytes, AVERAGING_METHODS),
+        state_download_bytes=rt.response_bytes.get(STATE_METHOD, 0), handled=dict(rt.handled), sent_bytes=dict(rt.sent_bytes),
+    )
 
 
 # ---- trainer ---------------------------------------------------------------------------------
@@ -236,20 +228,16 @@ async def train(local: Mapping[str, Any], swarm_run: RunConfig, recorder_factory
         recorder = recorder_factory(run, document)
         trainer: Trainer | None = None
 
-        def totals() -> dict[str, int]:
-            stats = trainer.stats
-            return {"failed_requests": stats.failed_requests, "retried_requests": stats.retried_requests,
-                    "dropped_micro_batches": stats.micro_batches_dropped, "bytes_sent": rt.sent_bytes_total()}
+        def totals() -> TrainerTotals:
+            return trainer_totals([trainer.stats], rt.sent_bytes_total())
 
-        tracker = StepTracker(run.train.micro_batches_per_step, recorder.log, totals)
-        share = run.train.steps * run.train.micro_batches_per_step
-        share = share // len(sources) + (index < share % len(sources))
+        tracker = StepTracker(run.train.micro_batches_per_step, recorder.log, lambda: asdict(totals()))
         started = rt.now()
 
         def on_micro_batch(record: dict[str, Any]) -> None:  # metrics count time from the trainer's start
             tracker({**record, "time_s": record["time_s"] - started})
 
-        trainer = Trainer(rt, run.run_id, len(templates), sources[index], trainer_config(run, templates, share), on_micro_batch)
+        trainer = make_trainer(rt, run, templates, sources[index], index, on_micro_batch)
         try:
             await trainer.run()
         except BaseException:
@@ -257,7 +245,12 @@ async def train(local: Mapping[str, Any], swarm_run: RunConfig, recorder_factory
             raise
         elapsed = rt.now() - started
         val_loss = evaluate(await _current_weights(rt, run, templates), validation) if validation else None
-        summary = live_summary(run, trainer, tracker, recorder.records, elapsed, time.perf_counter() - wall_start, val_loss, rt)
+        stage_bytes = method_bytes(rt.sent_bytes, STAGE_METHODS) + method_bytes(rt.received_bytes, STAGE_METHODS)
+        summary = summarize(  # server-side counters: None here; the local role fills them from the servers' reports
+            run, backend="swarm", numerics=True, model=run.model.get("name"), churn="live", trainers=[trainer.stats],
+            tracker=tracker, records=recorder.records, elapsed_s=elapsed, wall_s=time.perf_counter() - wall_start,
+            val_loss=val_loss, stage_bytes=stage_bytes, totals=totals(), servers=ServerTotals(),
+        ).as_dict()
         summary["outputs"] = {k: str(v) for k, v in recorder.finish(summary).items()}
         return summary
     finally:
@@ -279,39 +272,6 @@ async def _current_weights(rt: LiveRuntime, run: RunConfig, templates: list[Stag
         else:
             log.warning("no server of stage %d answered; validating with its initial weights", stage)
     return templates
-
-
-def live_summary(
-    run: RunConfig, trainer: Trainer, tracker: StepTracker, records: list[dict[str, Any]], elapsed_s: float,
-    wall_s: float, val_loss: float | None, rt: LiveRuntime,
-) -> dict[str, Any]:
-    """``summary.json`` of a live trainer, with the simulator's keys (server-side counters: None here;
-    the local role fills them from the servers' reports)."""
-    from node0sim.sim.runner import steady_throughput
-
-    stats = trainer.stats
-    losses = [r["loss"] for r in records if r.get("loss") is not None]
-    stage_bytes = sum(rt.sent_bytes.get(m, 0) + rt.received_bytes.get(m, 0) for m in STAGE_METHODS)
-    return {
-        "backend": "swarm", "numerics": True, "model": run.model.get("name"), "seed": run.seed,
-        "num_stages": run.topology.num_stages, "num_peers": None, "num_trainers": run.topology.num_trainers,
-        "schedule": run.train.schedule, "compression": run.compression.name, "compression_rate": run.compression.rate,
-        "churn": "live", "steps": stats.micro_batches_done // run.train.micro_batches_per_step,
-        "samples": tracker.samples, "tokens": tracker.tokens, "sim_time_s": elapsed_s, "wall_time_s": wall_s,
-        "tokens_per_s": tracker.tokens / elapsed_s if elapsed_s > 0 else 0.0,
-        "tokens_per_s_steady": steady_throughput(records),
-        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None, "val_loss": val_loss,
-        "activation_bytes_per_token": stage_bytes / tracker.tokens if tracker.tokens else None,
-        "averaging_bytes": None, "state_download_bytes": None,
-        "failed_requests": stats.failed_requests, "retried_requests": stats.retried_requests,
-        "dropped_micro_batches": stats.micro_batches_dropped, "bytes_sent": rt.sent_bytes_total(),
-        "micro_batches_started": stats.micro_batches_started, "micro_batches_done": stats.micro_batches_done,
-        "rpc_bytes_per_stage": [stats.stage_bytes.get(i, 0) for i in range(run.topology.num_stages)],
-        "churn_events": None, "final_peers_per_stage": None, "averaging_rounds": None, "solo_steps": None,
-        "state_averaging_rounds": None, "state_downloads": None, "failed_state_downloads": None,
-        "averaging_timeouts": None, "stage_moves": None, "gpu_utilization": None, "request_calls": None,
-        "mean_requests_per_call": None,
-    }
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:

@@ -59,12 +59,10 @@ class _SkipsTheOwnVectorRule(GroupAverager):
 
 def _averager_for(backend, faulty=False):
     if backend == "swarm/hivemind":
-        from hivemind.averaging.allreduce import AllReduceRunner
-
-        from swarm.allreduce import HivemindGroupAverager
+        from swarm.allreduce import HivemindGroupAverager, _CountingRunner
 
         class _FaultyHivemindAverager(HivemindGroupAverager):  # also runs hivemind's runner unchecked
-            _runner_type = AllReduceRunner
+            _runner_type = _CountingRunner
             all_reduce = HivemindGroupAverager._all_reduce
 
         return _FaultyHivemindAverager if faulty else HivemindGroupAverager

@@ -5,27 +5,29 @@ from __future__ import annotations
 import copy
 import random
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Generator
 
 import simpy
-import torch
 
+from node0sim.assembly import (
+    AVERAGING_METHODS, STAGE_METHODS, STATE_METHOD, flops_per_sample, make_swarm_peer, make_trainer, method_bytes,
+    server_report, summarize, trainer_totals,
+)
 from node0sim.config import RunConfig
 from node0sim.experiment import evaluate, micro_batch_sources, model_config, stage_computes
 from node0sim.metrics import RunRecorder, StepTracker
-from node0sim.protocol.messages import TensorSpec
 from node0sim.protocol.stage_compute import StageCompute, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
-from node0sim.protocol.swarm_peer import BalanceConfig, SwarmPeer
-from node0sim.protocol.trainer import Trainer, TrainerConfig
+from node0sim.protocol.swarm_peer import SwarmPeer
+from node0sim.protocol.trainer import Trainer
 from node0sim.sim.churn import churn_schedule
 from node0sim.sim.engine import SimPeer, Simulation
 from node0sim.sim.gpus import gpu_profile
 from node0sim.sim.regions import region_preset
+from node0sim.summary import RunSummary, ServerTotals, TrainerTotals
 
-STAGE_METHODS = ("forward", "backward", "tail")
-AVERAGING_METHODS = ("reduce_part", "gather_part")
 DEFAULT_CHURN_HORIZON_S = 24 * 3600.0
 
 
@@ -53,16 +55,6 @@ def build_simulation(run: RunConfig) -> Simulation:
     )
 
 
-def steady_throughput(records: list[dict[str, Any]]) -> float | None:
-    """Tokens per second over the second half of the logged steps (excludes pipeline fill)."""
-    steps = [r for r in records if "step" in r]
-    if len(steps) < 2:
-        return None
-    mid, last = steps[(len(steps) - 1) // 2], steps[-1]
-    elapsed = last["time_s"] - mid["time_s"]
-    return (last["tokens"] - mid["tokens"]) / elapsed if elapsed > 0 else None
-
-
 class VirtualSwarm:
     """The stage servers of a simulated run: initial peers, joiners and departures."""
 
@@ -72,12 +64,10 @@ class VirtualSwarm:
         self.templates = templates
         self.regions = region_preset(run.network.regions).regions if run.network.latency_ms is None else ("local",)
         self.gpu_rng = random.Random(run.seed + 17)
-        self.balance = BalanceConfig(run.topology.rebalance_period_s, run.topology.rebalance_margin)
         self.members: dict[str, tuple[SimPeer, SwarmPeer]] = {}
         self.departed: list[SwarmPeer] = []
         self.events = {"join": 0, "leave": 0, "crash": 0}
-        per_sample = [c.backward_flops(_one_sample(run)) + c.forward_flops(_one_sample(run)) for c in templates]
-        self.flops_per_sample = sum(per_sample) / len(per_sample)
+        self.flops_per_sample = flops_per_sample(run, templates)
 
     def add_peer(self, peer_id: str, index: int, gpu_name: str | None) -> SimPeer:
         """A peer on the network with this run's links and a GPU from the mix."""
@@ -98,16 +88,7 @@ class VirtualSwarm:
     def launch(self, peer_id: str, stage: int | None, gpu_name: str | None = None, load_state: bool = True) -> None:
         """Start a server peer (at ``stage``, or wherever the balancing rule puts it)."""
         peer = self.add_peer(peer_id, len(self.members), gpu_name)
-        throughput = peer.flops_per_s / self.flops_per_sample
-
-        def make_server(stage_index: int) -> StageServer:
-            return StageServer(
-                peer.runtime, self.run.run_id, self._compute_for(stage_index), self.run.averaging,
-                throughput=throughput, bandwidth_mbps=self.run.network.up_mbps, seed=self.run.seed,
-                max_batch_requests=self.run.topology.max_batch_requests,
-            )
-
-        member = SwarmPeer(peer.runtime, self.run.run_id, len(self.templates), throughput, make_server, self.balance)
+        member = make_swarm_peer(peer.runtime, self.run, self._compute_for, peer.flops_per_s / self.flops_per_sample)
         self.members[peer_id] = (peer, member)
         peer.runtime.spawn(member.run(stage, load_state))
 
@@ -149,10 +130,6 @@ class VirtualSwarm:
         return [m.server for _, m in self.members.values() if m.server] + [m.server for m in self.departed if m.server]
 
 
-def _one_sample(run: RunConfig) -> TensorSpec:
-    return TensorSpec((1, run.train.seq_len), torch.int64)
-
-
 class SimulatedRun:
     """One run on the simulator: ``sim``, ``swarm`` and ``trainers`` can be inspected (or given extra
     events) before :meth:`execute` trains and summarizes."""
@@ -170,29 +147,17 @@ class SimulatedRun:
             for k in range(run.topology.peers_per_stage):
                 self.swarm.launch(f"s{stage}p{k}", stage, load_state=False)
         self.trainers: list[Trainer] = []
-        self.tracker = StepTracker(run.train.micro_batches_per_step, self.recorder.log, self.totals)
-        total = run.train.steps * run.train.micro_batches_per_step
+        self.tracker = StepTracker(run.train.micro_batches_per_step, self.recorder.log, lambda: asdict(self.totals()))
         self.tasks = []
         for index, source in enumerate(sources):
-            trainer_cfg = TrainerConfig(
-                micro_batches=total // len(sources) + (index < total % len(sources)),
-                micro_batches_per_step=run.train.micro_batches_per_step, schedule=run.train.schedule,
-                max_inflight=run.train.max_inflight, request_timeout_s=run.train.request_timeout_s,
-                max_retries=run.train.max_retries, send_token_ids=self.templates[0].codec.needs_token_ids,
-            )
             peer = self.swarm.add_peer(f"trainer{index}", index, None)
-            trainer = Trainer(peer.runtime, run.run_id, len(self.templates), source, trainer_cfg, self.tracker)
+            trainer = make_trainer(peer.runtime, run, self.templates, source, index, self.tracker)
             self.trainers.append(trainer)
             self.tasks.append(peer.runtime.spawn(trainer.run()).process)
 
-    def totals(self) -> dict[str, int]:
-        """Run-wide counters, added to every step record."""
-        return {
-            "failed_requests": sum(t.stats.failed_requests for t in self.trainers),
-            "retried_requests": sum(t.stats.retried_requests for t in self.trainers),
-            "dropped_micro_batches": sum(t.stats.micro_batches_dropped for t in self.trainers),
-            "bytes_sent": self.sim.network.bytes_sent,
-        }
+    def totals(self) -> TrainerTotals:
+        """Run-wide trainer counters, added to every step record."""
+        return trainer_totals([t.stats for t in self.trainers], self.sim.network.bytes_sent)
 
     def execute(self) -> dict[str, Any]:
         """Train until every trainer is done (or ``train.max_sim_time_s``); write outputs; return the summary."""
@@ -204,62 +169,28 @@ class SimulatedRun:
             stop = sim.env.any_of([stop, sim.env.timeout(run.train.max_sim_time_s)])
         sim.run(until=stop)
         self.recorder.log(swarm.snapshot())
-        summary = self.summary()
+        summary = self.summary().as_dict()
         summary["outputs"] = {k: str(v) for k, v in self.recorder.finish(summary).items()}
         return summary
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> RunSummary:
         """The run's ``summary.json`` content."""
-        run, sim, swarm, trainers, tracker = self.run, self.sim, self.swarm, self.trainers, self.tracker
+        run, sim, swarm = self.run, self.sim, self.swarm
+        stats = [t.stats for t in self.trainers]
         sim_time = sim.env.now
-        step_losses = [r["loss"] for r in self.recorder.records if r.get("loss") is not None]
-        done = sum(t.stats.micro_batches_done for t in trainers)
-        servers = swarm.servers()
-        calls = sum(s.stats.request_calls for s in servers)
-        return {
-            "backend": "sim",
-            "numerics": run.sim.numerics,
-            "model": self.model_cfg.name,
-            "seed": run.seed,
-            "num_stages": len(self.templates),
-            "num_peers": run.topology.peers_per_stage * len(self.templates),
-            "num_trainers": len(trainers),
-            "schedule": run.train.schedule,
-            "compression": run.compression.name,
-            "compression_rate": run.compression.rate,
-            "churn": run.churn.name,
-            "steps": done // run.train.micro_batches_per_step,
-            "samples": tracker.samples,
-            "tokens": tracker.tokens,
-            "sim_time_s": sim_time,
-            "wall_time_s": time.perf_counter() - self.wall_start,
-            "tokens_per_s": tracker.tokens / sim_time if sim_time > 0 else 0.0,
-            "tokens_per_s_steady": steady_throughput(self.recorder.records),
-            "loss_first": step_losses[0] if step_losses else None,
-            "loss_last": step_losses[-1] if step_losses else None,
-            "val_loss": evaluate(_replica(swarm, self.templates), self.validation),
-            "activation_bytes_per_token": (
-                sum(sim.traffic.get(m, 0) for m in STAGE_METHODS) / tracker.tokens if tracker.tokens else None
-            ),
-            "averaging_bytes": sum(sim.traffic.get(m, 0) for m in AVERAGING_METHODS),
-            "state_download_bytes": sim.traffic.get("get_state", 0),
-            **self.totals(),
-            "micro_batches_started": sum(t.stats.micro_batches_started for t in trainers),
-            "micro_batches_done": done,
-            "rpc_bytes_per_stage": [sum(t.stats.stage_bytes.get(i, 0) for t in trainers) for i in range(len(self.templates))],
-            "churn_events": swarm.events,
-            "final_peers_per_stage": swarm.snapshot()["peers_per_stage"],
-            "averaging_rounds": sum(s.stats.averaging_rounds for s in servers),
-            "solo_steps": sum(s.stats.solo_steps for s in servers),
-            "state_averaging_rounds": sum(s.stats.state_averaging_rounds for s in servers),
-            "state_downloads": sum(s.stats.state_downloads for s in servers),
-            "failed_state_downloads": sum(s.stats.failed_state_downloads for s in servers),
-            "averaging_timeouts": sum(s.averager.timeouts for s in servers),
-            "request_calls": calls,
-            "mean_requests_per_call": sum(s.stats.batched_requests for s in servers) / calls if calls else None,
-            "stage_moves": sum(m.moves for _, m in swarm.members.values()) + sum(m.moves for m in swarm.departed),
-            "gpu_utilization": {p.peer_id: round(p.busy_s / sim_time, 4) if sim_time else 0.0 for p in sim.peers.values()},
-        }
+        peers_per_stage = swarm.snapshot()["peers_per_stage"]
+        servers = ServerTotals.of(
+            [server_report(s) for s in swarm.servers()], run.topology.peers_per_stage * len(self.templates), peers_per_stage,
+            averaging_bytes=method_bytes(sim.traffic, AVERAGING_METHODS), state_download_bytes=sim.traffic.get(STATE_METHOD, 0),
+        )
+        return summarize(
+            run, backend="sim", numerics=run.sim.numerics, model=self.model_cfg.name, churn=run.churn.name, trainers=stats,
+            tracker=self.tracker, records=self.recorder.records, elapsed_s=sim_time, wall_s=time.perf_counter() - self.wall_start,
+            val_loss=evaluate(_replica(swarm, self.templates), self.validation),
+            stage_bytes=method_bytes(sim.traffic, STAGE_METHODS), totals=self.totals(), servers=servers, churn_events=swarm.events,
+            stage_moves=sum(m.moves for _, m in swarm.members.values()) + sum(m.moves for m in swarm.departed),
+            gpu_utilization={p.peer_id: round(p.busy_s / sim_time, 4) if sim_time else 0.0 for p in sim.peers.values()},
+        )
 
 
 def run_simulation(run: RunConfig, out_dir: Path, recorder: RunRecorder | None = None) -> dict[str, Any]:

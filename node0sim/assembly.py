@@ -1,0 +1,128 @@
+"""How either backend assembles a run from the protocol: stage servers, trainers, and the summary.
+
+The simulator (``node0sim.sim.runner``) and the live swarm (``swarm.roles``) give these a runtime
+and what only they know (a peer's FLOP/s, the bytes their network counted); everything else about a
+run is decided here, once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from node0sim.config import RunConfig
+from node0sim.metrics import StepTracker
+from node0sim.protocol.averaging import GroupAverager
+from node0sim.protocol.messages import TensorSpec
+from node0sim.protocol.stage_compute import StageCompute
+from node0sim.protocol.stage_server import StageServer
+from node0sim.protocol.swarm_peer import BalanceConfig, SwarmPeer
+from node0sim.protocol.trainer import MicroBatchSource, Trainer, TrainerConfig, TrainerStats
+from node0sim.runtime import Runtime
+from node0sim.summary import RunSummary, ServerReport, ServerTotals, TrainerTotals, steady_throughput
+
+STAGE_METHODS = ("forward", "backward", "tail")
+"""RPC methods that carry activations and their gradients (``activation_bytes_per_token``)."""
+AVERAGING_METHODS = ("reduce_part", "gather_part")
+"""The two phases of an in-stage all-reduce (``averaging_bytes``)."""
+STATE_METHOD = "get_state"
+"""The RPC that downloads a stage's state (``state_download_bytes``)."""
+
+
+def method_bytes(counter: Mapping[str, int], methods: Sequence[str]) -> int:
+    """The bytes a per-method counter holds for ``methods``."""
+    return sum(counter.get(m, 0) for m in methods)
+
+
+def flops_per_sample(run: RunConfig, templates: Sequence[StageCompute]) -> float:
+    """Mean FLOPs of one sample's forward and backward pass through a stage: a peer's throughput in samples/s
+    (what the balancing rule compares) is its FLOP/s over this."""
+    sample = TensorSpec((1, run.train.seq_len), torch.int64)
+    return sum(c.forward_flops(sample) + c.backward_flops(sample) for c in templates) / len(templates)
+
+
+def make_swarm_peer(
+    rt: Runtime, run: RunConfig, compute_for: Callable[[int], StageCompute], throughput: float,
+    averager: Callable[..., Any] = GroupAverager,
+) -> SwarmPeer:
+    """A server peer of the run: ``compute_for(stage)`` is the compute of the stage it serves (or moves to);
+    ``averager`` builds its in-stage all-reduce (see :class:`StageServer`)."""
+
+    def make_server(stage: int) -> StageServer:
+        return StageServer(
+            rt, run.run_id, compute_for(stage), run.averaging, throughput=throughput, bandwidth_mbps=run.network.up_mbps,
+            seed=run.seed, max_batch_requests=run.topology.max_batch_requests, averager=averager,
+        )
+
+    balance = BalanceConfig(run.topology.rebalance_period_s, run.topology.rebalance_margin)
+    return SwarmPeer(rt, run.run_id, run.topology.num_stages, throughput, make_server, balance)
+
+
+def micro_batch_share(run: RunConfig, index: int) -> int:
+    """Micro-batches trainer ``index`` pushes: the run's total split across ``topology.num_trainers`` (the
+    first ones take one more when it does not divide)."""
+    total = run.train.steps * run.train.micro_batches_per_step
+    trainers = run.topology.num_trainers
+    return total // trainers + (index < total % trainers)
+
+
+def make_trainer(
+    rt: Runtime, run: RunConfig, templates: Sequence[StageCompute], source: MicroBatchSource, index: int,
+    on_micro_batch: Callable[[dict[str, Any]], None],
+) -> Trainer:
+    """Trainer ``index`` of the run, pushing its share of the micro-batches from ``source``."""
+    cfg = TrainerConfig(
+        micro_batches=micro_batch_share(run, index), micro_batches_per_step=run.train.micro_batches_per_step,
+        schedule=run.train.schedule, max_inflight=run.train.max_inflight,
+        request_timeout_s=run.train.request_timeout_s, max_retries=run.train.max_retries,
+        send_token_ids=templates[0].codec.needs_token_ids,
+    )
+    return Trainer(rt, run.run_id, len(templates), source, cfg, on_micro_batch)
+
+
+def trainer_totals(trainers: Sequence[TrainerStats], bytes_sent: int) -> TrainerTotals:
+    """The run-wide trainer counters of ``trainers``; ``bytes_sent`` as the backend counts it."""
+    return TrainerTotals(
+        failed_requests=sum(t.failed_requests for t in trainers), retried_requests=sum(t.retried_requests for t in trainers),
+        dropped_micro_batches=sum(t.micro_batches_dropped for t in trainers), bytes_sent=bytes_sent,
+    )
+
+
+def server_report(server: StageServer, averaging_bytes: int | None = None, state_download_bytes: int | None = None,
+                  handled: dict[str, int] | None = None, sent_bytes: dict[str, int] | None = None) -> ServerReport:
+    """``server``'s counters now; the byte counts as its backend measured them (per server, if at all)."""
+    stats = server.stats
+    return ServerReport(
+        peer_id=server.rt.peer_id, stage=server.stage, epoch=server.epoch, samples=stats.samples,
+        averaging_rounds=stats.averaging_rounds, solo_steps=stats.solo_steps,
+        state_averaging_rounds=stats.state_averaging_rounds, state_downloads=stats.state_downloads,
+        failed_state_downloads=stats.failed_state_downloads, averaging_timeouts=server.averager.timeouts,
+        request_calls=stats.request_calls, batched_requests=stats.batched_requests, averaging_bytes=averaging_bytes,
+        state_download_bytes=state_download_bytes, handled=handled, sent_bytes=sent_bytes,
+    )
+
+
+def summarize(
+    run: RunConfig, *, backend: str, numerics: bool, model: str | None, churn: str, trainers: Sequence[TrainerStats],
+    tracker: StepTracker, records: list[dict[str, Any]], elapsed_s: float, wall_s: float, val_loss: float | None,
+    stage_bytes: int, totals: TrainerTotals, servers: ServerTotals, churn_events: dict[str, int] | None = None,
+    stage_moves: int | None = None, gpu_utilization: dict[str, float] | None = None,
+) -> RunSummary:
+    """The run's summary from its trainers' counters and step records over ``elapsed_s``; ``stage_bytes``: bytes of
+    ``STAGE_METHODS`` traffic; the last three only the simulator measures."""
+    done = sum(t.micro_batches_done for t in trainers)
+    losses = [r["loss"] for r in records if r.get("loss") is not None]
+    return RunSummary(
+        backend=backend, numerics=numerics, model=model, seed=run.seed, num_stages=run.topology.num_stages,
+        num_trainers=run.topology.num_trainers, schedule=run.train.schedule, compression=run.compression.name,
+        compression_rate=run.compression.rate, churn=churn, steps=done // run.train.micro_batches_per_step,
+        samples=tracker.samples, tokens=tracker.tokens, sim_time_s=elapsed_s, wall_time_s=wall_s,
+        tokens_per_s=tracker.tokens / elapsed_s if elapsed_s > 0 else 0.0, tokens_per_s_steady=steady_throughput(records),
+        loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None, val_loss=val_loss,
+        activation_bytes_per_token=stage_bytes / tracker.tokens if tracker.tokens else None,
+        micro_batches_started=sum(t.micro_batches_started for t in trainers), micro_batches_done=done,
+        rpc_bytes_per_stage=[sum(t.stage_bytes.get(i, 0) for t in trainers) for i in range(run.topology.num_stages)],
+        trainer_totals=totals, servers=servers, churn_events=churn_events, stage_moves=stage_moves,
+        gpu_utilization=gpu_utilization,
+    )

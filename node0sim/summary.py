@@ -1,0 +1,179 @@
+"""What a run reports, on either backend: ``summary.json`` (:class:`RunSummary`) and the exit report of
+a live stage server (:class:`ServerReport`).
+
+Every key of ``summary.json`` is a field here, so the simulator's and the live swarm's summaries have the
+same keys (``SUMMARY_KEYS``). ``None``: not measured by this backend, or not known to the process that
+wrote the summary (a live trainer knows nothing of the servers' counters; the local role adds them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from typing import Any, Sequence, get_type_hints
+
+
+@dataclass(frozen=True)
+class TrainerTotals:
+    """Run-wide trainer counters: in the summary and in every step record of ``metrics.jsonl``."""
+
+    failed_requests: int
+    retried_requests: int
+    dropped_micro_batches: int
+    bytes_sent: int
+    """Message bytes sent: by every peer (simulator), by this trainer (live)."""
+
+
+@dataclass(frozen=True)
+class ServerReport:
+    """One stage server's counters: the simulator sums them into the summary; a live server writes its own
+    to ``swarm.info_path`` when it stops, and the local role sums those."""
+
+    peer_id: str
+    stage: int
+    epoch: int
+    samples: int
+    averaging_rounds: int
+    solo_steps: int
+    state_averaging_rounds: int
+    state_downloads: int
+    failed_state_downloads: int
+    averaging_timeouts: int
+    request_calls: int
+    batched_requests: int
+    averaging_bytes: int | None = None
+    """Bytes this server sent for in-stage all-reduces (None on the simulator, which counts them network-wide)."""
+    state_download_bytes: int | None = None
+    """Bytes of stage state this server downloaded (None on the simulator, as above)."""
+    handled: dict[str, int] | None = None
+    """Requests this server answered, per method (live)."""
+    sent_bytes: dict[str, int] | None = None
+    """Message bytes this server sent, per method (live)."""
+
+    @classmethod
+    def from_dict(cls, content: dict[str, Any]) -> ServerReport:
+        """The report as read back from its JSON (unknown keys are ignored)."""
+        return cls(**{f.name: content[f.name] for f in fields(cls) if f.name in content})
+
+
+@dataclass(frozen=True)
+class ServerTotals:
+    """The summary's server-side keys: totals over every stage server of the run."""
+
+    num_peers: int | None = None
+    """Stage servers the run started with."""
+    final_peers_per_stage: list[int] | None = None
+    averaging_bytes: int | None = None
+    """Bytes of in-stage all-reduces (gradients and state), requests and replies."""
+    state_download_bytes: int | None = None
+    """Bytes of stage state downloaded by joining or lagging servers."""
+    averaging_rounds: int | None = None
+    solo_steps: int | None = None
+    state_averaging_rounds: int | None = None
+    state_downloads: int | None = None
+    failed_state_downloads: int | None = None
+    averaging_timeouts: int | None = None
+    request_calls: int | None = None
+    mean_requests_per_call: float | None = None
+
+    @classmethod
+    def of(
+        cls, reports: Sequence[ServerReport], num_peers: int, final_peers_per_stage: list[int], averaging_bytes: int,
+        state_download_bytes: int,
+    ) -> ServerTotals:
+        """Counters summed over ``reports``; the byte counts as the backend measured them."""
+        calls = sum(r.request_calls for r in reports)
+        return cls(
+            num_peers=num_peers, final_peers_per_stage=final_peers_per_stage, averaging_bytes=averaging_bytes,
+            state_download_bytes=state_download_bytes,
+            averaging_rounds=sum(r.averaging_rounds for r in reports), solo_steps=sum(r.solo_steps for r in reports),
+            state_averaging_rounds=sum(r.state_averaging_rounds for r in reports),
+            state_downloads=sum(r.state_downloads for r in reports),
+            failed_state_downloads=sum(r.failed_state_downloads for r in reports),
+            averaging_timeouts=sum(r.averaging_timeouts for r in reports), request_calls=calls,
+            mean_requests_per_call=sum(r.batched_requests for r in reports) / calls if calls else None,
+        )
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """``summary.json``: one flat JSON object; the fields of ``trainer_totals`` and ``servers`` are top-level keys."""
+
+    backend: str
+    numerics: bool
+    """Real tensors (True) or timing mode (False)."""
+    model: str | None
+    seed: int
+    num_stages: int
+    num_trainers: int
+    schedule: str
+    compression: str
+    compression_rate: float
+    churn: str
+    steps: int
+    """Global batches completed."""
+    samples: int
+    tokens: int
+    sim_time_s: float
+    """Time from the trainers' start to their end: virtual (simulator) or measured (live)."""
+    wall_time_s: float
+    tokens_per_s: float
+    tokens_per_s_steady: float | None
+    """Over the second half of the logged steps (excludes the pipeline's fill)."""
+    loss_first: float | None
+    loss_last: float | None
+    val_loss: float | None
+    activation_bytes_per_token: float | None
+    """Bytes of forward/backward/tail requests and replies per trained token."""
+    micro_batches_started: int
+    micro_batches_done: int
+    rpc_bytes_per_stage: list[int]
+    """Bytes of the trainers' successful requests and replies, per stage."""
+    trainer_totals: TrainerTotals
+    servers: ServerTotals
+    churn_events: dict[str, int] | None = None
+    """Joins, leaves and crashes replayed (simulator)."""
+    stage_moves: int | None = None
+    """Servers that changed stage to rebalance (simulator)."""
+    gpu_utilization: dict[str, float] | None = None
+    """Busy fraction of each peer's accelerator (simulator)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object: every key of ``SUMMARY_KEYS``."""
+        content: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            content.update(asdict(value) if is_dataclass(value) else {f.name: value})
+        return content
+
+
+def _keys(cls: type) -> tuple[str, ...]:
+    hints = get_type_hints(cls)
+    return tuple(key for f in fields(cls) for key in (_keys(hints[f.name]) if is_dataclass(hints[f.name]) else (f.name,)))
+
+
+SUMMARY_KEYS = _keys(RunSummary)
+"""Every key of ``summary.json``."""
+
+
+def with_server_reports(
+    summary: dict[str, Any], reports: dict[str, ServerReport], num_stages: int, num_peers: int,
+) -> dict[str, Any]:
+    """A live trainer's summary completed from the servers' exit reports (by peer name): their totals, and
+    the reports themselves under ``server_reports``."""
+    servers = list(reports.values())
+    totals = ServerTotals.of(
+        servers, num_peers, [sum(r.stage == s for r in servers) for s in range(num_stages)],
+        averaging_bytes=sum(r.averaging_bytes or 0 for r in servers),
+        state_download_bytes=sum(r.state_download_bytes or 0 for r in servers),
+    )
+    return {**summary, **asdict(totals), "server_reports": [{"name": name, **asdict(r)} for name, r in reports.items()]}
+
+
+def steady_throughput(records: list[dict[str, Any]]) -> float | None:
+    """Tokens per second over the second half of the logged steps (excludes pipeline fill)."""
+    steps = [r for r in records if "step" in r]
+    if len(steps) < 2:
+        return None
+    mid, last = steps[(len(steps) - 1) // 2], steps[-1]
+    elapsed = last["time_s"] - mid["time_s"]
+    return (last["tokens"] - mid["tokens"]) / elapsed if elapsed > 0 else None
