@@ -13,7 +13,7 @@ import torch
 
 from node0sim.config import RunConfig
 from node0sim.metrics import StepTracker
-from node0sim.protocol.averaging import GroupAverager
+from node0sim.protocol.averaging import AveragerFactory, GroupAverager
 from node0sim.protocol.messages import TensorSpec
 from node0sim.protocol.stage_compute import StageCompute
 from node0sim.protocol.stage_server import StageServer
@@ -21,13 +21,6 @@ from node0sim.protocol.swarm_peer import BalanceConfig, SwarmPeer
 from node0sim.protocol.trainer import MicroBatchSource, Trainer, TrainerConfig, TrainerStats
 from node0sim.runtime import Runtime
 from node0sim.summary import RunSummary, ServerReport, ServerTotals, TrainerTotals, steady_throughput
-
-STAGE_METHODS = ("forward", "backward", "tail")
-"""RPC methods that carry activations and their gradients (``activation_bytes_per_token``)."""
-AVERAGING_METHODS = ("reduce_part", "gather_part")
-"""The two phases of an in-stage all-reduce (``averaging_bytes``)."""
-STATE_METHOD = "get_state"
-"""The RPC that downloads a stage's state (``state_download_bytes``)."""
 
 
 def method_bytes(counter: Mapping[str, int], methods: Sequence[str]) -> int:
@@ -44,7 +37,7 @@ def flops_per_sample(run: RunConfig, templates: Sequence[StageCompute]) -> float
 
 def make_swarm_peer(
     rt: Runtime, run: RunConfig, compute_for: Callable[[int], StageCompute], throughput: float,
-    averager: Callable[..., Any] = GroupAverager,
+    averager: AveragerFactory = GroupAverager,
 ) -> SwarmPeer:
     """A server peer of the run: ``compute_for(stage)`` is the compute of the stage it serves (or moves to);
     ``averager`` builds its in-stage all-reduce (see :class:`StageServer`)."""

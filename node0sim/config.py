@@ -19,8 +19,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from node0sim.data import DataConfig
 from node0sim.model import ModelConfig
 from node0sim.protocol.averaging import AveragingConfig
-from node0sim.sim.churn import ChurnConfig
 from node0sim.protocol.stage_compute import OptimConfig
+from node0sim.sim.churn import ChurnConfig
 
 
 class ConfigError(ValueError):

@@ -25,6 +25,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, anext, as_aiter
 
 from node0sim.protocol.averaging import Averager, AveragingConfig
+from node0sim.protocol.messages import GATHER_PART, REDUCE_PART
 from swarm.runtime import LiveRuntime
 
 log = logging.getLogger(__name__)
@@ -93,14 +94,14 @@ class _CountingRunner(AllReduceRunner):
 
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
         async for message in super()._generate_input_for_peer(peer_index):
-            self._count("reduce_part", message)
+            self._count(REDUCE_PART, message)
             yield message
 
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         async for message in super().rpc_aggregate_part(stream, context):
-            self._count("gather_part", message)
+            self._count(GATHER_PART, message)
             yield message
 
 

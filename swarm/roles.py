@@ -19,13 +19,19 @@ from typing import Any, Awaitable, Callable, Mapping
 import torch
 
 from node0sim.assembly import (
-    AVERAGING_METHODS, STAGE_METHODS, STATE_METHOD, flops_per_sample, make_swarm_peer, make_trainer, method_bytes,
-    server_report, summarize, trainer_totals,
+    flops_per_sample,
+    make_swarm_peer,
+    make_trainer,
+    method_bytes,
+    server_report,
+    summarize,
+    trainer_totals,
 )
 from node0sim.config import RunConfig, SwarmConfig
 from node0sim.experiment import evaluate, micro_batch_sources, model_config, stage_computes, vocabulary_size
 from node0sim.metrics import RunRecorder, StepTracker
 from node0sim.protocol.averaging import GroupAverager
+from node0sim.protocol.messages import AVERAGING_METHODS, GET_STATE, STAGE_METHODS
 from node0sim.protocol.progress import read_stage
 from node0sim.protocol.stage_compute import StageCompute
 from node0sim.protocol.stage_server import StageServer
@@ -210,12 +216,14 @@ def exit_report(rt: LiveRuntime, server: StageServer) -> ServerReport:
     include hivemind's all-reduce streams (``swarm.allreduce`` counts them under the same method names)."""
     return server_report(
         server, averaging_bytes=method_bytes(rt.sent_bytes, AVERAGING_METHODS),
-        state_download_bytes=rt.response_bytes.get(STATE_METHOD, 0), handled=dict(rt.handled), sent_bytes=dict(rt.sent_bytes),
+        state_download_bytes=rt.response_bytes.get(GET_STATE, 0), handled=dict(rt.handled), sent_bytes=dict(rt.sent_bytes),
     )
 
 
 # ---- trainer ---------------------------------------------------------------------------------
-async def train(local: Mapping[str, Any], swarm_run: RunConfig, recorder_factory: Callable[[RunConfig, dict], RunRecorder]) -> dict[str, Any]:
+async def train(
+    local: Mapping[str, Any], swarm_run: RunConfig, recorder_factory: Callable[[RunConfig, dict], RunRecorder]
+) -> dict[str, Any]:
     """A trainer: streams its data shard through the swarm; writes metrics.jsonl and summary.json."""
     wall_start = time.perf_counter()
     node, _ = await _start(swarm_run)
@@ -263,7 +271,7 @@ async def _current_weights(rt: LiveRuntime, run: RunConfig, templates: list[Stag
         records = await read_stage(rt, run.run_id, stage)
         for peer in [p for p, r in records.items() if r.ready]:
             try:
-                response = await rt.call(peer, "get_state", StateRequest(stage), run.averaging.state_timeout_s)
+                response = await rt.call(peer, GET_STATE, StateRequest(stage), run.averaging.state_timeout_s)
             except RPCError as error:
                 log.warning("could not fetch stage %d from %s for validation: %s", stage, peer, error)
                 continue

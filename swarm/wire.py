@@ -16,12 +16,8 @@ import msgpack
 import torch
 
 import node0sim.protocol.averaging  # noqa: F401 (declares the all-reduce messages)
+import node0sim.protocol.state_transfer  # noqa: F401  (registers the state messages)
 from node0sim.protocol.messages import MESSAGE_TYPES, Packed, TensorSpec
-from node0sim.protocol.stage_server import StateRequest, StateResponse
-
-# until stage_server.py declares its state messages with @message
-for _state_message in (StateRequest, StateResponse):
-    MESSAGE_TYPES.setdefault(_state_message.__name__, _state_message)
 
 DTYPES: dict[str, torch.dtype] = {
     str(dtype).removeprefix("torch."): dtype

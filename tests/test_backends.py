@@ -22,7 +22,8 @@ def _pipeline(num_stages: int, batch: torch.Tensor, micro: int):
     async def scenario(runtimes):
         for i, compute in enumerate(computes):
             # a target batch the run never reaches: gradients stay accumulated for the check
-            server = StageServer(runtimes[f"s{i}"], "run", compute, AveragingConfig(10**6, progress_period_s=5.0), throughput=1.0, bandwidth_mbps=50)
+            averaging = AveragingConfig(10**6, progress_period_s=5.0)
+            server = StageServer(runtimes[f"s{i}"], "run", compute, averaging, throughput=1.0, bandwidth_mbps=50)
             runtimes[f"s{i}"].spawn(server.start())
         micro_batches = batch.shape[0] // micro
         trainer = Trainer(

@@ -5,9 +5,9 @@ import torch
 
 from node0sim.model import Llama, ModelConfig, build_stages
 from node0sim.model.subspace import make_basis, project_gradients_onto_subspace_, subspace_residual
+from node0sim.protocol.averaging import AveragingConfig
 from node0sim.protocol.codecs import DenseCodec, SubspaceCodec
 from node0sim.protocol.stage_compute import OptimConfig, TensorStageCompute
-from node0sim.protocol.averaging import AveragingConfig
 from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.trainer import Trainer, TrainerConfig
 from tests.simutil import add, make_sim
@@ -38,7 +38,8 @@ def _pipeline_step(num_stages, batch, micro, schedule, update_every, codec=None,
     ]
     for i, compute in enumerate(computes):
         peer = add(sim, f"s{i}", 50, 50)
-        server = StageServer(peer.runtime, "run", compute, AveragingConfig(update_every, progress_period_s=5.0), throughput=1.0, bandwidth_mbps=50)
+        averaging = AveragingConfig(update_every, progress_period_s=5.0)
+        server = StageServer(peer.runtime, "run", compute, averaging, throughput=1.0, bandwidth_mbps=50)
         peer.runtime.spawn(server.start())
     trainer_peer = add(sim, "trainer", 50, 50)
     micro_batches = batch.shape[0] // micro

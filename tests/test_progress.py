@@ -205,7 +205,8 @@ def test_malformed_records_crash_neither_a_server_nor_a_trainer():
             return batch[:, :-1], batch[:, 1:]
 
     async def vandalize():
-        for subkey, value in (("junk", "junk"), ("half", {"ready": True, "throughput": 9.0}), ("typed", {**RECORD.to_dht(), "ready": "yes"})):
+        malformed = (("junk", "junk"), ("half", {"ready": True, "throughput": 9.0}), ("typed", {**RECORD.to_dht(), "ready": "yes"}))
+        for subkey, value in malformed:
             await vandal.runtime.dht_store(stage_key("run", 0), value, expires_in=100, subkey=subkey)
 
     trainer = Trainer(trainer_peer.runtime, "run", 1, Repeat(),

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from node0sim.assembly import AVERAGING_METHODS, method_bytes, micro_batch_share
 from node0sim.app import compose_run_config
+from node0sim.assembly import AVERAGING_METHODS, method_bytes, micro_batch_share
 from node0sim.metrics import SUMMARY_KEYS
 from node0sim.protocol.averaging import AveragingConfig, GroupAverager
 from node0sim.summary import RunSummary, ServerReport, ServerTotals, TrainerTotals, with_server_reports

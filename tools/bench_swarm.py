@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from node0sim.model import ModelConfig, build_stages  # noqa: E402
 from node0sim.protocol.averaging import AveragingConfig  # noqa: E402
 from node0sim.protocol.codecs import DenseCodec  # noqa: E402
-from node0sim.protocol.messages import BackwardRequest, ForwardRequest  # noqa: E402
+from node0sim.protocol.messages import BACKWARD, FORWARD, BackwardRequest, ForwardRequest  # noqa: E402
 from node0sim.protocol.stage_compute import OptimConfig, TensorStageCompute  # noqa: E402
 from node0sim.protocol.stage_server import StageServer  # noqa: E402
 from node0sim.sim.gpus import gpu_profile  # noqa: E402
@@ -78,14 +78,15 @@ async def hop_ms(compute: TensorStageCompute, x: torch.Tensor, grad: torch.Tenso
     server_node = await LiveNode.start(NodeSettings())
     client = await LiveNode.start(NodeSettings(initial_peers=tuple(server_node.visible_maddrs)))
     try:
-        server = StageServer(server_node.runtime, "bench", compute, AveragingConfig(10**9, progress_period_s=5.0), throughput=1.0, bandwidth_mbps=1e4)
+        averaging = AveragingConfig(10**9, progress_period_s=5.0)
+        server = StageServer(server_node.runtime, "bench", compute, averaging, throughput=1.0, bandwidth_mbps=1e4)
         await server.start()
         peer, rt = server_node.runtime.peer_id, client.runtime
         times = []
         for attempt in range(repeats + 1):
             start = time.perf_counter()
-            await rt.call(peer, "forward", ForwardRequest(1, x), 60)
-            await rt.call(peer, "backward", BackwardRequest(1, x, grad), 60)
+            await rt.call(peer, FORWARD, ForwardRequest(1, x), 60)
+            await rt.call(peer, BACKWARD, BackwardRequest(1, x, grad), 60)
             if attempt:  # the first round trip opens the connection
                 times.append(time.perf_counter() - start)
         return 1000 * statistics.median(times)

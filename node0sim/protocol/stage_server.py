@@ -18,10 +18,14 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from node0sim.protocol.averaging import AveragingConfig, GroupAverager
+from node0sim.protocol.averaging import AveragerFactory, AveragingConfig, GroupAverager
 from node0sim.protocol.batching import BatchingQueue
 from node0sim.protocol.matchmaking import Matchmaker
 from node0sim.protocol.messages import (
+    BACKWARD,
+    FORWARD,
+    GET_STATE,
+    TAIL,
     BackwardRequest,
     BackwardResponse,
     ForwardRequest,
@@ -70,7 +74,7 @@ class StageServer:
         bandwidth_mbps: float,
         seed: int = 0,
         max_batch_requests: int = 1,
-        averager: Callable[[Runtime, int, AveragingConfig], Any] = GroupAverager,
+        averager: AveragerFactory = GroupAverager,
     ):
         """``averager(rt, stage, cfg)`` builds the in-stage all-reduce (the protocol's own by default; a
         backend may supply another with the same ``serve``/``all_reduce``/``timeouts`` interface)."""
@@ -118,12 +122,12 @@ class StageServer:
             await progress.report()
             await self.load_state_from_peers()
         progress.ready = True
-        self.rt.serve("forward", self.handle_forward)
+        self.rt.serve(FORWARD, self.handle_forward)
         if self.compute.is_tail:
-            self.rt.serve("tail", self.handle_tail)
+            self.rt.serve(TAIL, self.handle_tail)
         else:
-            self.rt.serve("backward", self.handle_backward)
-        self.rt.serve("get_state", self.handle_get_state)
+            self.rt.serve(BACKWARD, self.handle_backward)
+        self.rt.serve(GET_STATE, self.handle_get_state)
         self.averager.serve()
         await progress.report()
         self._loops.append(self.rt.spawn(self._epoch_loop()))
@@ -151,13 +155,13 @@ class StageServer:
         """Forward pass; nothing is kept for the backward pass."""
         self._check_stage(request.stage)
         work = Work(request.inputs, self._token_ids(request))
-        return ForwardResponse(await self.requests.submit("forward", work, self.compute.forward_flops(request.inputs)))
+        return ForwardResponse(await self.requests.submit(FORWARD, work, self.compute.forward_flops(request.inputs)))
 
     async def handle_backward(self, caller: str, request: BackwardRequest) -> BackwardResponse:
         """Recompute the forward pass from the resent input, then backward."""
         self._check_stage(request.stage)
         work = Work(request.inputs, self._token_ids(request), grad_outputs=request.grad_outputs)
-        grad_inputs = await self.requests.submit("backward", work, self.compute.backward_flops(request.inputs))
+        grad_inputs = await self.requests.submit(BACKWARD, work, self.compute.backward_flops(request.inputs))
         await self._end_epoch_if_alone_and_due()
         return BackwardResponse(grad_inputs)
 
@@ -165,7 +169,7 @@ class StageServer:
         """Forward, loss and backward of the last stage."""
         self._check_stage(request.stage)
         work = Work(request.inputs, self._token_ids(request), targets=request.targets)
-        loss, grad_inputs = await self.requests.submit("tail", work, self.compute.backward_flops(request.inputs))
+        loss, grad_inputs = await self.requests.submit(TAIL, work, self.compute.backward_flops(request.inputs))
         await self._end_epoch_if_alone_and_due()
         return TailResponse(loss, grad_inputs)
 
@@ -179,10 +183,10 @@ class StageServer:
         self.stats.request_calls += 1
         self.stats.batched_requests += len(works)
         run: Callable[[list[Work]], list[Any]] = {
-            "forward": self.compute.forward_batch, "backward": self.compute.backward_batch, "tail": self.compute.tail_batch,
+            FORWARD: self.compute.forward_batch, BACKWARD: self.compute.backward_batch, TAIL: self.compute.tail_batch,
         }[kind]
         results = run(works)
-        if kind != "forward":
+        if kind != FORWARD:
             for work, result in zip(works, results):
                 if not isinstance(result, Exception):
                     samples = leading_dims(work.inputs)[0]

@@ -4,11 +4,10 @@ that fell behind) downloads the stage's newest state from a random up-to-date pe
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from node0sim.protocol.averaging import AveragingConfig
-from node0sim.protocol.messages import HEADER_BYTES, Payload, payload_bytes
+from node0sim.protocol.messages import GET_STATE, HEADER_BYTES, Payload, message, payload_bytes
 from node0sim.protocol.progress import ProgressTracker
 from node0sim.protocol.stage_compute import StageCompute
 from node0sim.runtime import RPCError, Runtime
@@ -17,7 +16,7 @@ if TYPE_CHECKING:
     from node0sim.protocol.stage_server import ServerStats
 
 
-@dataclass(frozen=True)
+@message
 class StateRequest:
     """Ask a peer for its stage state."""
 
@@ -27,7 +26,7 @@ class StateRequest:
         return HEADER_BYTES
 
 
-@dataclass(frozen=True)
+@message
 class StateResponse:
     """A stage's parameters and optimizer state at ``epoch``."""
 
@@ -87,7 +86,7 @@ class StateTransfer:
     async def _download_from(self, donors: list[str]) -> bool:
         for donor in donors:
             try:
-                response = await self.rt.call(donor, "get_state", StateRequest(self.compute.index), self.cfg.state_timeout_s)
+                response = await self.rt.call(donor, GET_STATE, StateRequest(self.compute.index), self.cfg.state_timeout_s)
             except RPCError:
                 self.stats.failed_state_downloads += 1
                 continue

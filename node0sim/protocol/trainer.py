@@ -8,7 +8,16 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from node0sim.protocol.messages import BackwardRequest, ForwardRequest, Payload, TailRequest, TensorSpec, leading_dims
+from node0sim.protocol.messages import (
+    BACKWARD,
+    FORWARD,
+    TAIL,
+    BackwardRequest,
+    ForwardRequest,
+    Payload,
+    TailRequest,
+    leading_dims,
+)
 from node0sim.protocol.progress import read_stages
 from node0sim.protocol.routing import Router
 from node0sim.runtime import RPCError, Runtime, Task
@@ -177,8 +186,6 @@ class Trainer:
         """Token ids sent with boundary activations (as int32) when the codec needs them."""
         if not self.cfg.send_token_ids:
             return None
-        if isinstance(inputs, TensorSpec):
-            return TensorSpec(inputs.shape, torch.int32)
         return inputs.to(torch.int32)
 
     async def _forward_backward(self, inputs: Payload, targets: Payload) -> float | None:
@@ -188,11 +195,11 @@ class Trainer:
         stage_inputs = [inputs]
         for stage in range(last):
             request = ForwardRequest(stage, stage_inputs[-1], None if stage == 0 else ids)
-            stage_inputs.append((await self._call(stage, "forward", request, samples)).outputs)
+            stage_inputs.append((await self._call(stage, FORWARD, request, samples)).outputs)
         tail_request = TailRequest(last, stage_inputs[last], targets, None if last == 0 else ids)
-        tail = await self._call(last, "tail", tail_request, samples, backward=True)
+        tail = await self._call(last, TAIL, tail_request, samples, backward=True)
         grad = tail.grad_inputs
         for stage in reversed(range(last)):
             request = BackwardRequest(stage, stage_inputs[stage], grad, None if stage == 0 else ids)
-            grad = (await self._call(stage, "backward", request, samples, backward=True)).grad_inputs
+            grad = (await self._call(stage, BACKWARD, request, samples, backward=True)).grad_inputs
         return tail.loss

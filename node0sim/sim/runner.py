@@ -12,12 +12,18 @@ from typing import Any, Generator
 import simpy
 
 from node0sim.assembly import (
-    AVERAGING_METHODS, STAGE_METHODS, STATE_METHOD, flops_per_sample, make_swarm_peer, make_trainer, method_bytes,
-    server_report, summarize, trainer_totals,
+    flops_per_sample,
+    make_swarm_peer,
+    make_trainer,
+    method_bytes,
+    server_report,
+    summarize,
+    trainer_totals,
 )
 from node0sim.config import RunConfig
 from node0sim.experiment import evaluate, micro_batch_sources, model_config, stage_computes
 from node0sim.metrics import RunRecorder, StepTracker
+from node0sim.protocol.messages import AVERAGING_METHODS, GET_STATE, STAGE_METHODS
 from node0sim.protocol.stage_compute import StageCompute, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.swarm_peer import SwarmPeer
@@ -181,7 +187,7 @@ class SimulatedRun:
         peers_per_stage = swarm.snapshot()["peers_per_stage"]
         servers = ServerTotals.of(
             [server_report(s) for s in swarm.servers()], run.topology.peers_per_stage * len(self.templates), peers_per_stage,
-            averaging_bytes=method_bytes(sim.traffic, AVERAGING_METHODS), state_download_bytes=sim.traffic.get(STATE_METHOD, 0),
+            averaging_bytes=method_bytes(sim.traffic, AVERAGING_METHODS), state_download_bytes=sim.traffic.get(GET_STATE, 0),
         )
         return summarize(
             run, backend="sim", numerics=run.sim.numerics, model=self.model_cfg.name, churn=run.churn.name, trainers=stats,
