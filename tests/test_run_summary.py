@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from node0sim.app import compose_run_config
-from node0sim.assembly import AVERAGING_METHODS, method_bytes, micro_batch_share
+from node0sim.assembly import method_bytes, micro_batch_share
 from node0sim.metrics import SUMMARY_KEYS
 from node0sim.protocol.averaging import AveragingConfig, GroupAverager
+from node0sim.protocol.messages import AVERAGING_METHODS
 from node0sim.summary import RunSummary, ServerReport, ServerTotals, TrainerTotals, with_server_reports
 from tests.backends import run_scenario
 
