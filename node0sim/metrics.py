@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence, TextIO
 
+from node0sim.reporting import pyplot, save_figure
 from node0sim.summary import SUMMARY_KEYS
 
 
@@ -154,21 +155,12 @@ class RunRecorder:
             sink.finish(summary)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_loss(records: list[dict[str, Any]], path: Path) -> Path | None:
     """Training loss against step and against virtual time; None when no loss was recorded."""
     points = [r for r in records if isinstance(r.get("loss"), float) and math.isfinite(r["loss"])]
     if not points:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(10, 4))
     by_step.plot([r["step"] for r in points], [r["loss"] for r in points])
     by_step.set(xlabel="step (global batch)", ylabel="training loss", title="loss vs step")
@@ -183,7 +175,7 @@ def plot_swarm(records: list[dict[str, Any]], path: Path) -> Path | None:
     steps = [r for r in records if "step" in r]
     if len(snapshots) < 2:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, (throughput, peers) = plt.subplots(1, 2, figsize=(10, 4))
     window = [(b["time_s"], (b["tokens"] - a["tokens"]) / (b["time_s"] - a["time_s"]))
               for a, b in zip(steps, steps[1:]) if b["time_s"] > a["time_s"]]
@@ -203,10 +195,7 @@ def plot_swarm(records: list[dict[str, Any]], path: Path) -> Path | None:
 def _save(fig: Any, axes: Sequence[Any], path: Path) -> Path:
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    _pyplot().close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 class StepTracker:

@@ -2,7 +2,7 @@
 
 hivemind's libp2p daemon talks to Python over unix sockets, by default in ``/tmp``, and a peer
 killed with SIGKILL leaves its daemon (``p2pd``) running and its socket files behind
-(``shared/reference/hivemind-on-cpu.md``, section 5). Here every peer process gets its own
+(seen here: ``tests/test_swarm_node.py`` kills a peer with SIGKILL and checks the cleanup). Here every peer process gets its own
 folder ``<runtime dir>/<pid>.<n>/`` for its sockets and a ``p2pd.pid`` file; the next peer that
 starts on the machine removes the folders of dead processes and stops their daemons.
 """

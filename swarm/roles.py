@@ -18,15 +18,7 @@ from typing import Any, Awaitable, Callable, Mapping
 
 import torch
 
-from node0sim.assembly import (
-    flops_per_sample,
-    make_swarm_peer,
-    make_trainer,
-    method_bytes,
-    server_report,
-    summarize,
-    trainer_totals,
-)
+from node0sim.assembly import flops_per_sample, make_swarm_peer, make_trainer, method_bytes, server_report, summarize, trainer_totals
 from node0sim.config import RunConfig, SwarmConfig
 from node0sim.experiment import evaluate, micro_batch_sources, model_config, stage_computes, vocabulary_size
 from node0sim.metrics import RunRecorder, StepTracker
