@@ -142,3 +142,14 @@ def test_the_cli_runs_a_few_steps_with_each_optimizer(tmp_path, preset):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 3
+
+
+def test_a_malformed_optimizer_state_is_refused_naming_the_part():
+    donor, joiner, _ = _trained("nesterov_async")
+    state = donor.export_state()
+    state.parts["mu_product"] = state.parts["mu_product"][:1]
+    with pytest.raises(ValueError, match="mu_product"):
+        joiner.import_state(state)
+    with pytest.raises(ValueError, match="expected parts"):
+        TensorStageCompute(build_stages(CFG, 2, seed=0)[1], OptimConfig(name="nag_delay"), DenseCodec()).import_state(
+            donor.export_state())

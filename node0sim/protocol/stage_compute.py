@@ -396,6 +396,11 @@ class TensorStageCompute(StageCompute):
         expected = {"parameters", *layout.tensors, *layout.scalars, "updates"}
         if not isinstance(state, Packed) or set(state.parts) != expected:
             raise ValueError(f"stage {self.index}: malformed state payload (expected parts {sorted(expected)})")
+        lengths = {**dict.fromkeys(layout.tensors, self.num_trainable), **dict.fromkeys(layout.scalars, len(self.parameters))}
+        for key, length in lengths.items():
+            part = state.parts[key]
+            if not isinstance(part, torch.Tensor) or part.shape != (length,) or not torch.isfinite(part).all():
+                raise ValueError(f"stage {self.index}: optimizer state {key!r} must be {length} finite values, got {describe(part)}")
         self.set_parameter_values(state.parts["parameters"], None)
         updates = int(state.parts["updates"].item())
         sizes = [p.numel() for p in self.parameters]
