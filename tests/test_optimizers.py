@@ -131,7 +131,7 @@ def test_presets_compose_and_differ_from_the_schema_only_where_the_paper_does():
     assert (nesterov.name, nesterov.beta1, nesterov.beta2, nesterov.weight_decay, nesterov.momentum_decay) == (
         "nesterov_async", 0.99, 0.999, 0.01, 0.004)
     nag = compose_run_config("optim=nag_delay", "optim.nag_discount=false").optim
-    assert (nag.name, nag.gamma, nag.nag_discount) == ("nag_delay", 0.99, False)
+    assert (nag.name, nag.lr, nag.gamma, nag.nag_discount) == ("nag_delay", 0.3, 0.99, False)
 
 
 @pytest.mark.parametrize("preset", ["nesterov_async", "nag_delay"])
