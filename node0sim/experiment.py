@@ -56,7 +56,7 @@ def stage_computes(run: RunConfig, cfg: ModelConfig, device: str = "cpu") -> lis
         dtype = getattr(torch, run.sim.timing_dtype)
         codec = make_codec(comp.name, cfg.dim, comp.rate, comp.bits, activation_bytes=dtype.itemsize)
         return [
-            CostStageCompute(cfg, index, num_stages, layers, codec, dtype)
+            CostStageCompute(cfg, index, num_stages, layers, codec, dtype, run.optim.name)
             for index, (layers, _, _) in enumerate(stage_shapes(cfg, num_stages))
         ]
     total = sum(stage_parameter_count(cfg, *shape) for shape in stage_shapes(cfg, num_stages))

@@ -100,7 +100,7 @@ def test_a_plain_resolved_mapping_loads_like_the_composed_config():
 @pytest.mark.parametrize(
     "section,change,message",
     [
-        ("optim", {"name": "sgd"}, r"optim\.name: 'sgd' is not one of \['adamw'\]"),
+        ("optim", {"name": "sgd"}, r"optim\.name: 'sgd' is not one of \['adamw', 'nesterov_async', 'nag_delay'\]"),
         ("averaging", {"target_batch_size": None}, r"averaging\.target_batch_size: a value is required"),
         ("topology", {"stages": 2}, r"topology\.stages: unknown key\(s\) stages; allowed keys: num_stages, peers_per_stage"),
         ("model", {"dim": "wide"}, r"model\.dim: expected int"),

@@ -22,6 +22,7 @@ from node0sim.model.costs import (
 from node0sim.model.subspace import SubspaceBasis, project_gradients_onto_subspace_, project_onto_subspace_
 from node0sim.protocol.codecs import Codec
 from node0sim.protocol.messages import Packed, Payload, TensorSpec, leading_dims
+from node0sim.protocol.optimizers import OPTIMIZERS, STATE_LAYOUTS, build_optimizer, stage_lr_scale
 from node0sim.protocol.tensors import describe
 
 OPTIMIZER_FLOPS_PER_PARAM = 12
@@ -50,10 +51,12 @@ def _single(results: list[T | ValueError]) -> T:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warmup then linear decay (Node0's schedule) and gradient clipping.
+    """The stage optimizer (AdamW by default) with linear warmup then linear decay (Node0's schedule) and clipping.
 
     Node0 trains with lr 3e-4; the default suits the tiny CPU model. ``total_steps`` None (or 0) keeps ``lr``
     constant after warmup; a run fills in ``train.steps`` (decay to zero at its end) unless it is set.
+    ``name``: adamw, nesterov_async (NAdam with decoupled weight decay) or nag_delay (the explicit weight-space
+    update); see node0sim/protocol/optimizers.py.
     """
 
     name: str = "adamw"
@@ -65,10 +68,21 @@ class OptimConfig:
     warmup_steps: int = 5
     total_steps: int | None = None
     clip_grad_norm: float = 1.0
+    momentum_decay: float = 0.004
+    """nesterov_async: NAdam's psi; its momentum ramps as mu_t = beta1 (1 - 0.5 * 0.96^(t psi)), so 0.004 (PyTorch's
+    and the paper's) reaches mu ~ beta1 only after ~50k steps; short runs need a larger psi."""
+    gamma: float = 0.99
+    """nag_delay: the look-ahead momentum (the paper's gamma; 0.99 as its beta1)."""
+    nag_discount: bool = True
+    """nag_delay: scale the gradient by (1 - gamma) (the paper's discount); false is the ablation that diverges."""
+    stage_adaptive: bool = False
+    """Stage-dependent momentum (0.9 last stage .. 0.99 first) and learning rate (lower where more delayed), paper Eq. 13."""
 
     def __post_init__(self) -> None:
-        if self.name != "adamw":
-            raise ValueError(f"optim.name: {self.name!r} is not one of ['adamw']")
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optim.name: {self.name!r} is not one of {list(OPTIMIZERS)}")
+        if not 0 <= self.gamma < 1:
+            raise ValueError(f"optim.gamma: must be in [0, 1), got {self.gamma}")
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` at optimizer step ``step`` (0-based); no ``total_steps`` means constant after warmup."""
@@ -200,10 +214,8 @@ class TensorStageCompute(StageCompute):
         self.basis = basis
         self.parameters = [p for p in stage.parameters() if p.requires_grad]
         self.parameter_shapes = [tuple(p.shape) for p in self.parameters]
-        self.optimizer = torch.optim.AdamW(
-            self.parameters, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-            weight_decay=optim.weight_decay,
-        )
+        self.optimizer = build_optimizer(self.parameters, optim, self.index, self.num_stages)
+        self.state_layout = STATE_LAYOUTS[optim.name]
 
     def _stage_input(self, work: Work) -> torch.Tensor:
         """The decoded input of one request, checked: [B, T] token ids on the head, finite [B, T, dim] elsewhere."""
@@ -319,7 +331,9 @@ class TensorStageCompute(StageCompute):
         if self.optim.clip_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.parameters, self.optim.clip_grad_norm)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.optim.lr * self.optim.lr_factor(self.updates)
+            group["lr"] = self.optim.lr * self.optim.lr_factor(self.updates) * stage_lr_scale(
+                self.optim, self.index, self.num_stages, self.updates
+            )
         self.optimizer.step()
         self._load_grads(accumulated_meanwhile)
         if self.basis is not None:
@@ -355,42 +369,61 @@ class TensorStageCompute(StageCompute):
         if self.basis is not None:
             project_onto_subspace_(self.module, self.basis)
 
-    def _moments(self, key: str) -> torch.Tensor:
+    def _state_tensor(self, key: str) -> torch.Tensor:
+        """The optimizer's ``key`` tensors of every parameter as one flat vector (zeros before the first step)."""
         return torch.cat([
             self.optimizer.state.get(p, {}).get(key, torch.zeros_like(p)).reshape(-1) for p in self.parameters
         ]).cpu()
 
+    def _state_scalars(self, key: str) -> torch.Tensor:
+        """The optimizer's ``key`` scalar of every parameter, one entry each (ones before the first step)."""
+        return torch.stack([
+            self.optimizer.state.get(p, {}).get(key, torch.ones(())).reshape(()) for p in self.parameters
+        ]).cpu()
+
     def export_state(self) -> Payload:
+        layout = self.state_layout
         parts = {
             "parameters": self.parameter_values(None).clone(),
-            "exp_avg": self._moments("exp_avg"),
-            "exp_avg_sq": self._moments("exp_avg_sq"),
+            **{key: self._state_tensor(key) for key in layout.tensors},
+            **{key: self._state_scalars(key) for key in layout.scalars},
             "updates": torch.tensor([self.updates], dtype=torch.int64),
         }
         return Packed(parts, shape=(self.num_trainable,))
 
     def import_state(self, state: Payload) -> None:
-        if not isinstance(state, Packed) or set(state.parts) != {"parameters", "exp_avg", "exp_avg_sq", "updates"}:
-            raise ValueError(f"stage {self.index}: malformed state payload")
+        layout = self.state_layout
+        expected = {"parameters", *layout.tensors, *layout.scalars, "updates"}
+        if not isinstance(state, Packed) or set(state.parts) != expected:
+            raise ValueError(f"stage {self.index}: malformed state payload (expected parts {sorted(expected)})")
+        lengths = {**dict.fromkeys(layout.tensors, self.num_trainable), **dict.fromkeys(layout.scalars, len(self.parameters))}
+        for key, length in lengths.items():
+            part = state.parts[key]
+            if not isinstance(part, torch.Tensor) or part.shape != (length,) or not torch.isfinite(part).all():
+                raise ValueError(f"stage {self.index}: optimizer state {key!r} must be {length} finite values, got {describe(part)}")
         self.set_parameter_values(state.parts["parameters"], None)
         updates = int(state.parts["updates"].item())
         sizes = [p.numel() for p in self.parameters]
-        for param, avg, avg_sq in zip(
-            self.parameters, state.parts["exp_avg"].split(sizes), state.parts["exp_avg_sq"].split(sizes)
-        ):
-            self.optimizer.state[param] = {
-                "step": torch.tensor(float(updates)), "exp_avg": avg.view_as(param).to(self.device, copy=True),
-                "exp_avg_sq": avg_sq.view_as(param).to(self.device, copy=True),
-            }
+        tensors = {key: state.parts[key].split(sizes) for key in layout.tensors}
+        for i, param in enumerate(self.parameters):
+            entry = {key: chunks[i].view_as(param).to(self.device, copy=True) for key, chunks in tensors.items()}
+            entry.update({key: state.parts[key][i].clone() for key in layout.scalars})
+            if layout.has_step:  # torch's Adam family counts its steps per parameter: one per update here
+                entry["step"] = torch.tensor(float(updates))
+            self.optimizer.state[param] = entry
         self.updates = updates
 
 
 class CostStageCompute(StageCompute):
     """Timing mode: payload shapes and FLOPs only, so Node0-scale models simulate in seconds."""
 
-    def __init__(self, cfg: ModelConfig, index: int, num_stages: int, layer_range: range, codec: Codec, dtype: torch.dtype):
+    def __init__(
+        self, cfg: ModelConfig, index: int, num_stages: int, layer_range: range, codec: Codec, dtype: torch.dtype,
+        optimizer: str = "adamw",
+    ):
         super().__init__(cfg, index, num_stages, layer_range, codec)
         self.dtype = dtype
+        self.state_layout = STATE_LAYOUTS[optimizer]
 
     def _output_spec(self, work: Work) -> Payload:
         batch, seq_len = leading_dims(work.inputs)
@@ -431,7 +464,9 @@ class CostStageCompute(StageCompute):
 
     def export_state(self) -> Payload:
         spec = self._flat_spec()
-        return Packed({"parameters": spec, "exp_avg": spec, "exp_avg_sq": spec}, shape=spec.shape)
+        scalars = TensorSpec((len(self.parameter_shapes),), torch.float32)
+        parts = {"parameters": spec, **dict.fromkeys(self.state_layout.tensors, spec), **dict.fromkeys(self.state_layout.scalars, scalars)}
+        return Packed(parts, shape=spec.shape)
 
     def import_state(self, state: Payload) -> None:
         """Nothing to load in timing mode."""
