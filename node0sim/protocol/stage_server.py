@@ -171,7 +171,8 @@ class StageServer:
             raise ValueError(f"request for stage {stage} sent to a server of stage {self.stage}")
 
     async def handle_forward(self, caller: str, request: ForwardRequest) -> ForwardResponse:
-        """Forward pass; nothing is kept for the backward pass."""
+        """Forward pass, stamped with this epoch; nothing of the request is kept for the backward pass (with a weight
+        history, this epoch's weights are)."""
         self._check_stage(request.stage)
         work = Work(request.inputs, self._token_ids(request))
         outputs, epoch = await self.requests.submit(FORWARD, work, self.compute.forward_flops(request.inputs))
