@@ -46,6 +46,8 @@ def make_swarm_peer(
         return StageServer(
             rt, run.run_id, compute_for(stage), run.averaging, throughput=throughput, bandwidth_mbps=run.network.up_mbps,
             seed=run.seed, max_batch_requests=run.topology.max_batch_requests, averager=averager,
+            delay_history=run.train.delay_history if run.sim.numerics or run.backend == "swarm" else 0,
+            weight_stashing=run.topology.weight_stashing,
         )
 
     balance = BalanceConfig(run.topology.rebalance_period_s, run.topology.rebalance_margin)
@@ -93,6 +95,9 @@ def server_report(server: StageServer, averaging_bytes: int | None = None, state
         failed_state_downloads=stats.failed_state_downloads, averaging_timeouts=server.averager.timeouts,
         request_calls=stats.request_calls, batched_requests=stats.batched_requests, averaging_bytes=averaging_bytes,
         state_download_bytes=state_download_bytes, handled=handled, sent_bytes=sent_bytes,
+        delay_counts=list(stats.staleness.delay_counts), weight_gap_sum=stats.staleness.weight_gap_sum,
+        weight_gap_count=stats.staleness.weight_gap_count, lookahead_cosine_sum=stats.staleness.lookahead_cosine_sum,
+        lookahead_cosine_count=stats.staleness.lookahead_cosine_count,
     )
 
 

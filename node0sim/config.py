@@ -118,6 +118,8 @@ class TopologyConfig:
     rebalance_period_s: float = 300.0  # how often a server checks whether moving stage would help (0: never)
     rebalance_margin: float = 0.2  # move only if the pipeline's bottleneck improves by this fraction
     max_batch_requests: int = 1  # >1: a server merges up to this many waiting same-kind requests into one call
+    weight_stashing: bool = False  # backward with its forward's weights (PipeDream): one peer per stage, no churn or
+    # rebalancing (any peer of a stage could serve a backward otherwise); needs train.delay_history; timing mode: no effect
 
     def __post_init__(self) -> None:
         _require(self.num_stages >= 1, f"topology.num_stages: must be >= 1, got {self.num_stages}")
@@ -142,6 +144,8 @@ class TrainConfig:
     request_timeout_s: float = 30.0
     max_retries: int = 3
     eval_batches: int = 4  # validation batches evaluated at the end
+    delay_history: int = 0  # numerics mode: epochs of flat weights each server keeps, to measure the weight gap and
+    # look-ahead cosine of stale backwards (and for topology.weight_stashing); 0: none (the delay is measured anyway)
     skip_if_done: bool = False  # true: a run whose output dir has a complete summary.json prints "already done"
 
     def __post_init__(self) -> None:
@@ -161,6 +165,7 @@ class TrainConfig:
         _require(self.request_timeout_s > 0, f"train.request_timeout_s: must be > 0, got {self.request_timeout_s}")
         _require(self.max_retries >= 0, f"train.max_retries: must be >= 0, got {self.max_retries}")
         _require(self.eval_batches >= 0, f"train.eval_batches: must be >= 0, got {self.eval_batches}")
+        _require(self.delay_history >= 0, f"train.delay_history: must be >= 0, got {self.delay_history}")
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -446,4 +451,23 @@ def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         "train.schedule=sync needs topology.num_trainers=1 (there is no barrier across trainers); "
         "use train.schedule=async with several trainers",
     )
+    _check_weight_stashing(run)
     return run
+
+
+def _check_weight_stashing(run: RunConfig) -> None:
+    """Weight stashing keeps each forward's weights on the peer that ran it: refused where another peer may serve the
+    backward (several peers per stage, churn, rebalancing), and it needs a weight history in numerics mode."""
+    if not run.topology.weight_stashing:
+        return
+    refusals = [
+        (run.topology.peers_per_stage == 1, f"topology.peers_per_stage is {run.topology.peers_per_stage} (needs 1)"),
+        (run.churn.name == "none", f"churn is {run.churn.name!r} (needs 'none')"),
+        (run.topology.rebalance_period_s == 0, f"topology.rebalance_period_s is {run.topology.rebalance_period_s} (needs 0)"),
+    ]
+    for permitted, reason in refusals:
+        _require(permitted, f"topology.weight_stashing: any peer of a stage may serve the backward here ({reason})")
+    _require(
+        not run.sim.numerics or run.train.delay_history >= 1,
+        "topology.weight_stashing: needs train.delay_history >= 1 (epochs of weights kept; above the largest delay)",
+    )

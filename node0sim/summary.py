@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any, Sequence, get_type_hints
 
+from node0sim.protocol.staleness import mean_delay
+
 
 @dataclass(frozen=True)
 class TrainerTotals:
@@ -48,6 +50,14 @@ class ServerReport:
     """Requests this server answered, per method (live)."""
     sent_bytes: dict[str, int] | None = None
     """Message bytes this server sent, per method (live)."""
+    delay_counts: list[int] | None = None
+    """Backwards served by delay (``[tau]``: epochs between the forward and its backward; tail calls count as 0)."""
+    weight_gap_sum: float = 0.0
+    """Sum over the backwards whose forward's weights were kept (``train.delay_history``) of ``|w_t - w_{t-tau}|``."""
+    weight_gap_count: int = 0
+    lookahead_cosine_sum: float = 0.0
+    """Sum of cos(w_t - w_{t-1}, w_t - w_{t-tau}) over those backwards with a nonzero gap and a known last update."""
+    lookahead_cosine_count: int = 0
 
     @classmethod
     def from_dict(cls, content: dict[str, Any]) -> ServerReport:
@@ -74,6 +84,14 @@ class ServerTotals:
     averaging_timeouts: int | None = None
     request_calls: int | None = None
     mean_requests_per_call: float | None = None
+    delay_per_stage: list[float | None] | None = None
+    """Mean delay (epochs between a forward and its backward) per stage, over all its servers."""
+    delay_histogram_per_stage: list[list[int]] | None = None
+    """Per stage: ``[tau]`` backwards with that delay."""
+    weight_gap_per_stage: list[float | None] | None = None
+    """Per stage: mean ``|w_t - w_{t-tau}|`` of its backwards (numerics mode with ``train.delay_history`` > 0)."""
+    lookahead_cosine_per_stage: list[float | None] | None = None
+    """Per stage: mean cosine between the last update and ``w_t - w_{t-tau}`` (Ajanthan et al. 2025, Proposition 1)."""
 
     @classmethod
     def of(
@@ -91,7 +109,30 @@ class ServerTotals:
             failed_state_downloads=sum(r.failed_state_downloads for r in reports),
             averaging_timeouts=sum(r.averaging_timeouts for r in reports), request_calls=calls,
             mean_requests_per_call=sum(r.batched_requests for r in reports) / calls if calls else None,
+            **_staleness_per_stage(reports, len(final_peers_per_stage)),
         )
+
+
+def _staleness_per_stage(reports: Sequence[ServerReport], num_stages: int) -> dict[str, list[Any]]:
+    """The staleness keys of :class:`ServerTotals`: each stage's servers' histograms and sums pooled."""
+    histograms: list[list[int]] = [[] for _ in range(num_stages)]
+    sums = {key: [0.0] * num_stages for key in ("weight_gap_sum", "weight_gap_count", "lookahead_cosine_sum", "lookahead_cosine_count")}
+    for report in reports:
+        pooled = histograms[report.stage]
+        for tau, count in enumerate(report.delay_counts or []):
+            pooled.extend([0] * (tau + 1 - len(pooled)))
+            pooled[tau] += count
+        for key, values in sums.items():
+            values[report.stage] += getattr(report, key)
+
+    def means(total: str, count: str) -> list[float | None]:
+        return [s / n if n else None for s, n in zip(sums[total], sums[count])]
+
+    return {
+        "delay_per_stage": [mean_delay(h) for h in histograms], "delay_histogram_per_stage": histograms,
+        "weight_gap_per_stage": means("weight_gap_sum", "weight_gap_count"),
+        "lookahead_cosine_per_stage": means("lookahead_cosine_sum", "lookahead_cosine_count"),
+    }
 
 
 @dataclass(frozen=True)
@@ -177,3 +218,11 @@ def steady_throughput(records: list[dict[str, Any]]) -> float | None:
     mid, last = steps[(len(steps) - 1) // 2], steps[-1]
     elapsed = last["time_s"] - mid["time_s"]
     return (last["tokens"] - mid["tokens"]) / elapsed if elapsed > 0 else None
+
+
+STALENESS_KEYS = ("delay_per_stage", "delay_histogram_per_stage", "weight_gap_per_stage", "lookahead_cosine_per_stage")
+
+
+def staleness_record(summary: dict[str, Any]) -> dict[str, Any]:
+    """The ``{"event": "staleness", ...}`` record of ``metrics.jsonl``: the summary's per-stage staleness keys."""
+    return {"event": "staleness", "time_s": summary["sim_time_s"], **{key: summary[key] for key in STALENESS_KEYS}}

@@ -5,7 +5,16 @@ import pytest
 import torch
 
 from node0sim.protocol.averaging import Ack, ReducePart
-from node0sim.protocol.messages import MESSAGE_TYPES, BackwardRequest, ForwardRequest, Packed, TailResponse, TensorSpec, message
+from node0sim.protocol.messages import (
+    MESSAGE_TYPES,
+    BackwardRequest,
+    ForwardRequest,
+    ForwardResponse,
+    Packed,
+    TailResponse,
+    TensorSpec,
+    message,
+)
 from node0sim.protocol.stage_server import StateResponse
 from swarm.wire import WireError, decode, encode
 
@@ -15,6 +24,8 @@ from swarm.wire import WireError, decode, encode
     [
         ForwardRequest(1, torch.randn(2, 3, 4), torch.arange(6, dtype=torch.int32).reshape(2, 3)),
         BackwardRequest(0, torch.randint(0, 9, (2, 5)), torch.randn(2, 5, 4).to(torch.bfloat16)),
+        BackwardRequest(2, torch.randn(2, 5, 4), torch.randn(2, 5, 4), torch.zeros(2, 5, dtype=torch.int32), epoch=17),
+        ForwardResponse(torch.randn(2, 3, 4), epoch=2**40),
         TailResponse(None, None),
         TailResponse(2.5, torch.zeros(0, 4)),
         ReducePart(3, "tag", TensorSpec((7,), torch.float16), 1.5),
@@ -76,3 +87,12 @@ def test_the_wire_decodes_every_declared_message_class_and_their_names_are_uniqu
         @message
         class Ack:
             pass
+
+
+def test_the_epoch_stamp_travels_and_is_counted_inside_the_header():
+    outputs = torch.randn(2, 3, 4)
+    stamped = decode(encode(ForwardResponse(outputs, epoch=9)))
+    assert stamped.epoch == 9
+    assert ForwardResponse(outputs, epoch=9).wire_bytes() == ForwardResponse(outputs).wire_bytes()
+    echoed = decode(encode(BackwardRequest(1, outputs, outputs, epoch=stamped.epoch)))
+    assert echoed.epoch == 9

@@ -17,7 +17,10 @@ import torch
 from node0sim.protocol.tensors import TensorSpec
 
 HEADER_BYTES = 64
-"""Per-message framing: method, stage index, tensor shapes and dtypes."""
+"""Per-message framing: method, stage index, tensor shapes and dtypes, and the epoch stamp of forward responses and
+backward requests. The stamp fits in the room the header already has: the fullest message (a backward request) needs
+a method name (8 bytes), stage and epoch (4 each) and three tensors' shapes (3 dims x 4 bytes) and dtypes (1 byte each):
+55 bytes; so stamped messages cost the same bytes as before."""
 
 FORWARD = "forward"
 BACKWARD = "backward"
@@ -92,9 +95,11 @@ class ForwardRequest:
 
 @message
 class ForwardResponse:
-    """The stage's output activations."""
+    """The stage's output activations and ``epoch``, the epoch of the weights that computed them (the trainer
+    echoes it in the backward request, so the server can measure the delay)."""
 
     outputs: Payload
+    epoch: int = 0
 
     def wire_bytes(self) -> int:
         return HEADER_BYTES + payload_bytes(self.outputs)
@@ -105,13 +110,14 @@ class BackwardRequest:
     """Backward through stage ``stage``: the forward input is resent and recomputed.
 
     Carrying the input makes backward independent of per-request server state, so any peer of
-    the stage can serve it (SWARM's stateless backward).
+    the stage can serve it (SWARM's stateless backward). ``epoch``: the forward response's stamp, echoed.
     """
 
     stage: int
     inputs: Payload
     grad_outputs: Payload
     token_ids: Payload | None = None
+    epoch: int = 0
 
     def wire_bytes(self) -> int:
         return HEADER_BYTES + payload_bytes(self.inputs, self.grad_outputs, self.token_ids)
@@ -129,7 +135,7 @@ class BackwardResponse:
 
 @message
 class TailRequest:
-    """Forward, loss and backward on the last stage in one round trip."""
+    """Forward, loss and backward on the last stage in one round trip (one call: its delay is 0 by construction)."""
 
     stage: int
     inputs: Payload

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from node0sim.protocol.averaging import AveragerFactory, AveragingConfig, GroupAverager
 from node0sim.protocol.batching import BatchingQueue
@@ -38,6 +38,7 @@ from node0sim.protocol.messages import (
 from node0sim.protocol.powersgd import PowerSGD
 from node0sim.protocol.progress import ProgressTracker
 from node0sim.protocol.stage_compute import StageCompute, Work
+from node0sim.protocol.staleness import StalenessStats, WeightHistory
 from node0sim.protocol.state_transfer import StateRequest, StateResponse, StateTransfer
 from node0sim.runtime import Runtime, Task
 
@@ -58,6 +59,16 @@ class ServerStats:
     """Accelerator calls that served forward/backward/tail requests (one per batch)."""
     batched_requests: int = 0
     """Requests served by those calls (rejected ones included)."""
+    staleness: StalenessStats = field(default_factory=StalenessStats)
+    """Delays of the backwards served, and (with a weight history) how far the weights moved meanwhile."""
+
+
+@dataclass(frozen=True)
+class _StampedWork:
+    """A backward request's work and the epoch its forward response was stamped with."""
+
+    work: Work
+    epoch: int
 
 
 class StageServer:
@@ -75,9 +86,15 @@ class StageServer:
         seed: int = 0,
         max_batch_requests: int = 1,
         averager: AveragerFactory = GroupAverager,
+        delay_history: int = 0,
+        weight_stashing: bool = False,
     ):
         """``averager(rt, stage, cfg)`` builds the in-stage all-reduce (the protocol's own by default; a
-        backend may supply another with the same ``serve``/``all_reduce``/``timeouts`` interface)."""
+        backend may supply another with the same ``serve``/``all_reduce``/``timeouts`` interface).
+
+        ``delay_history`` > 0 keeps the flat weights of that many epochs (numerics mode only: the caller passes 0
+        in timing mode), to measure the weight gap and look-ahead cosine of each backward; ``weight_stashing`` runs
+        each backward with its forward's weights from that history (the caller checks the topology permits it)."""
         self.rt = rt
         self.compute = compute
         self.stage = compute.index
@@ -92,6 +109,8 @@ class StageServer:
         rng = random.Random(_stable_hash(seed, rt.peer_id))
         self.state_transfer = StateTransfer(rt, compute, self.progress, averaging, rng, self.stats)
         self._loops: list[Task] = []
+        self.history = WeightHistory(delay_history) if delay_history else None
+        self.weight_stashing = weight_stashing and self.history is not None
 
     @property
     def epoch(self) -> int:
@@ -152,15 +171,17 @@ class StageServer:
             raise ValueError(f"request for stage {stage} sent to a server of stage {self.stage}")
 
     async def handle_forward(self, caller: str, request: ForwardRequest) -> ForwardResponse:
-        """Forward pass; nothing is kept for the backward pass."""
+        """Forward pass, stamped with this epoch; nothing of the request is kept for the backward pass (with a weight
+        history, this epoch's weights are)."""
         self._check_stage(request.stage)
         work = Work(request.inputs, self._token_ids(request))
-        return ForwardResponse(await self.requests.submit(FORWARD, work, self.compute.forward_flops(request.inputs)))
+        outputs, epoch = await self.requests.submit(FORWARD, work, self.compute.forward_flops(request.inputs))
+        return ForwardResponse(outputs, epoch)
 
     async def handle_backward(self, caller: str, request: BackwardRequest) -> BackwardResponse:
         """Recompute the forward pass from the resent input, then backward."""
         self._check_stage(request.stage)
-        work = Work(request.inputs, self._token_ids(request), grad_outputs=request.grad_outputs)
+        work = _StampedWork(Work(request.inputs, self._token_ids(request), grad_outputs=request.grad_outputs), request.epoch)
         grad_inputs = await self.requests.submit(BACKWARD, work, self.compute.backward_flops(request.inputs))
         await self._end_epoch_if_alone_and_due()
         return BackwardResponse(grad_inputs)
@@ -178,20 +199,63 @@ class StageServer:
         self._check_stage(request.stage)
         return await self.state_transfer.export()
 
-    def _run_batch(self, kind: str, works: list[Work]) -> list[Any]:
-        """Results (or ValueErrors) of one call; samples whose gradients were accumulated are counted in the same slot."""
+    def _run_batch(self, kind: str, items: list[Any]) -> list[Any]:
+        """Results (or ValueErrors) of one call; samples whose gradients were accumulated are counted in the same slot.
+
+        A forward's result is ``(outputs, epoch)``: the epoch of the weights it ran with, as this call saw it.
+        """
         self.stats.request_calls += 1
-        self.stats.batched_requests += len(works)
-        run: Callable[[list[Work]], list[Any]] = {
-            FORWARD: self.compute.forward_batch, BACKWARD: self.compute.backward_batch, TAIL: self.compute.tail_batch,
-        }[kind]
-        results = run(works)
-        if kind != FORWARD:
-            for work, result in zip(works, results):
-                if not isinstance(result, Exception):
-                    samples = leading_dims(work.inputs)[0]
-                    self.progress.count(samples)
-                    self.stats.samples += samples
+        self.stats.batched_requests += len(items)
+        if kind == FORWARD:
+            self._record_weights()
+            return [r if isinstance(r, Exception) else (r, self.epoch) for r in self.compute.forward_batch(items)]
+        # the tail's forward and backward are one call: its delay is 0 by construction
+        stamped = items if kind == BACKWARD else [_StampedWork(work, self.epoch) for work in items]
+        results = self._backward_batch(stamped) if kind == BACKWARD else self.compute.tail_batch(items)
+        current = self.compute.parameter_values(None) if self.history is not None else None
+        for item, result in zip(stamped, results):
+            if not isinstance(result, Exception):
+                samples = leading_dims(item.work.inputs)[0]
+                self.progress.count(samples)
+                self.stats.samples += samples
+                self._measure_staleness(item.epoch, current)
+        return results
+
+    def _record_weights(self) -> None:
+        """Keep the weights of this epoch in the history (if there is one and they are not kept yet)."""
+        if self.history is not None and self.epoch not in self.history:
+            self.history.record(self.epoch, self.compute.parameter_values(None))
+
+    def _measure_staleness(self, forward_epoch: int, current: Payload | None) -> None:
+        """Count a backward's delay (a forward served by a peer ahead of this one counts as 0) and, with a history,
+        the weight gap to its forward's weights and the cosine with the last update."""
+        staleness = self.stats.staleness
+        staleness.count_delay(max(0, self.epoch - forward_epoch))
+        forward = self.history.get(forward_epoch) if self.history is not None else None
+        if current is not None and forward is not None:
+            staleness.measure(current, forward, self.history.get(self.epoch - 1))
+
+    def _backward_batch(self, items: list[_StampedWork]) -> list[Any]:
+        """Backward of several requests; with weight stashing, each group of one forward epoch runs with that
+        epoch's weights and the current ones are restored after (gradients accumulate the same way)."""
+        if not self.weight_stashing:
+            return self.compute.backward_batch([item.work for item in items])
+        results: list[Any] = [None] * len(items)
+        current = self.compute.parameter_values(None)
+        for epoch in sorted({item.epoch for item in items}):
+            stashed = self.history.get(epoch)
+            if stashed is None:
+                raise RuntimeError(
+                    f"stage {self.stage}: the weights of epoch {epoch} are no longer kept at epoch {self.epoch}; "
+                    f"topology.weight_stashing needs train.delay_history (now {self.history.length}) above the largest delay"
+                )
+            indices = [i for i, item in enumerate(items) if item.epoch == epoch]
+            self.compute.set_parameter_values(stashed, None)
+            try:
+                for i, result in zip(indices, self.compute.backward_batch([items[i].work for i in indices])):
+                    results[i] = result
+            finally:
+                self.compute.set_parameter_values(current, None)
         return results
 
     # ---- epochs and averaging --------------------------------------------------------------
@@ -244,6 +308,8 @@ class StageServer:
             self.stats.epochs += 1
             if self.cfg.average_state_every and progress.epoch % self.cfg.average_state_every == 0 and len(members) > 1:
                 await self._average_parameters(members, bandwidths)
+            if self.history is not None:  # the weights this epoch's forwards will use (state averaging included)
+                self.history.record(progress.epoch, self.compute.parameter_values(None))
             await progress.report()
         finally:
             progress.ending_epoch = False

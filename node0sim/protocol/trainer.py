@@ -192,14 +192,16 @@ class Trainer:
         last = self.num_stages - 1
         ids = self._side_channel(inputs)
         samples = leading_dims(inputs)[0]
-        stage_inputs = [inputs]
+        stage_inputs, epochs = [inputs], []
         for stage in range(last):
             request = ForwardRequest(stage, stage_inputs[-1], None if stage == 0 else ids)
-            stage_inputs.append((await self._call(stage, FORWARD, request, samples)).outputs)
+            response = await self._call(stage, FORWARD, request, samples)
+            stage_inputs.append(response.outputs)
+            epochs.append(response.epoch)
         tail_request = TailRequest(last, stage_inputs[last], targets, None if last == 0 else ids)
         tail = await self._call(last, TAIL, tail_request, samples, backward=True)
         grad = tail.grad_inputs
         for stage in reversed(range(last)):
-            request = BackwardRequest(stage, stage_inputs[stage], grad, None if stage == 0 else ids)
+            request = BackwardRequest(stage, stage_inputs[stage], grad, None if stage == 0 else ids, epoch=epochs[stage])
             grad = (await self._call(stage, BACKWARD, request, samples, backward=True)).grad_inputs
         return tail.loss

@@ -24,7 +24,7 @@ from node0sim.sim.churn import churn_schedule
 from node0sim.sim.engine import SimPeer, Simulation
 from node0sim.sim.gpus import gpu_profile
 from node0sim.sim.regions import region_preset
-from node0sim.summary import RunSummary, ServerTotals, TrainerTotals
+from node0sim.summary import RunSummary, ServerTotals, TrainerTotals, staleness_record
 
 DEFAULT_CHURN_HORIZON_S = 24 * 3600.0
 
@@ -168,6 +168,7 @@ class SimulatedRun:
         sim.run(until=stop)
         self.recorder.log(swarm.snapshot())
         summary = self.summary().as_dict()
+        self.recorder.log(staleness_record(summary))
         summary["outputs"] = {k: str(v) for k, v in self.recorder.finish(summary).items()}
         return summary
 
