@@ -3,7 +3,7 @@
 - ``adamw``: ``torch.optim.AdamW`` (Node0's optimizer).
 - ``nesterov_async``: ``torch.optim.NAdam`` with decoupled weight decay, as the official code of Ajanthan et al.,
   "Nesterov Method for Asynchronous Pipeline Parallel Optimization" (ICML 2025) runs it (AsyncPP ``run.bash``:
-  ``--optimizer nadamw --momentum 0.99``; /work/shared/reference/protocol-models-and-async-nesterov.md, section 2.2).
+  ``--optimizer nadamw --momentum 0.99``, with ``optim/nadamw.py``).
 - ``nag_delay``: the paper's explicit weight-space update (:class:`NagDelay`).
 
 With ``optim.stage_adaptive`` the momentum and the learning rate depend on the stage's delay (the paper's
