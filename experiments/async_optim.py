@@ -13,11 +13,15 @@ measured mean delay per stage), ``async_optim.json`` (every cell's summary and c
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
+from typing import Any
 
+import torch
 from common import RESULTS, run_cell, save_json
 
+from node0sim.metrics import read_complete_summary
 from node0sim.reporting import markdown_table, pyplot, save_figure
 
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -39,6 +43,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help=f"1 seed, {QUICK_STEPS} steps (a smoke test)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the cells that already have a complete summary.json (resume, or split variants over processes)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides applied to every run")
     args = parser.parse_args()
     names = args.variants.split(",")
@@ -48,6 +54,7 @@ def main() -> None:
     seeds = range(1 if args.quick else args.seeds)
     extra = [f"train.steps={QUICK_STEPS}"] * args.quick + args.overrides
     args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)  # the same numbers on every machine (a run's float reductions depend on the thread count)
 
     cells: dict[str, list[dict]] = {}
     for name in names:
@@ -55,9 +62,9 @@ def main() -> None:
         print(f"{label}:", flush=True)
         cells[name] = []
         for seed in seeds:
-            summary, records = run_cell(
-                args.out / "cells" / name / f"seed{seed}", "experiment=async_optim", f"seed={seed}", *overrides, *extra,
-            )
+            cell = args.out / "cells" / name / f"seed{seed}"
+            done = _done(cell) if args.reuse else None
+            summary, records = done or run_cell(cell, "experiment=async_optim", f"seed={seed}", *overrides, *extra)
             curve = [(r["step"], r["tokens"], r["time_s"], r["loss"]) for r in records if "step" in r]
             cells[name].append(summary | {"curve": curve})
 
@@ -66,6 +73,14 @@ def main() -> None:
     save_json(args.out / "async_optim.json", cells)
     plot(args.out / "async_optim.png", cells)
     print(report)
+
+
+def _done(cell: Path) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """A finished cell's summary and metric records (None if it has not finished)."""
+    summary = read_complete_summary(cell)
+    if summary is None:
+        return None
+    return summary, [json.loads(line) for line in (cell / "metrics.jsonl").read_text().splitlines()]
 
 
 def _mean_std(values: list[float]) -> str:

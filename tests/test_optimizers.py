@@ -80,6 +80,25 @@ def test_stage_adaptive_momentum_and_learning_rate_follow_the_expected_delay():
     assert compute.optimizer.param_groups[0]["betas"][0] == pytest.approx(0.99)
 
 
+@pytest.mark.parametrize("name,momentum_key", [("nesterov_async", "betas"), ("nag_delay", "gamma")])
+def test_stage_adaptive_settings_follow_the_measured_delay_passed_to_the_step(name, momentum_key):
+    """Eq. 13 from the delay the server measured: a head stage (expected delay 1 of 2 stages) that measured
+    delay 0.5 steps with momentum 0.9 + 0.09 * 0.5 / 1 and lr / max(1, 0.5) = lr; delay 3 clamps momentum at 0.99."""
+    cfg = OptimConfig(name=name, stage_adaptive=True, warmup_steps=0, total_steps=100)
+    assert stage_momentum(cfg, 0, 8, delay=3.5) == pytest.approx(0.9 + 0.09 * 3.5 / 7)
+    assert stage_lr_scale(cfg, 0, 8, 0, delay=3.5) == pytest.approx(1 / 3.5)
+    assert stage_lr_scale(cfg, 0, 8, 0, delay=0.2) == 1.0
+    compute = TensorStageCompute(build_stages(CFG, 2, seed=0)[0], cfg, DenseCodec())
+    group = compute.optimizer.param_groups[0]
+    gradients = torch.randn(compute.num_trainable)
+    compute.step_with(gradients, delay=0.5)
+    momentum = group["betas"][0] if momentum_key == "betas" else group["gamma"]
+    assert momentum == pytest.approx(0.9 + 0.09 * 0.5) and group["lr"] == pytest.approx(cfg.lr)
+    compute.step_with(gradients, delay=3.0)
+    momentum = group["betas"][0] if momentum_key == "betas" else group["gamma"]
+    assert momentum == pytest.approx(0.99)
+
+
 def _trained(name: str) -> tuple[TensorStageCompute, TensorStageCompute, torch.Tensor]:
     donor, joiner = (
         TensorStageCompute(build_stages(CFG, 2, seed=0)[1], OptimConfig(name=name, lr=1e-2, warmup_steps=0, momentum_decay=0.5),

@@ -87,30 +87,43 @@ class NagDelay(torch.optim.Optimizer):
 def expected_delay(index: int, num_stages: int) -> int:
     """Updates between a stage's forward and its backward in a full 1F1B pipeline: S - 1 - s (AsyncPP's warm-up count).
 
-    The stage-adaptive settings use this expected delay, not the delay measured at run time.
+    The stage-adaptive settings use it until the stage has measured its own delay (the server passes the mean delay
+    of the backwards it has served to ``step_with``).
     """
     return num_stages - 1 - index
 
 
-def stage_momentum(cfg: OptimConfig, index: int, num_stages: int) -> float:
+def stage_momentum(cfg: OptimConfig, index: int, num_stages: int, delay: float | None = None) -> float:
     """The momentum of stage ``index``: ``gamma`` (nag_delay) or ``beta1``; with ``stage_adaptive`` linear in the
-    expected delay from 0.9 on the last stage to 0.99 on the first (paper Eq. 13, reference section 2.3).
+    delay (``delay``, measured; None: the expected one) from 0.9 at delay 0 to 0.99 at the head's expected delay
+    S - 1 (paper Eq. 13, reference section 2.3), clamped to that range.
     """
     if not cfg.stage_adaptive:
         return cfg.gamma if cfg.name == "nag_delay" else cfg.beta1
     low, high = STAGE_MOMENTUM_RANGE
-    return low + (high - low) * expected_delay(index, num_stages) / max(1, num_stages - 1)
+    tau = expected_delay(index, num_stages) if delay is None else delay
+    return low + (high - low) * min(1.0, tau / max(1, num_stages - 1))
 
 
-def stage_lr_scale(cfg: OptimConfig, index: int, num_stages: int, step: int) -> float:
+def stage_lr_scale(cfg: OptimConfig, index: int, num_stages: int, step: int, delay: float | None = None) -> float:
     """Learning-rate multiplier of stage ``index`` at ``step``: 1, or with ``stage_adaptive`` AsyncPP's PipeMare-style
-    correction ``1 / tau^(1 - min(step / T_c, 1))`` (tau the expected delay, at least 1; T_c 7/50 of the run, never
-    ending without ``total_steps``).
+    correction ``1 / tau^(1 - min(step / T_c, 1))`` (tau: ``delay``, measured, or None: the expected one; at least 1;
+    T_c 7/50 of the run, never ending without ``total_steps``).
     """
     if not cfg.stage_adaptive:
         return 1.0
     fade = min(step / (LR_CORRECTION_FRACTION * cfg.total_steps), 1.0) if cfg.total_steps else 0.0
-    return max(1, expected_delay(index, num_stages)) ** -(1.0 - fade)
+    tau = expected_delay(index, num_stages) if delay is None else delay
+    return max(1.0, tau) ** -(1.0 - fade)
+
+
+def set_momentum(optimizer: torch.optim.Optimizer, momentum: float) -> None:
+    """Set the momentum of every parameter group: ``gamma`` of :class:`NagDelay`, else Adam's ``beta1``."""
+    for group in optimizer.param_groups:
+        if "gamma" in group:
+            group["gamma"] = momentum
+        else:
+            group["betas"] = (momentum, group["betas"][1])
 
 
 def build_optimizer(params: list[torch.Tensor], cfg: OptimConfig, index: int, num_stages: int) -> torch.optim.Optimizer:

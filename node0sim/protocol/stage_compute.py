@@ -22,7 +22,7 @@ from node0sim.model.costs import (
 from node0sim.model.subspace import SubspaceBasis, project_gradients_onto_subspace_, project_onto_subspace_
 from node0sim.protocol.codecs import Codec
 from node0sim.protocol.messages import Packed, Payload, TensorSpec, leading_dims
-from node0sim.protocol.optimizers import OPTIMIZERS, STATE_LAYOUTS, build_optimizer, stage_lr_scale
+from node0sim.protocol.optimizers import OPTIMIZERS, STATE_LAYOUTS, build_optimizer, set_momentum, stage_lr_scale, stage_momentum
 from node0sim.protocol.tensors import describe
 
 OPTIMIZER_FLOPS_PER_PARAM = 12
@@ -158,8 +158,12 @@ class StageCompute(ABC):
         """The accumulated gradients as one flat vector (sums over samples); accumulation restarts from zero."""
 
     @abstractmethod
-    def step_with(self, mean_gradients: Payload) -> None:
-        """One optimizer step with these (mean, flat) gradients; gradients accumulated meanwhile are kept."""
+    def step_with(self, mean_gradients: Payload, delay: float | None = None) -> None:
+        """One optimizer step with these (mean, flat) gradients; gradients accumulated meanwhile are kept.
+
+        ``delay``: the stage's measured mean delay (updates between a forward and its backward), which
+        ``optim.stage_adaptive`` sets momentum and learning rate from; None: the expected delay S - 1 - s.
+        """
 
     @abstractmethod
     def sparta_index(self, fraction: float, seed: int) -> Any:
@@ -319,7 +323,7 @@ class TensorStageCompute(StageCompute):
         self.optimizer.zero_grad(set_to_none=True)
         return flat
 
-    def step_with(self, mean_gradients: Payload) -> None:
+    def step_with(self, mean_gradients: Payload, delay: float | None = None) -> None:
         if not isinstance(mean_gradients, torch.Tensor) or mean_gradients.shape != (self.num_trainable,):
             raise ValueError(f"stage {self.index}: averaged gradients must be a flat tensor of {self.num_trainable} values")
         if not torch.isfinite(mean_gradients).all():
@@ -330,9 +334,11 @@ class TensorStageCompute(StageCompute):
             project_gradients_onto_subspace_(self.module, self.basis)
         if self.optim.clip_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.parameters, self.optim.clip_grad_norm)
+        if self.optim.stage_adaptive:
+            set_momentum(self.optimizer, stage_momentum(self.optim, self.index, self.num_stages, delay))
         for group in self.optimizer.param_groups:
             group["lr"] = self.optim.lr * self.optim.lr_factor(self.updates) * stage_lr_scale(
-                self.optim, self.index, self.num_stages, self.updates
+                self.optim, self.index, self.num_stages, self.updates, delay
             )
         self.optimizer.step()
         self._load_grads(accumulated_meanwhile)
@@ -450,7 +456,7 @@ class CostStageCompute(StageCompute):
     def take_gradients(self) -> Payload:
         return self._flat_spec()
 
-    def step_with(self, mean_gradients: Payload) -> None:
+    def step_with(self, mean_gradients: Payload, delay: float | None = None) -> None:
         self.updates += 1
 
     def sparta_index(self, fraction: float, seed: int) -> Any:

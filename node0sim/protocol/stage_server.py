@@ -38,7 +38,7 @@ from node0sim.protocol.messages import (
 from node0sim.protocol.powersgd import PowerSGD
 from node0sim.protocol.progress import ProgressTracker
 from node0sim.protocol.stage_compute import StageCompute, Work
-from node0sim.protocol.staleness import StalenessStats, WeightHistory
+from node0sim.protocol.staleness import StalenessStats, WeightHistory, mean_delay
 from node0sim.protocol.state_transfer import StateRequest, StateResponse, StateTransfer
 from node0sim.runtime import Runtime, Task
 
@@ -293,7 +293,8 @@ class StageServer:
             else:
                 mean, contributors = await self.averager.all_reduce(f"grad/{epoch}", members, bandwidths, gradients, samples)
             if mean is not None:
-                await self.rt.compute(self.compute.step_flops(), lambda: self.compute.step_with(mean))
+                delay = mean_delay(self.stats.staleness.delay_counts)
+                await self.rt.compute(self.compute.step_flops(), lambda: self.compute.step_with(mean, delay))
             elif target_epoch > epoch and progress.others():
                 # nothing to step with while the stage moved on (a joiner whose download raced the donor's
                 # step): jumping to the stage's epoch would leave this peer an update behind; fetch the state
