@@ -28,6 +28,8 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sync_adamw": ("sync AdamW", ("train.schedule=sync",)),
     "async_adamw": ("async AdamW", ()),
     "async_nesterov": ("async Nesterov", ("optim=nesterov_async",)),
+    # NAdam's momentum ramp (psi 0.004) leaves mu near 0.5 for a 300-step run; psi 0.5 reaches 0.93 by step 100
+    "async_nesterov_fast_ramp": ("async Nesterov, momentum_decay 0.5", ("optim=nesterov_async", "optim.momentum_decay=0.5")),
     "async_nag": ("async NAG, (1 - gamma) discount", ("optim=nag_delay", "optim.nag_discount=true")),
     "async_nag_no_discount": ("async NAG, no discount", ("optim=nag_delay", "optim.nag_discount=false")),
     "async_adamw_stashing": ("async AdamW + weight stashing", ("topology.weight_stashing=true",)),
