@@ -156,8 +156,12 @@ def test_a_late_server_loads_the_stage_state_and_joins_the_next_averaging_round(
 def test_killing_a_server_mid_run_reroutes_and_its_stage_partner_keeps_averaging(scenario):
     swarm = scenario["swarm"]
     summary = _summary(scenario["out_b"])
-    assert summary["steps"] == STEPS_B
+    # accounting, not luck: every micro-batch was started once and is either done or reported dropped (a request
+    # whose retries all fail around the kill is dropped and counted; one run dropped 6 of 1600 this way)
+    per_step = 2  # train.batch_size 8 / train.micro_batch_size 4
+    assert summary["micro_batches_started"] == STEPS_B * per_step
     assert summary["micro_batches_started"] == summary["micro_batches_done"] + summary["dropped_micro_batches"]
+    assert summary["steps"] == summary["micro_batches_done"] // per_step
     assert summary["retried_requests"] >= 1  # requests that hit the dead server went to its stage partner
     assert scenario["exit_codes"]["s1p1"] == -signal.SIGKILL
     survivors = [line for line in _log_lines(swarm, "s1p0", "Averaged gradients with 2 peers")]
