@@ -172,7 +172,7 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
 
 async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: SwarmConfig) -> None:
     """Node0-style log lines: batches processed per period, every averaging round with its group size."""
-    rounds, solo, downloads, failed_downloads, processed, last_log = 0, 0, 0, 0, 0, time.monotonic()
+    rounds, solo, downloads, failed_downloads, stale_reads, processed, last_log = 0, 0, 0, 0, 0, 0, time.monotonic()
     serving = None
     while True:
         await asyncio.sleep(0.5)
@@ -189,6 +189,10 @@ async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: Swarm
         if server.stats.failed_state_downloads > failed_downloads:
             failed_downloads = server.stats.failed_state_downloads
             log.warning("State download failed (%d so far, stage %d): retrying with another peer", failed_downloads, server.stage)
+        if server.progress.stale_reads > stale_reads:
+            stale_reads = server.progress.stale_reads
+            log.warning("A DHT read of stage %d missed this peer's own record (a lagging DHT): kept the last view of the "
+                        "stage (%d such reads so far)", server.stage, stale_reads)
         if server.stats.averaging_rounds > rounds:
             rounds = server.stats.averaging_rounds
             log.info("Averaged gradients with %d peers (stage %d, epoch %d)", server.stats.last_group_size, server.stage, server.epoch)

@@ -217,3 +217,57 @@ def test_malformed_records_crash_neither_a_server_nor_a_trainer():
     assert trainer.stats.micro_batches_done == 20
     assert server.stats.epochs == 20 * 2 // 8 and server.stats.solo_steps == server.stats.epochs
     assert set(server.progress.records) == {"server"}
+
+
+# ---- a DHT that lags ------------------------------------------------------------------------
+
+def _lagging(rt, key: str, outage: tuple[float, float]):
+    """``rt.dht_get``, except that reads of ``key`` during ``outage`` (virtual seconds) return nothing."""
+    read = rt.dht_get
+
+    async def lagging_read(k):
+        value = await read(k)
+        return None if k == key and outage[0] <= rt.now() < outage[1] else value
+
+    return lagging_read
+
+
+def _two_servers_with_a_lagging_dht(outage: tuple[float, float]) -> tuple[StageServer, StageServer]:
+    """Two servers of a one-stage pipeline; during ``outage`` every read of the stage's records returns nothing, as
+    on a live swarm whose DHT lookups stall past the records' lifetime when a new peer joins (seen in the live test
+    of tests/test_swarm_live.py: lookups took ~4 s, records live 3 progress periods of 1 s)."""
+    sim = make_sim(latency_s=0.005)
+    peers = [add(sim, "a"), add(sim, "b")]
+    trainer_peer = add(sim, "trainer")
+    cfg = AveragingConfig(8, progress_period_s=0.1, matchmaking_time_s=0.05, matchmaking_slack_s=0.02)
+    servers = [
+        StageServer(peer.runtime, "run", TensorStageCompute(build_stages(CFG, 1, seed=0)[0], OptimConfig(), DenseCodec()),
+                    cfg, throughput=1.0, bandwidth_mbps=100)
+        for peer in peers
+    ]
+    for peer in peers:
+        peer.runtime.dht_get = _lagging(peer.runtime, stage_key("run", 0), outage)
+    batches = iter(torch.randint(0, CFG.vocab_size, (200, 2, 9), generator=torch.Generator().manual_seed(0)))
+
+    class Stream:
+        def next_micro_batch(self):
+            batch = next(batches)
+            return batch[:, :-1], batch[:, 1:]
+
+    trainer = Trainer(trainer_peer.runtime, "run", 1, Stream(),
+                      TrainerConfig(micro_batches=200, micro_batches_per_step=1, schedule="async"), lambda record: None)
+    for peer, server in zip(peers, servers):
+        _run(sim, peer, server.start())
+    sim.run(until=sim.env.now + 2 * cfg.progress_period_s)  # each server has read the other's record
+    _run(sim, trainer_peer, trainer.run())
+    assert trainer.stats.micro_batches_done == 200
+    sim.run(until=sim.env.now + 1.0)  # the last round ends
+    return servers[0], servers[1]
+
+
+def test_a_read_that_misses_the_readers_own_record_is_stale_and_no_server_steps_alone():
+    a, b = _two_servers_with_a_lagging_dht(outage=(0.3, 0.7))
+    assert a.progress.stale_reads > 0 and b.progress.stale_reads > 0  # the outage hit both
+    assert a.stats.solo_steps == b.stats.solo_steps == 0
+    assert a.epoch == b.epoch > 0
+    torch.testing.assert_close(a.compute.parameter_values(None), b.compute.parameter_values(None), atol=0, rtol=0)

@@ -7,8 +7,22 @@ As in hivemind's matchmaking, a group forms in the DHT: peers that ended ``epoch
 
 from __future__ import annotations
 
+from typing import Any
+
 from node0sim.protocol.averaging import AveragingConfig, group_key
+from node0sim.protocol.progress import is_finite_number
 from node0sim.runtime import Runtime
+
+
+def parse_group(value: Any) -> dict[str, tuple[float, float]]:
+    """The well-formed registrations in a group key's DHT value: ``{peer: (time, bandwidth)}``; others are skipped."""
+    if not isinstance(value, dict):
+        return {}
+    return {
+        peer: (r["time"], r["bandwidth"]) for peer, r in value.items()
+        if isinstance(r, dict) and r.keys() == {"time", "bandwidth"} and is_finite_number(r["time"])
+        and is_finite_number(r["bandwidth"]) and r["bandwidth"] > 0
+    }
 
 
 class Matchmaker:
@@ -35,12 +49,16 @@ class Matchmaker:
         me = self.rt.peer_id
         key = group_key(self.run_id, self.stage, epoch)
         ttl = self.cfg.matchmaking_time_s + self.cfg.averaging_timeout_s
-        await self.rt.dht_store(key, {"time": self.rt.now(), "bandwidth": self.bandwidth_mbps}, expires_in=ttl, subkey=me)
-        group = await self.rt.dht_get(key) or {}
-        deadline = min(r["time"] for r in group.values()) + self.cfg.matchmaking_time_s
+        registered = self.rt.now()
+        await self.rt.dht_store(key, {"time": registered, "bandwidth": self.bandwidth_mbps}, expires_in=ttl, subkey=me)
+        group = parse_group(await self.rt.dht_get(key))
+        # the window opens at the earliest registration seen, this peer's included (a read that lags may miss
+        # it); a time older than a registration lives, or a window ahead, is no honest peer's and is ignored
+        earliest = [time for time, _ in group.values() if registered - ttl <= time <= registered + self.cfg.matchmaking_time_s]
+        deadline = min(earliest + [registered]) + self.cfg.matchmaking_time_s
         await self.rt.sleep(max(0.0, deadline + self.cfg.matchmaking_slack_s - self.rt.now()))
-        group = await self.rt.dht_get(key) or {}
-        members = sorted(peer for peer, r in group.items() if r["time"] <= deadline)
+        group = parse_group(await self.rt.dht_get(key))
+        members = sorted(peer for peer, (time, _) in group.items() if time <= deadline)
         if me not in members:
             return self.alone()
-        return members, [group[peer]["bandwidth"] for peer in members]
+        return members, [group[peer][1] for peer in members]

@@ -29,7 +29,8 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_INT
 
 
-def _is_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite float or an int exactly representable as one (bools are not numbers)."""
     if isinstance(value, float):
         return math.isfinite(value)
     return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= _MAX_INT
@@ -67,7 +68,7 @@ class StageRecord:
         counts = (value["epoch"], value["samples"])
         numbers = (value["rate"], value["time"], value["throughput"], value["bandwidth"])
         averaging = value["averaging"]
-        if not (all(map(_is_count, counts)) and all(map(_is_number, numbers)) and isinstance(value["ready"], bool)):
+        if not (all(map(_is_count, counts)) and all(map(is_finite_number, numbers)) and isinstance(value["ready"], bool)):
             return None
         if averaging is not None and not _is_count(averaging):
             return None
@@ -144,6 +145,9 @@ class ProgressTracker:
         self._rate = 0.0
         self._last_report_time = 0.0
         self._since_report = 0
+        self._stored = False
+        self.stale_reads = 0
+        """Reads of the stage that missed this peer's own record and were ignored (see :meth:`refresh`)."""
 
     # ---- this peer -------------------------------------------------------------------------
     def count(self, samples: int) -> None:
@@ -162,6 +166,7 @@ class ProgressTracker:
             self.epoch if self.ending_epoch else None,
         )
         await self.rt.dht_store(self.key, record.to_dht(), expires_in=3 * self.cfg.progress_period_s, subkey=self.rt.peer_id)
+        self._stored = True
 
     async def keep_reporting(self) -> None:
         """Report every progress period, forever (also while the server is busy averaging or downloading)."""
@@ -171,14 +176,25 @@ class ProgressTracker:
 
     async def withdraw(self) -> None:
         """Remove this peer's record, so the stage's others stop counting on it."""
+        self._stored = False
         await self.rt.dht_store(self.key, None, expires_in=0.0, subkey=self.rt.peer_id)
 
     # ---- the stage -------------------------------------------------------------------------
     async def refresh(self) -> None:
-        """Read the stage's records."""
-        self.records = parse_stage(await self.rt.dht_get(self.key))
+        """Read the stage's records, unless the read is stale.
+
+        A read without this peer's own record, after it stored one, is stale: the DHT lagged or the lookup
+        failed (the record is stored every progress period and lives three). The last view is kept (and
+        the read counted in ``stale_reads``): taken as the stage's state, such a read makes every peer
+        look absent, and a server that thinks it is alone steps with its own gradients only.
+        """
+        records = parse_stage(await self.rt.dht_get(self.key))
         me = self.rt.peer_id
-        self._others = {peer: r for peer, r in self.records.items() if peer != me and r.ready}
+        if self._stored and me not in records:
+            self.stale_reads += 1
+            return
+        self.records = records
+        self._others = {peer: r for peer, r in records.items() if peer != me and r.ready}
 
     def others(self) -> dict[str, StageRecord]:
         """The stage's other ready peers."""
