@@ -54,11 +54,12 @@ class Matchmaker:
         group = parse_group(await self.rt.dht_get(key))
         # the window opens at the earliest registration seen, this peer's included (a read that lags may miss
         # it); a time older than a registration lives, or a window ahead, is no honest peer's and is ignored
-        earliest = [time for time, _ in group.values() if registered - ttl <= time <= registered + self.cfg.matchmaking_time_s]
-        deadline = min(earliest + [registered]) + self.cfg.matchmaking_time_s
+        oldest = registered - ttl
+        times = [time for time, _ in group.values() if oldest <= time <= registered + self.cfg.matchmaking_time_s]
+        deadline = min(times + [registered]) + self.cfg.matchmaking_time_s
         await self.rt.sleep(max(0.0, deadline + self.cfg.matchmaking_slack_s - self.rt.now()))
         group = parse_group(await self.rt.dht_get(key))
-        members = sorted(peer for peer, (time, _) in group.items() if time <= deadline)
+        members = sorted(peer for peer, (time, _) in group.items() if oldest <= time <= deadline)
         if me not in members:
             return self.alone()
         return members, [group[peer][1] for peer in members]
