@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from node0sim.config import ConfigError, RunConfig, load_run_config, schema
 from node0sim.metrics import RunRecorder, read_complete_summary
+from node0sim.summary import INCOMPLETE_EXIT, IncompleteRun
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 MAX_DIRNAME = 160
@@ -79,6 +80,8 @@ def run(cfg: DictConfig) -> dict:
         summary = run_swarm(config, run_cfg, out_dir, list(hydra_cfg.overrides.task), recorder_for)
         if summary is not None and run_cfg.swarm.role == "trainer":
             _print_done(summary, out_dir, [])
+        if summary is not None:
+            _check_complete(run_cfg, summary)
         return summary
     from node0sim.sim.runner import run_simulation
 
@@ -95,7 +98,52 @@ def run(cfg: DictConfig) -> dict:
         recorder.close(None)
         raise
     _print_done(summary, out_dir, sinks)
+    _check_complete(run_cfg, summary)
     return summary
+
+
+def incomplete_run(run: RunConfig, summary: dict) -> str | None:
+    """None if the run completed ``train.steps``; otherwise how many it did and the causes its own numbers show."""
+    train = run.train
+    if summary["steps"] >= train.steps:
+        return None
+    causes = []
+    if summary["backend"] == "sim" and train.max_sim_time_s is not None and summary["sim_time_s"] >= train.max_sim_time_s:
+        causes.append(f"it stopped at train.max_sim_time_s={train.max_sim_time_s:g}")
+    timed_out, no_peer = summary["timed_out_requests"], summary["no_peer_requests"]
+    refused = summary["failed_requests"] - timed_out - no_peer
+    if timed_out:
+        every = not refused and summary["micro_batches_done"] == 0
+        cause = f"every request timed out ({timed_out})" if every else f"{timed_out} requests timed out"
+        if summary["backend"] == "sim":
+            from node0sim.experiment import activation_bytes
+
+            size = activation_bytes(run, run.model["dim"])
+            link_mbps = min(run.network.up_mbps, run.network.down_mbps)
+            seconds = size * 8 / (link_mbps * 1e6)
+            if 3 * seconds >= train.request_timeout_s:  # a backward call carries two activations and returns one
+                cause += (f": train.request_timeout_s={train.request_timeout_s:g} but one activation ({size / 1e6:.2f} MB) "
+                          f"takes ~{seconds:.1f} s at these links ({link_mbps:g} Mb/s; a backward call moves three)")
+        causes.append(cause)
+    if refused:
+        causes.append(f"{refused} requests were refused")
+    if no_peer:
+        causes.append(f"{no_peer} attempts found no available peer of a stage (none, or all banned for train.ban_s)")
+    if summary["dropped_micro_batches"]:
+        causes.append(f"{summary['dropped_micro_batches']} micro-batches dropped after train.max_retries={train.max_retries}")
+    if summary["micro_batches_in_flight"]:
+        causes.append(f"{summary['micro_batches_in_flight']} micro-batches still in flight at the end")
+    return f"incomplete run: {summary['steps']} of {train.steps} steps; {'; '.join(causes) or 'no failure was seen'}"
+
+
+def _check_complete(run: RunConfig, summary: dict) -> None:
+    """Say so (last line) when the run did fewer steps than asked; raise IncompleteRun unless train.allow_partial."""
+    shortfall = incomplete_run(run, summary)
+    if shortfall is None:
+        return
+    if not run.train.allow_partial:
+        raise IncompleteRun(f"{shortfall}. Set train.allow_partial=true to accept a partial run")
+    print(f"{shortfall} (accepted: train.allow_partial=true)")
 
 
 def _print_done(summary: dict, out_dir: Path, sinks: list) -> None:
@@ -120,6 +168,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as error:
         print(f"node0sim: configuration error: {error}", file=sys.stderr)
         sys.exit(2)
+    except IncompleteRun as shortfall:
+        print(f"node0sim: {shortfall}", file=sys.stderr, flush=True)
+        sys.exit(INCOMPLETE_EXIT)
 
 
 def main() -> None:

@@ -70,17 +70,21 @@ def make_trainer(
     cfg = TrainerConfig(
         micro_batches=micro_batch_share(run, index), micro_batches_per_step=run.train.micro_batches_per_step,
         schedule=run.train.schedule, max_inflight=run.train.max_inflight,
-        request_timeout_s=run.train.request_timeout_s, max_retries=run.train.max_retries,
-        send_token_ids=templates[0].codec.needs_token_ids,
+        request_timeout_s=run.train.request_timeout_s, max_retries=run.train.max_retries, ban_s=run.train.ban_s,
+        max_ban_s=run.train.max_ban_s, send_token_ids=templates[0].codec.needs_token_ids,
     )
     return Trainer(rt, run.run_id, len(templates), source, cfg, on_micro_batch)
 
 
 def trainer_totals(trainers: Sequence[TrainerStats], bytes_sent: int) -> TrainerTotals:
     """The run-wide trainer counters of ``trainers``; ``bytes_sent`` as the backend counts it."""
+    def total(name: str) -> int:
+        return sum(getattr(t, name) for t in trainers)
+
     return TrainerTotals(
-        failed_requests=sum(t.failed_requests for t in trainers), retried_requests=sum(t.retried_requests for t in trainers),
-        dropped_micro_batches=sum(t.micro_batches_dropped for t in trainers), bytes_sent=bytes_sent,
+        failed_requests=total("failed_requests"), retried_requests=total("retried_requests"),
+        dropped_micro_batches=total("micro_batches_dropped"), timed_out_requests=total("timed_out_requests"),
+        no_peer_requests=total("no_peer_requests"), unaccumulated_retries=total("unaccumulated_retries"), bytes_sent=bytes_sent,
     )
 
 
@@ -93,7 +97,8 @@ def server_report(server: StageServer, averaging_bytes: int | None = None, state
         averaging_rounds=stats.averaging_rounds, solo_steps=stats.solo_steps,
         state_averaging_rounds=stats.state_averaging_rounds, state_downloads=stats.state_downloads,
         failed_state_downloads=stats.failed_state_downloads, averaging_timeouts=server.averager.timeouts,
-        request_calls=stats.request_calls, batched_requests=stats.batched_requests, averaging_bytes=averaging_bytes,
+        request_calls=stats.request_calls, batched_requests=stats.batched_requests,
+        duplicate_requests=server.requests.duplicates, averaging_bytes=averaging_bytes,
         state_download_bytes=state_download_bytes, handled=handled, sent_bytes=sent_bytes,
         delay_counts=list(stats.staleness.delay_counts), weight_gap_sum=stats.staleness.weight_gap_sum,
         weight_gap_count=stats.staleness.weight_gap_count, lookahead_cosine_sum=stats.staleness.lookahead_cosine_sum,
@@ -120,6 +125,7 @@ def summarize(
         loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None, val_loss=val_loss,
         activation_bytes_per_token=stage_bytes / tracker.tokens if tracker.tokens else None,
         micro_batches_started=sum(t.micro_batches_started for t in trainers), micro_batches_done=done,
+        micro_batches_in_flight=sum(t.micro_batches_in_flight for t in trainers),
         rpc_bytes_per_stage=[sum(t.stage_bytes.get(i, 0) for t in trainers) for i in range(run.topology.num_stages)],
         trainer_totals=totals, servers=servers, churn_events=churn_events, stage_moves=stage_moves,
         gpu_utilization=gpu_utilization,

@@ -9,16 +9,19 @@ offending key and the allowed values or keys, so a wrong override fails before a
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from node0sim.data import DataConfig
 from node0sim.model import ModelConfig
 from node0sim.protocol.averaging import AveragingConfig
+from node0sim.protocol.codecs import max_rate
 from node0sim.protocol.stage_compute import OptimConfig
 from node0sim.sim.churn import ChurnConfig
 
@@ -40,6 +43,8 @@ def _check_type(path: str, value: Any, hint: Any) -> Any:
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if math.isnan(value):
+                raise ConfigError(f"{path}: must be a number, got nan")
             return float(value)
         if option is str and isinstance(value, str):
             return value
@@ -87,6 +92,11 @@ def _one_of(path: str, value: str, allowed: tuple[str, ...]) -> None:
     _require(value in allowed, f"{path}: {value!r} is not one of {list(allowed)}")
 
 
+MIN_LINK_MBPS = 0.001
+"""The slowest access link accepted (1 kbit/s, 1/56 of a dial-up modem): below it even a message's 64-byte header takes
+half a second, and a run would only time out; bandwidths are validated against it, not modelled."""
+
+
 @dataclass(frozen=True)
 class NetworkConfig:
     """Access-link bandwidth per peer, latency (uniform or from a region preset) and jitter."""
@@ -101,8 +111,12 @@ class NetworkConfig:
     def __post_init__(self) -> None:
         from node0sim.sim.regions import REGION_PRESETS
 
-        _require(self.up_mbps > 0, f"network.up_mbps: must be > 0, got {self.up_mbps}")
-        _require(self.down_mbps > 0, f"network.down_mbps: must be > 0, got {self.down_mbps}")
+        for name in ("up_mbps", "down_mbps"):
+            value = getattr(self, name)
+            _require(
+                math.isfinite(value) and value >= MIN_LINK_MBPS,
+                f"network.{name}: must be at least {MIN_LINK_MBPS} Mb/s (1 kbit/s), got {value}",
+            )
         _require(self.latency_ms is None or self.latency_ms >= 0, f"network.latency_ms: must be >= 0, got {self.latency_ms}")
         _require(self.jitter_ms >= 0, f"network.jitter_ms: must be >= 0, got {self.jitter_ms}")
         _one_of("network.regions", self.regions, tuple(REGION_PRESETS))
@@ -143,14 +157,18 @@ class TrainConfig:
     max_sim_time_s: float | None = None  # stop at this much virtual time
     request_timeout_s: float = 30.0
     max_retries: int = 3
+    ban_s: float = 60.0  # a peer whose request failed is not chosen for this long (0: never banned)
+    max_ban_s: float = 960.0  # each further failure in a row (no success between) doubles its ban, up to this
     eval_batches: int = 4  # validation batches evaluated at the end
     delay_history: int = 0  # numerics mode: epochs of flat weights each server keeps, to measure the weight gap and
     # look-ahead cosine of stale backwards (and for topology.weight_stashing); 0: none (the delay is measured anyway)
     skip_if_done: bool = False  # true: a run whose output dir has a complete summary.json prints "already done"
+    allow_partial: bool = False  # false: a run that completes fewer than train.steps exits non-zero (saying why)
 
     def __post_init__(self) -> None:
         _require(self.steps >= 1, f"train.steps: must be >= 1, got {self.steps}")
         _require(self.micro_batch_size >= 1, f"train.micro_batch_size: must be >= 1, got {self.micro_batch_size}")
+        _require(self.batch_size >= 1, f"train.batch_size: must be >= 1, got {self.batch_size}")
         _require(
             self.batch_size >= self.micro_batch_size and self.batch_size % self.micro_batch_size == 0,
             f"train.batch_size: must be a multiple of train.micro_batch_size ({self.micro_batch_size}), got {self.batch_size}",
@@ -164,6 +182,8 @@ class TrainConfig:
         )
         _require(self.request_timeout_s > 0, f"train.request_timeout_s: must be > 0, got {self.request_timeout_s}")
         _require(self.max_retries >= 0, f"train.max_retries: must be >= 0, got {self.max_retries}")
+        _require(self.ban_s >= 0, f"train.ban_s: must be >= 0, got {self.ban_s}")
+        _require(self.max_ban_s >= self.ban_s, f"train.max_ban_s: must be >= train.ban_s ({self.ban_s}), got {self.max_ban_s}")
         _require(self.eval_batches >= 0, f"train.eval_batches: must be >= 0, got {self.eval_batches}")
         _require(self.delay_history >= 0, f"train.delay_history: must be >= 0, got {self.delay_history}")
 
@@ -451,8 +471,20 @@ def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         "train.schedule=sync needs topology.num_trainers=1 (there is no barrier across trainers); "
         "use train.schedule=async with several trainers",
     )
+    _check_compression_rate(run, architecture.dim)
     _check_weight_stashing(run)
     return run
+
+
+def _check_compression_rate(run: RunConfig, dim: int) -> None:
+    """A rate above what the codec reaches at this width would be clamped silently: refused, naming the maximum."""
+    activation_bytes = 4 if run.sim.numerics else getattr(torch, run.sim.timing_dtype).itemsize
+    highest = max_rate(run.compression.name, dim, activation_bytes)
+    _require(
+        run.compression.rate <= highest,
+        f"compression.rate: {run.compression.rate:g} is above the maximum {highest:g} of compression={run.compression.name} "
+        f"for this model (model.dim={dim})",
+    )
 
 
 def _check_weight_stashing(run: RunConfig) -> None:

@@ -17,7 +17,7 @@ from node0sim.data.tokenizer import load_tokenizer
 from node0sim.model import ModelConfig, build_stages, stage_parameter_count, stage_shapes
 from node0sim.model.subspace import SubspaceBasis, load_basis, load_basis_from_hub, make_basis
 from node0sim.protocol.codecs import make_codec, rank_for
-from node0sim.protocol.messages import Payload, TensorSpec
+from node0sim.protocol.messages import ForwardResponse, Payload, TensorSpec
 from node0sim.protocol.stage_compute import CostStageCompute, StageCompute, TensorStageCompute
 
 
@@ -76,6 +76,14 @@ def stage_computes(run: RunConfig, cfg: ModelConfig, device: str = "cpu") -> lis
     ]
 
 
+def activation_bytes(run: RunConfig, dim: int) -> int:
+    """Wire bytes of one micro-batch's activations at a stage boundary (a forward response), through the run's codec."""
+    dtype = torch.float32 if run.sim.numerics else getattr(torch, run.sim.timing_dtype)
+    comp = run.compression
+    codec = make_codec(comp.name, dim, comp.rate, comp.bits, activation_bytes=dtype.itemsize)  # sizes only: no basis
+    return ForwardResponse(codec.activation_spec(run.train.micro_batch_size, run.train.seq_len, dim, dtype)).wire_bytes()
+
+
 class TokenMicroBatches:
     """Cuts global batches of the training stream into micro-batches of ``(inputs, targets)``."""
 
@@ -110,9 +118,12 @@ def micro_batch_sources(
         return [SpecMicroBatches(run.train.micro_batch_size, run.train.seq_len) for _ in range(trainers)], [], None
     sources = []
     for index in range(trainers):
-        train, validation, tokenizer = build_data(
-            run.data, run.train.seq_len, run.train.batch_size, run.seed + 1000 * index, max(1, run.train.eval_batches)
-        )
+        try:
+            train, validation, tokenizer = build_data(
+                run.data, run.train.seq_len, run.train.batch_size, run.seed + 1000 * index, max(1, run.train.eval_batches)
+            )
+        except ValueError as error:  # the data cannot serve this configuration (too little of it for seq_len, ...)
+            raise ConfigError(f"data: {error}") from None
         sources.append(TokenMicroBatches(train, run.train.micro_batch_size))
     return sources, validation[: run.train.eval_batches], tokenizer.vocab_size
 

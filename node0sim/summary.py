@@ -21,6 +21,13 @@ class TrainerTotals:
     failed_requests: int
     retried_requests: int
     dropped_micro_batches: int
+    timed_out_requests: int
+    """Failed requests that got no answer within ``train.request_timeout_s``."""
+    no_peer_requests: int
+    """Failed attempts that found no available peer of the stage (none announced, or all banned)."""
+    unaccumulated_retries: int
+    """Backward/tail requests retried for the input gradient only after an attempt timed out (that peer may still
+    accumulate it): each stage accumulates a micro-batch at most once."""
     bytes_sent: int
     """Message bytes sent: by every peer (simulator), by this trainer (live)."""
 
@@ -42,6 +49,8 @@ class ServerReport:
     averaging_timeouts: int
     request_calls: int
     batched_requests: int
+    duplicate_requests: int = 0
+    """Backward and tail requests that arrived again (a trainer's retry) and were not accumulated a second time."""
     averaging_bytes: int | None = None
     """Bytes this server sent for in-stage all-reduces (None on the simulator, which counts them network-wide)."""
     state_download_bytes: int | None = None
@@ -84,6 +93,8 @@ class ServerTotals:
     averaging_timeouts: int | None = None
     request_calls: int | None = None
     mean_requests_per_call: float | None = None
+    duplicate_requests: int | None = None
+    """Retried backward/tail requests a server had already accumulated (or was accumulating): not accumulated again."""
     delay_per_stage: list[float | None] | None = None
     """Mean delay (epochs between a forward and its backward) per stage, over all its servers."""
     delay_histogram_per_stage: list[list[int]] | None = None
@@ -108,6 +119,7 @@ class ServerTotals:
             state_downloads=sum(r.state_downloads for r in reports),
             failed_state_downloads=sum(r.failed_state_downloads for r in reports),
             averaging_timeouts=sum(r.averaging_timeouts for r in reports), request_calls=calls,
+            duplicate_requests=sum(r.duplicate_requests for r in reports),
             mean_requests_per_call=sum(r.batched_requests for r in reports) / calls if calls else None,
             **_staleness_per_stage(reports, len(final_peers_per_stage)),
         )
@@ -167,6 +179,8 @@ class RunSummary:
     """Bytes of forward/backward/tail requests and replies per trained token."""
     micro_batches_started: int
     micro_batches_done: int
+    micro_batches_in_flight: int
+    """Started and neither done nor dropped when the run ended: started = done + dropped + in flight."""
     rpc_bytes_per_stage: list[int]
     """Bytes of the trainers' successful requests and replies, per stage."""
     trainer_totals: TrainerTotals
@@ -185,6 +199,14 @@ class RunSummary:
             value = getattr(self, f.name)
             content.update(asdict(value) if is_dataclass(value) else {f.name: value})
         return content
+
+
+INCOMPLETE_EXIT = 3
+"""Exit status of a run that completed fewer steps than asked (without ``train.allow_partial=true``)."""
+
+
+class IncompleteRun(Exception):
+    """A run completed fewer steps than asked; the message says how many and why, as far as the run can tell."""
 
 
 def _keys(cls: type) -> tuple[str, ...]:

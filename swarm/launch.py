@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from node0sim.config import ConfigError, RunConfig
 from node0sim.metrics import RunRecorder
-from node0sim.summary import ServerReport, with_server_reports
+from node0sim.summary import INCOMPLETE_EXIT, ServerReport, with_server_reports
 from swarm.lifecycle import SwarmError
 from swarm.local import LocalSwarm
 from swarm.roles import run_role
@@ -53,7 +53,7 @@ def run_local(run: RunConfig, out_dir: Path, overrides: Sequence[str]) -> dict[s
             "trainer0", "trainer", f"hydra.run.dir={out_dir}", "hydra.output_subdir=null", "hydra.job.name=trainer",
             log_file=False,
         )
-        if trainer.wait() != 0:
+        if trainer.wait() not in (0, INCOMPLETE_EXIT):  # a partial run still has a summary (the check is repeated below)
             raise SwarmError(f"the trainer failed (exit code {trainer.returncode}); server logs are in {swarm.folder}")
     finally:
         codes = swarm.stop()

@@ -198,13 +198,21 @@ async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: Swarm
             log.info("Averaged gradients with %d peers (stage %d, epoch %d)", server.stats.last_group_size, server.stage, server.epoch)
         if server.stats.solo_steps > solo:
             solo = server.stats.solo_steps
-            others = len(server.progress.others())
-            log.info("Averaging step failed: could not find a group; stepped with local gradients (stage %d, epoch %d, "
-                     "%d other ready peer(s) in the stage)", server.stage, server.epoch, others)
+            log_solo_step(server)
         if time.monotonic() - last_log >= swarm.log_period_s:
             total = sum(rt.handled.get(m, 0) for m in STAGE_METHODS)
             log.info("Processed %d batches in last %g seconds (stage %d)", total - processed, swarm.log_period_s, server.stage)
             processed, last_log = total, time.monotonic()
+
+
+def log_solo_step(server: StageServer) -> None:
+    """A step without a group is a failure only when other ready peers were in the stage; alone, it is the plan."""
+    others = len(server.progress.others())
+    if others:
+        log.info("Averaging step failed: could not find a group; stepped with local gradients (stage %d, epoch %d, "
+                 "%d other ready peer(s) in the stage)", server.stage, server.epoch, others)
+    else:
+        log.debug("Stepped alone: no other ready peer in stage %d (epoch %d)", server.stage, server.epoch)
 
 
 def exit_report(rt: LiveRuntime, server: StageServer) -> ServerReport:

@@ -25,6 +25,11 @@ DTYPES: dict[str, torch.dtype] = {
                   torch.int16, torch.int8, torch.uint8, torch.bool)
 }
 
+MAX_DIMS = 8
+MAX_ELEMENTS = 2**48
+"""Bounds on a decoded shape (a message is smaller than ``swarm.max_message_mb`` anyway; specs carry no data): torch's
+stride arithmetic overflows int64 near 2**63, so a shape such as [0, 2**62, 2**62] is refused here, not by torch."""
+
 _TENSOR, _SPEC, _PACKED = "__tensor__", "__spec__", "__packed__"
 
 
@@ -67,8 +72,8 @@ def decode(data: bytes) -> Any:
 def _encode_value(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         tensor = value.detach().cpu().contiguous()
-        return {_TENSOR: [_dtype_name(tensor.dtype), list(tensor.shape), tensor.view(torch.uint8).numpy().tobytes()
-                          if tensor.numel() else b""]}
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""  # 0-d tensors too
+        return {_TENSOR: [_dtype_name(tensor.dtype), list(tensor.shape), raw]}
     if isinstance(value, TensorSpec):
         return {_SPEC: [_dtype_name(value.dtype), list(value.shape)]}
     if isinstance(value, Packed):
@@ -122,6 +127,11 @@ def _dtype(name: Any) -> torch.dtype:
 def _shape(shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
         raise WireError(f"bad tensor shape {shape!r}")
+    extent = 1
+    for size in shape:  # torch's strides are the products of the later sizes: bound them (zeros count as 1)
+        extent *= max(size, 1)
+    if len(shape) > MAX_DIMS or extent > MAX_ELEMENTS:
+        raise WireError(f"tensor shape {shape!r} is too large (at most {MAX_DIMS} dims and {MAX_ELEMENTS} elements)")
     return tuple(shape)
 
 

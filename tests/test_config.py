@@ -122,3 +122,39 @@ def test_cross_section_checks_happen_at_load_time():
         compose_run_config("train.seq_len=512")
     with pytest.raises(ConfigError, match=r"train\.steps"):  # Hydra refuses it against the schema's type
         compose_run_config("train.steps=many")
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (("optim.lr=-1",), r"optim\.lr: must be a finite number > 0, got -1\.0"),
+        (("optim.lr=nan",), r"optim\.lr: must be a number, got nan"),
+        (("optim.clip_grad_norm=-1",), r"optim\.clip_grad_norm: must be a finite number >= 0, got -1\.0"),
+        (("optim.beta2=1",), r"optim\.beta2: must be in \[0, 1\)"),
+        (("network.up_mbps=1e-9",), r"network\.up_mbps: must be at least 0\.001 Mb/s"),
+        (("network.down_mbps=nan",), r"network\.down_mbps: must be a number, got nan"),
+        (("train.batch_size=0",), r"train\.batch_size: must be >= 1, got 0"),
+        (("train.ban_s=-1",), r"train\.ban_s: must be >= 0"),
+        (("train.ban_s=100", "train.max_ban_s=50"), r"train\.max_ban_s: must be >= train\.ban_s"),
+        # the tiny model has dim 128: rank 1 is rate 128; topk keeps one fp32 value + int16 index per token at 128*4/6
+        (("compression=subspace", "compression.rate=100000"), r"compression\.rate: 100000 is above the maximum 128 "),
+        (("compression=topk", "compression.rate=100"), r"compression\.rate: 100 is above the maximum 85\.3333 "),
+        # the optional default used to swallow an unknown preset and run the default configuration
+        (("experiment=headlin",), r"Could not find 'experiment/headlin'(.|\n)*headline(.|\n)*staleness_sweep"),
+    ],
+)
+def test_out_of_range_values_fail_fast_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_run_config(*overrides)
+
+
+def test_the_highest_compression_rate_of_a_codec_is_accepted():
+    assert compose_run_config("compression=subspace", "compression.rate=128").compression.rate == 128
+    assert compose_run_config("experiment=headline").compression.name == "subspace"
+
+
+def test_data_too_short_for_the_sequence_length_is_a_configuration_error(tmp_path):
+    from tests.runs import simulate
+
+    with pytest.raises(ConfigError, match=r"data: .*fewer than one window of seq_len \+ 1 = 100001 tokens.*train\.seq_len"):
+        simulate(tmp_path, "model.max_seq_len=100000", "train.seq_len=100000", "train.steps=1")

@@ -147,6 +147,8 @@ def test_rejects_bad_parameters():
         _router(default_throughput=-1.0)
     with pytest.raises(ValueError):
         _router(ban_s=-1.0)
+    with pytest.raises(ValueError, match="max_ban_s must be >= ban_s"):
+        _router(ban_s=10.0, max_ban_s=5.0)
 
 
 def test_choose_matches_the_least_finish_rank_peer_key():
@@ -173,3 +175,55 @@ def test_choose_matches_the_least_finish_rank_peer_key():
         assert router.choose(0, 1, now, backward=True, exclude=exclude) == (expected[2] if expected else None)
         if expected:
             assert router.state(0, expected[2]).busy_until == expected[0]
+
+
+def test_bans_double_with_each_failure_in_a_row_up_to_the_cap_and_a_success_resets_them():
+    r = _router(ban_s=10.0, max_ban_s=35.0)
+    r.update_peers(0, {"a": 1.0, "b": 1.0})
+    ends = []
+    for now in (0.0, 100.0, 200.0, 300.0):
+        r.report_failure(0, "a", now=now)
+        ends.append(r.state(0, "a").banned_until - now)
+    assert ends == [10.0, 20.0, 35.0, 35.0]
+    r.report_success(0, "a", samples=1, elapsed_s=1.0, now=400.0)
+    r.report_failure(0, "a", now=500.0)
+    assert r.state(0, "a").banned_until == 510.0
+
+
+def test_without_a_cap_every_ban_lasts_ban_s():
+    r = _router(ban_s=10.0)
+    r.update_peers(0, {"a": 1.0})
+    for now in (0.0, 50.0):
+        r.report_failure(0, "a", now=now)
+    assert r.state(0, "a").banned_until == 60.0
+
+
+def test_a_failure_moves_the_throughput_estimate_toward_zero_by_one_ema_step():
+    r = _router(ema_alpha=0.2)
+    r.update_peers(0, {"a": 10.0, "b": 9.0})
+    assert r.choose(0, samples=1, now=0.0) == "a"
+    r.report_failure(0, "a", now=0.0)
+    assert r.state(0, "a").throughput == pytest.approx(10.0 * (1 - 0.2))
+    # once the ban is over, b (9 samples/s) is now expected to finish first
+    assert r.choose(0, samples=1, now=1000.0) == "b"
+
+
+def test_a_banned_peer_that_reannounces_stays_banned_with_its_estimate():
+    r = _router(ban_s=60.0, max_ban_s=960.0)
+    r.update_peers(0, {"liar": 1e12, "honest": 1.0})
+    r.report_failure(0, "liar", now=10.0)
+    r.update_peers(0, {"honest": 1.0})  # it withdraws its record...
+    r.update_peers(0, {"liar": 1e12, "honest": 1.0})  # ...and announces itself again
+    assert r.available(0, now=20.0) == ["honest"]
+    assert r.state(0, "liar").failures == 1 and r.state(0, "liar").throughput == pytest.approx(0.8e12)
+    r.report_failure(0, "liar", now=80.0)
+    assert r.state(0, "liar").banned_until == 80.0 + 120.0  # its second failure in a row: the ban doubled
+
+
+def test_a_peer_that_never_failed_is_forgotten_when_it_leaves():
+    r = _router()
+    r.update_peers(0, {"a": 5.0})
+    r.report_success(0, "a", samples=10, elapsed_s=1.0, now=1.0)
+    r.update_peers(0, {})
+    r.update_peers(0, {"a": 5.0})
+    assert r.state(0, "a").throughput == 5.0

@@ -25,7 +25,8 @@ def test_a_summary_is_one_flat_object_with_every_summary_key():
         backend="sim", numerics=True, model="tiny", seed=0, num_stages=2, num_trainers=1, schedule="sync", compression="none",
         compression_rate=1.0, churn="none", steps=1, samples=4, tokens=64, sim_time_s=1.0, wall_time_s=0.1, tokens_per_s=64.0,
         tokens_per_s_steady=None, loss_first=None, loss_last=None, val_loss=None, activation_bytes_per_token=None,
-        micro_batches_started=1, micro_batches_done=1, rpc_bytes_per_stage=[0, 0], trainer_totals=TrainerTotals(0, 0, 0, 10),
+        micro_batches_started=1, micro_batches_done=1, micro_batches_in_flight=0, rpc_bytes_per_stage=[0, 0],
+        trainer_totals=TrainerTotals(0, 0, 0, 0, 0, 0, 10),
         servers=ServerTotals(),
     ).as_dict()
     assert tuple(summary) == SUMMARY_KEYS

@@ -11,6 +11,7 @@ from node0sim.protocol.messages import (
     ForwardRequest,
     ForwardResponse,
     Packed,
+    TailRequest,
     TailResponse,
     TensorSpec,
     message,
@@ -96,3 +97,26 @@ def test_the_epoch_stamp_travels_and_is_counted_inside_the_header():
     assert ForwardResponse(outputs, epoch=9).wire_bytes() == ForwardResponse(outputs).wire_bytes()
     echoed = decode(encode(BackwardRequest(1, outputs, outputs, epoch=stamped.epoch)))
     assert echoed.epoch == 9
+
+
+def test_shapes_whose_strides_overflow_are_refused_by_name():
+    for tag, body in (("__tensor__", ["float32", [0, 2**62, 2**62], b""]), ("__spec__", ["float32", [2**40, 2**40]]),
+                      ("__spec__", ["float32", [1] * 9])):
+        with pytest.raises(WireError, match="is too large"):
+            decode(_document({"stage": 0, "inputs": {tag: body}, "token_ids": None}))
+
+
+def test_zero_dimensional_tensors_round_trip():
+    for value in (torch.tensor(1.5), torch.tensor(3, dtype=torch.int64), torch.tensor(2.0, dtype=torch.bfloat16)):
+        back = decode(encode(ForwardRequest(0, value))).inputs
+        assert back.shape == () and back.dtype == value.dtype and torch.equal(back, value)
+
+
+def test_the_request_id_and_accumulate_flag_travel_and_cost_no_bytes():
+    inputs = torch.randn(2, 3, 4)
+    request = BackwardRequest(1, inputs, inputs, epoch=3, request_id=2**31, accumulate=False)
+    back = decode(encode(request))
+    assert (back.request_id, back.accumulate) == (2**31, False)
+    assert request.wire_bytes() == BackwardRequest(1, inputs, inputs).wire_bytes()
+    tail = decode(encode(TailRequest(2, inputs, torch.zeros(2, 3, dtype=torch.int64), request_id=7)))
+    assert (tail.request_id, tail.accumulate) == (7, True)

@@ -237,7 +237,7 @@ class TokenBatches:
         if total < window:
             raise ValueError(
                 f"the document source has only {total} tokens, fewer than one window of "
-                f"seq_len + 1 = {window} tokens; use more data or a shorter seq_len"
+                f"seq_len + 1 = {window} tokens; use more data or a shorter train.seq_len"
             )
 
     def _windows(self, rng: random.Random | None) -> Iterator[list[int]]:

@@ -6,10 +6,14 @@ batch): here one queue holds every kind, and the kind of the oldest waiting requ
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 from node0sim.runtime import Future, Runtime
+
+REMEMBERED_KEYS = 4096
+"""Keys of served requests a queue remembers to refuse their late duplicates (a trainer retries within seconds)."""
 
 RunBatch = Callable[[str, list[Any]], list[Any]]
 """``run_batch(kind, items)``: one result per item, an ``Exception`` for an item rejected on its own."""
@@ -42,9 +46,47 @@ class BatchingQueue:
         self.max_batch_requests = max_batch_requests
         self._queue: list[_Job] = []
         self._dispatching = False
+        self._running: dict[Hashable, list[Future]] = {}
+        """Keyed requests being served, with the futures of their duplicates waiting for the same result."""
+        self._served: OrderedDict[Hashable, None] = OrderedDict()
+        """Keys of the last ``REMEMBERED_KEYS`` keyed requests served."""
+        self.duplicates = 0
+        """Keyed requests that arrived again while (or after) the first was served: none was run a second time."""
 
-    async def submit(self, kind: str, item: Any, flops: float) -> Any:
-        """The request's result, once its call ran; its rejection (or the call's failure) is raised."""
+    async def submit(self, kind: str, item: Any, flops: float, key: Hashable | None = None) -> Any:
+        """The request's result, once its call ran; its rejection (or the call's failure) is raised.
+
+        A request with a ``key`` runs at most once: a duplicate that arrives while the first is served gets the same
+        result (or rejection); one that arrives after it was served is refused, naming the key.
+        """
+        if key is None:
+            return await self._submit(kind, item, flops)
+        if key in self._running or key in self._served:
+            self.duplicates += 1
+            if key in self._served:
+                raise ValueError(f"request {key} was already served by this peer (a duplicate: not run again)")
+            waiter = self.rt.future()
+            self._running[key].append(waiter)
+            result = await waiter.wait()
+            if isinstance(result, Exception):
+                raise result
+            return result
+        self._running[key] = []
+        result: Any = ValueError(f"request {key} was not served")  # what duplicates get if serving it is cancelled
+        try:
+            result = await self._submit(kind, item, flops)
+            self._served[key] = None
+            while len(self._served) > REMEMBERED_KEYS:
+                self._served.popitem(last=False)
+            return result
+        except Exception as error:
+            result = error
+            raise
+        finally:
+            for waiter in self._running.pop(key):
+                waiter.set_result(result)
+
+    async def _submit(self, kind: str, item: Any, flops: float) -> Any:
         if self.max_batch_requests == 1:
             (result,) = await self.rt.compute(flops, lambda: self.run_batch(kind, [item]))
         else:

@@ -420,6 +420,17 @@ def topk_keep_for(dim: int, rate: float, activation_bytes: int = 4) -> int:
     return max(1, math.floor(dim * activation_bytes / rate / (activation_bytes + 2)))
 
 
+def max_rate(name: str, dim: int, activation_bytes: int = 4) -> float:
+    """The largest compression ``rate`` codec ``name`` can reach on activations of width ``dim`` (inf where the rate is
+    ignored): rank 1 (subspace, random_projection) or one kept entry per token (topk); a higher rate would be clamped
+    to this one."""
+    if name in ("subspace", "random_projection"):
+        return float(dim)
+    if name == "topk":
+        return dim * activation_bytes / (activation_bytes + 2)
+    return math.inf
+
+
 def make_codec(
     name: str, dim: int, rate: float, bits: int = 8, basis: SubspaceBasis | None = None, activation_bytes: int = 4
 ) -> Codec:

@@ -9,6 +9,7 @@ the live wire format decodes those classes and nothing else.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -17,10 +18,11 @@ import torch
 from node0sim.protocol.tensors import TensorSpec
 
 HEADER_BYTES = 64
-"""Per-message framing: method, stage index, tensor shapes and dtypes, and the epoch stamp of forward responses and
-backward requests. The stamp fits in the room the header already has: the fullest message (a backward request) needs
-a method name (8 bytes), stage and epoch (4 each) and three tensors' shapes (3 dims x 4 bytes) and dtypes (1 byte each):
-55 bytes; so stamped messages cost the same bytes as before."""
+"""Per-message framing: method, stage index, tensor shapes and dtypes, the epoch stamp of forward responses and
+backward requests, and the request id and accumulate flag of backward and tail requests. Both fit in the room the header already has: the
+fullest message (a backward request) needs a method name (8 bytes), stage and epoch (4 each), three tensors' shapes
+(3 dims x 4 bytes) and dtypes (1 byte each), a 4-byte request id and a 1-byte accumulate flag: 60 bytes; so they cost
+no bytes."""
 
 FORWARD = "forward"
 BACKWARD = "backward"
@@ -74,8 +76,33 @@ def payload_bytes(*payloads: Payload | None) -> int:
 
 
 def leading_dims(payload: Payload) -> tuple[int, int]:
-    """``(batch, seq_len)`` of a token or activation payload."""
+    """``(batch, seq_len)`` of a token or activation payload; a ValueError if it has fewer than two dimensions."""
+    if len(payload.shape) < 2:
+        raise ValueError(f"expected a [batch, seq_len, ...] payload, got shape {list(payload.shape)}")
     return payload.shape[0], payload.shape[1]
+
+
+def check_message(request: object, cls: type) -> None:
+    """Refuse (ValueError, naming the field) a request that is not a ``cls`` or whose fields do not have their declared
+    types: a payload field holds a tensor, a spec or a packed payload of those; an ``int`` field an int (not a bool)."""
+    if type(request) is not cls:
+        raise ValueError(f"expected a {cls.__name__}, got a {type(request).__name__}")
+    for name, hint in typing.get_type_hints(cls).items():
+        value = getattr(request, name)
+        allowed = typing.get_args(hint) or (hint,)
+        if value is None and type(None) in allowed:
+            continue
+        if isinstance(value, Packed):
+            parts_ok = all(isinstance(part, (torch.Tensor, TensorSpec)) for part in value.parts.values())
+            if Packed in allowed and parts_ok:
+                continue
+        elif isinstance(value, bool):
+            if bool in allowed:
+                continue
+        elif isinstance(value, tuple(t for t in allowed if t is not Packed)):
+            continue
+        names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+        raise ValueError(f"{cls.__name__}.{name}: expected {names}, got {type(value).__name__}")
 
 
 @message
@@ -118,6 +145,11 @@ class BackwardRequest:
     grad_outputs: Payload
     token_ids: Payload | None = None
     epoch: int = 0
+    request_id: int = 0
+    """The micro-batch's id (0: none); a server accumulates one micro-batch's gradient once (retries are duplicates)."""
+    accumulate: bool = True
+    """False: return the input gradient only (a retry of a request that timed out at a peer that may still accumulate
+    it), so the stage accumulates the micro-batch at most once."""
 
     def wire_bytes(self) -> int:
         return HEADER_BYTES + payload_bytes(self.inputs, self.grad_outputs, self.token_ids)
@@ -141,6 +173,10 @@ class TailRequest:
     inputs: Payload
     targets: Payload
     token_ids: Payload | None = None
+    request_id: int = 0
+    """As :attr:`BackwardRequest.request_id`."""
+    accumulate: bool = True
+    """As :attr:`BackwardRequest.accumulate`."""
 
     def wire_bytes(self) -> int:
         return HEADER_BYTES + payload_bytes(self.inputs, self.targets, self.token_ids)

@@ -6,6 +6,11 @@ average of observed rates) and the time until which its own in-flight requests k
 sends a request to the peer that would finish it earliest, counts a backward request as
 ``backward_weight`` forwards (2.5 in SWARM), and bans a peer that failed for a while.
 
+A failure is also an observation: it moves the peer's throughput estimate toward 0 like an observed rate of 0 (one EMA
+step), and each failure in a row (no success between) doubles the peer's ban, from ``ban_s`` up to ``max_ban_s``. What
+the router learned of a peer outlives its record: a banned peer that withdraws and announces itself again keeps its
+ban, its failure count and its estimate.
+
 Plain Python: times are seconds passed in by the caller, so this works on any backend.
 """
 
@@ -15,6 +20,9 @@ import math
 import random
 from collections.abc import Collection
 from dataclasses import dataclass
+
+MIN_THROUGHPUT = 1e-9
+"""Floor of a throughput estimate (samples/s) lowered by failures: a cost divided by it stays finite."""
 
 
 @dataclass(slots=True)
@@ -29,6 +37,8 @@ class PeerState:
     """The peer is not chosen before this time."""
     tie_rank: float = 0.0
     """Random rank breaking ties between equally good peers (drawn once per peer)."""
+    failures: int = 0
+    """Failures in a row (reset by a success): the ban doubles with each."""
 
 
 class Router:
@@ -46,11 +56,15 @@ class Router:
         ban_s: float = 60.0,
         backward_weight: float = 2.5,
         default_throughput: float = 1.0,
+        max_ban_s: float | None = None,
     ):
+        """``max_ban_s`` None: bans do not grow (every ban lasts ``ban_s``)."""
         if not 0.0 < ema_alpha <= 1.0:
             raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha}")
         if ban_s < 0:
             raise ValueError(f"ban_s must be >= 0, got {ban_s}")
+        if max_ban_s is not None and max_ban_s < ban_s:
+            raise ValueError(f"max_ban_s must be >= ban_s ({ban_s}), got {max_ban_s}")
         if backward_weight <= 0:
             raise ValueError(f"backward_weight must be > 0, got {backward_weight}")
         if default_throughput <= 0:
@@ -58,9 +72,12 @@ class Router:
         self.rng = rng
         self.ema_alpha = ema_alpha
         self.ban_s = ban_s
+        self.max_ban_s = ban_s if max_ban_s is None else max_ban_s
         self.backward_weight = backward_weight
         self.default_throughput = default_throughput
         self._stages: dict[int, dict[str, PeerState]] = {}
+        self._penalized: dict[int, dict[str, PeerState]] = {}
+        """Forgotten peers that had failed, per stage: restored if they announce themselves again."""
 
     def _cost(self, samples: int, backward: bool) -> float:
         return samples * (self.backward_weight if backward else 1.0)
@@ -76,17 +93,23 @@ class Router:
         """Set the current peers of ``stage`` with their announced throughputs (samples/s).
 
         New peers start from the announced value (``default_throughput`` if it is not a positive
-        number); known peers keep their learned estimate and ban; peers no longer listed are forgotten.
+        number); known peers keep their learned estimate and ban; peers no longer listed are forgotten,
+        except their penalty: one that had failed gets its state back (ban, failures, estimate) when listed again.
         """
         old = self._stages.get(stage, {})
+        penalized = self._penalized.setdefault(stage, {})
         new: dict[str, PeerState] = {}
         for peer in sorted(announced):
             if peer in old:
                 new[peer] = old[peer]
                 continue
+            if peer in penalized:
+                new[peer] = penalized.pop(peer)
+                continue
             value = announced[peer]
             throughput = value if math.isfinite(value) and value > 0 else self.default_throughput
             new[peer] = PeerState(throughput=throughput, tie_rank=self.rng.random())
+        penalized.update({peer: st for peer, st in old.items() if peer not in new and st.failures})
         self._stages[stage] = new
 
     def peers(self, stage: int) -> list[str]:
@@ -156,11 +179,19 @@ class Router:
         if saved > 0:
             st.busy_until = max(now, st.busy_until - saved)
         st.throughput += self.ema_alpha * (cost / elapsed_s - st.throughput)
+        st.failures = 0
+
+    def ban_for(self, failures: int) -> float:
+        """The ban after ``failures`` failures in a row: ``ban_s`` doubled for each after the first, at most ``max_ban_s``."""
+        return min(self.max_ban_s, self.ban_s * 2.0 ** min(failures - 1, 64))
 
     def report_failure(self, stage: int, peer: str, now: float) -> None:
-        """``peer`` failed a request: ban it until ``now + ban_s`` and forget its queue."""
+        """``peer`` failed a request: ban it for :meth:`ban_for` its failures in a row, forget its queue, and move its
+        throughput estimate toward 0 (one EMA step, as an observed rate of 0)."""
         st = self._state(stage, peer)
         if st is None:
             return
-        st.banned_until = now + self.ban_s
+        st.failures += 1
+        st.banned_until = now + self.ban_for(st.failures)
         st.busy_until = now
+        st.throughput = max(st.throughput * (1.0 - self.ema_alpha), MIN_THROUGHPUT)

@@ -6,6 +6,7 @@ network see identical traffic and compute time in either mode.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
@@ -33,12 +34,16 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Work:
-    """One request's part of a batched call: its inputs, token ids, and gradient (backward) or targets (tail)."""
+    """One request's part of a batched call: its inputs, token ids, and gradient (backward) or targets (tail).
+
+    ``accumulate`` False: a backward or tail that only returns the input gradient (and loss), leaving the parameters'
+    accumulated gradients as they are (a retry whose first attempt may be accumulated by the peer that timed out)."""
 
     inputs: Payload
     token_ids: Payload | None = None
     grad_outputs: Payload | None = None
     targets: Payload | None = None
+    accumulate: bool = True
 
 
 def _single(results: list[T | ValueError]) -> T:
@@ -68,6 +73,7 @@ class OptimConfig:
     warmup_steps: int = 5
     total_steps: int | None = None
     clip_grad_norm: float = 1.0
+    """Gradients are clipped to this global norm before each step (0: no clipping)."""
     momentum_decay: float = 0.004
     """nesterov_async: NAdam's psi; its momentum ramps as mu_t = beta1 (1 - 0.5 * 0.96^(t psi)), so 0.004 (PyTorch's
     and the paper's) reaches mu ~ beta1 only after ~50k steps; short runs need a larger psi."""
@@ -81,8 +87,14 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optim.name: {self.name!r} is not one of {list(OPTIMIZERS)}")
-        if not 0 <= self.gamma < 1:
-            raise ValueError(f"optim.gamma: must be in [0, 1), got {self.gamma}")
+        for name in ("gamma", "beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optim.{name}: must be in [0, 1), got {getattr(self, name)}")
+        for name in ("lr", "eps", "weight_decay", "clip_grad_norm", "momentum_decay", "warmup_steps", "total_steps"):
+            value = getattr(self, name)
+            positive = name in ("lr", "eps")
+            if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+                raise ValueError(f"optim.{name}: must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of ``lr`` at optimizer step ``step`` (0-based); no ``total_steps`` means constant after warmup."""
@@ -257,7 +269,8 @@ class TensorStageCompute(StageCompute):
     def _batches(
         self, works: list[Work], results: list[Any], check: Callable[[Work, torch.Tensor], Any] | None = None
     ) -> list[tuple[list[int], list[torch.Tensor], list[Any]]]:
-        """Accepted requests grouped by input shape: (indices, inputs, checked extras); rejections go to ``results``."""
+        """Accepted requests grouped by input shape and ``accumulate``: (indices, inputs, checked extras); rejections go to
+        ``results``."""
         groups: dict[tuple[int, ...], tuple[list[int], list[torch.Tensor], list[Any]]] = {}
         for i, work in enumerate(works):
             try:
@@ -266,7 +279,7 @@ class TensorStageCompute(StageCompute):
             except ValueError as rejected:
                 results[i] = rejected
                 continue
-            indices, xs, extras = groups.setdefault(tuple(x.shape[1:]), ([], [], []))
+            indices, xs, extras = groups.setdefault((work.accumulate, *x.shape[1:]), ([], [], []))
             indices.append(i)
             xs.append(x)
             extras.append(extra)
@@ -288,11 +301,20 @@ class TensorStageCompute(StageCompute):
     def _encoded_input_grad(self, x: torch.Tensor) -> Payload | None:
         return None if self.is_head else self.codec.encode_grad(x.grad.cpu())
 
+    def _backprop(self, outputs: torch.Tensor, grad_outputs: torch.Tensor | None, leaves: list[torch.Tensor], accumulate: bool) -> None:
+        """Backward from ``outputs``: into the parameters' gradients and the input leaves' (``accumulate``), or into the
+        input leaves' only (none on the head, whose inputs are token ids)."""
+        if accumulate:
+            outputs.backward(grad_outputs)
+        elif not self.is_head:
+            for leaf, grad in zip(leaves, torch.autograd.grad(outputs, leaves, grad_outputs)):
+                leaf.grad = grad
+
     def backward_batch(self, works: list[Work]) -> list[Payload | None | ValueError]:
         results: list[Any] = [None] * len(works)
         for indices, xs, grads in self._batches(works, results, self._checked_grad):
             leaves = self._leaves(xs)
-            self.module(torch.cat(leaves)).backward(torch.cat(grads))
+            self._backprop(self.module(torch.cat(leaves)), torch.cat(grads), leaves, works[indices[0]].accumulate)
             for i, leaf in zip(indices, leaves):
                 results[i] = self._encoded_input_grad(leaf)
         return results
@@ -304,7 +326,7 @@ class TensorStageCompute(StageCompute):
             logits = self.module(torch.cat(leaves)).split([len(x) for x in xs])
             losses = [self.module.loss(out, t) for out, t in zip(logits, targets)]
             # each micro-batch's mean loss times its sequence count: gradients are sums over samples
-            sum(loss * len(x) for loss, x in zip(losses, xs)).backward()
+            self._backprop(sum(loss * len(x) for loss, x in zip(losses, xs)), None, leaves, works[indices[0]].accumulate)
             for i, loss, leaf in zip(indices, losses, leaves):
                 results[i] = (loss.item(), self._encoded_input_grad(leaf))
         return results
@@ -480,6 +502,7 @@ class CostStageCompute(StageCompute):
 
 def _are_token_ids(value: Any, vocab_size: int) -> bool:
     return (
-        isinstance(value, torch.Tensor) and not value.dtype.is_floating_point and value.numel() > 0
+        isinstance(value, torch.Tensor) and not value.dtype.is_floating_point and not value.dtype.is_complex
+        and value.dtype != torch.bool and value.numel() > 0
         and bool(value.min() >= 0) and bool(value.max() < vocab_size)
     )

@@ -33,6 +33,7 @@ from node0sim.protocol.messages import (
     Payload,
     TailRequest,
     TailResponse,
+    check_message,
     leading_dims,
 )
 from node0sim.protocol.powersgd import PowerSGD
@@ -166,37 +167,44 @@ class StageServer:
         """The micro-batch's tokens: the head's own input, or the side channel sent with the activations."""
         return request.inputs if self.compute.is_head else request.token_ids
 
-    def _check_stage(self, stage: int) -> None:
-        if stage != self.stage:
-            raise ValueError(f"request for stage {stage} sent to a server of stage {self.stage}")
+    def _check_request(self, request: Any, cls: type) -> None:
+        """Refuse, naming the problem, a request of another class, with mistyped fields, or for another stage."""
+        check_message(request, cls)
+        if request.stage != self.stage:
+            raise ValueError(f"request for stage {request.stage} sent to a server of stage {self.stage}")
 
     async def handle_forward(self, caller: str, request: ForwardRequest) -> ForwardResponse:
         """Forward pass, stamped with this epoch; nothing of the request is kept for the backward pass (with a weight
         history, this epoch's weights are)."""
-        self._check_stage(request.stage)
+        self._check_request(request, ForwardRequest)
         work = Work(request.inputs, self._token_ids(request))
         outputs, epoch = await self.requests.submit(FORWARD, work, self.compute.forward_flops(request.inputs))
         return ForwardResponse(outputs, epoch)
 
     async def handle_backward(self, caller: str, request: BackwardRequest) -> BackwardResponse:
         """Recompute the forward pass from the resent input, then backward."""
-        self._check_stage(request.stage)
-        work = _StampedWork(Work(request.inputs, self._token_ids(request), grad_outputs=request.grad_outputs), request.epoch)
-        grad_inputs = await self.requests.submit(BACKWARD, work, self.compute.backward_flops(request.inputs))
+        self._check_request(request, BackwardRequest)
+        work = _StampedWork(
+            Work(request.inputs, self._token_ids(request), grad_outputs=request.grad_outputs, accumulate=request.accumulate),
+            request.epoch,
+        )
+        flops = self.compute.backward_flops(request.inputs)
+        grad_inputs = await self.requests.submit(BACKWARD, work, flops, _once_key(caller, request.request_id))
         await self._end_epoch_if_alone_and_due()
         return BackwardResponse(grad_inputs)
 
     async def handle_tail(self, caller: str, request: TailRequest) -> TailResponse:
         """Forward, loss and backward of the last stage."""
-        self._check_stage(request.stage)
-        work = Work(request.inputs, self._token_ids(request), targets=request.targets)
-        loss, grad_inputs = await self.requests.submit(TAIL, work, self.compute.backward_flops(request.inputs))
+        self._check_request(request, TailRequest)
+        work = Work(request.inputs, self._token_ids(request), targets=request.targets, accumulate=request.accumulate)
+        flops = self.compute.backward_flops(request.inputs)
+        loss, grad_inputs = await self.requests.submit(TAIL, work, flops, _once_key(caller, request.request_id))
         await self._end_epoch_if_alone_and_due()
         return TailResponse(loss, grad_inputs)
 
     async def handle_get_state(self, caller: str, request: StateRequest) -> StateResponse:
         """Send this peer's parameters and optimizer state to a joiner."""
-        self._check_stage(request.stage)
+        self._check_request(request, StateRequest)
         return await self.state_transfer.export()
 
     def _run_batch(self, kind: str, items: list[Any]) -> list[Any]:
@@ -214,7 +222,7 @@ class StageServer:
         results = self._backward_batch(stamped) if kind == BACKWARD else self.compute.tail_batch(items)
         current = self.compute.parameter_values(None) if self.history is not None else None
         for item, result in zip(stamped, results):
-            if not isinstance(result, Exception):
+            if not isinstance(result, Exception) and item.work.accumulate:
                 samples = leading_dims(item.work.inputs)[0]
                 self.progress.count(samples)
                 self.stats.samples += samples
@@ -327,6 +335,11 @@ class StageServer:
         if mean is not None and contributors > 1:
             await self.rt.compute(0.0, lambda: self.compute.set_parameter_values(mean, index))
             self.stats.state_averaging_rounds += 1
+
+
+def _once_key(caller: str, request_id: int) -> tuple[str, int] | None:
+    """The key under which a backward or tail request is accumulated at most once (None: the caller sent no id)."""
+    return (caller, request_id) if request_id else None
 
 
 def _stable_hash(*parts: Any) -> int:

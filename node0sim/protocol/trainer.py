@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 import torch
@@ -20,7 +21,7 @@ from node0sim.protocol.messages import (
 )
 from node0sim.protocol.progress import read_stages
 from node0sim.protocol.routing import Router
-from node0sim.runtime import RPCError, Runtime, Task
+from node0sim.runtime import RequestTimeout, RPCError, Runtime, Task
 
 
 class MicroBatchSource(Protocol):
@@ -47,6 +48,7 @@ class TrainerConfig:
     discovery_period_s: float = 5.0
     startup_poll_s: float = 0.5
     ban_s: float = 60.0
+    max_ban_s: float = 960.0
     send_token_ids: bool = False
 
 
@@ -60,10 +62,21 @@ class TrainerStats:
     samples: int = 0
     tokens: int = 0
     failed_requests: int = 0
+    timed_out_requests: int = 0
+    """Failed requests that got no answer within ``request_timeout_s``."""
+    no_peer_requests: int = 0
+    """Failed attempts that found no available peer of the stage (none announced, or all banned)."""
     retried_requests: int = 0
+    unaccumulated_retries: int = 0
+    """Backward/tail requests whose retries asked for the input gradient only, after an attempt timed out."""
     losses: list[float] = field(default_factory=list)
     stage_bytes: dict[int, int] = field(default_factory=dict)
     """Bytes of successful requests and responses, per stage called."""
+
+    @property
+    def micro_batches_in_flight(self) -> int:
+        """Micro-batches started and neither done nor dropped (nonzero when a run is stopped mid-way)."""
+        return self.micro_batches_started - self.micro_batches_done - self.micro_batches_dropped
 
 
 class NoPeerForStage(RPCError):
@@ -97,7 +110,8 @@ class Trainer:
         self.cfg = cfg
         self.on_micro_batch = on_micro_batch
         self.stats = TrainerStats()
-        self.router = Router(random.Random(rt.peer_id), ban_s=cfg.ban_s)
+        self.router = Router(random.Random(rt.peer_id), ban_s=cfg.ban_s, max_ban_s=cfg.max_ban_s)
+        self._micro_batch_ids = itertools.count(1)
 
     async def run(self) -> TrainerStats:
         """Train until ``cfg.micro_batches`` micro-batches are done (or dropped)."""
@@ -140,7 +154,11 @@ class Trainer:
             self.router.update_peers(stage, {p: r.throughput for p, r in records.items() if r.ready})
 
     async def _call(self, stage: int, method: str, request: Any, samples: int, backward: bool = False) -> Any:
-        """Call the peer of ``stage`` expected to finish first; on failure ban it and retry on another."""
+        """Call the peer of ``stage`` expected to finish first; on failure ban it and retry on another.
+
+        Once a backward or tail attempt timed out, the peer may still accumulate it: the retries ask for the input
+        gradient only (``accumulate=False``), so the stage accumulates the micro-batch at most once.
+        """
         tried: list[str] = []
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
@@ -148,16 +166,21 @@ class Trainer:
             peer = self.router.choose(stage, samples, self.rt.now(), backward, exclude=tried)
             if peer is None:  # nobody serves this stage right now: the pipeline stalls here
                 self.stats.failed_requests += 1
+                self.stats.no_peer_requests += 1
                 await self.rt.sleep(self.cfg.discovery_period_s)
                 await self._discover()
                 continue
             started = self.rt.now()
             try:
                 response = await self.rt.call(peer, method, request, self.cfg.request_timeout_s)
-            except RPCError:
+            except RPCError as error:
                 self.stats.failed_requests += 1
+                self.stats.timed_out_requests += isinstance(error, RequestTimeout)
                 self.router.report_failure(stage, peer, self.rt.now())
                 tried.append(peer)
+                if isinstance(error, RequestTimeout) and isinstance(request, (BackwardRequest, TailRequest)) and request.accumulate:
+                    request = replace(request, accumulate=False)
+                    self.stats.unaccumulated_retries += 1
                 continue
             self.router.report_success(stage, peer, samples, self.rt.now() - started, self.rt.now(), backward)
             self.stats.stage_bytes[stage] = (
@@ -170,7 +193,7 @@ class Trainer:
         self.stats.micro_batches_started += 1
         inputs, targets = self.source.next_micro_batch()
         try:
-            loss = await self._forward_backward(inputs, targets)
+            loss = await self._forward_backward(inputs, targets, next(self._micro_batch_ids))
         except RPCError:
             self.stats.micro_batches_dropped += 1
             return
@@ -188,7 +211,9 @@ class Trainer:
             return None
         return inputs.to(torch.int32)
 
-    async def _forward_backward(self, inputs: Payload, targets: Payload) -> float | None:
+    async def _forward_backward(self, inputs: Payload, targets: Payload, request_id: int) -> float | None:
+        """The micro-batch's loss; its backward and tail requests carry ``request_id`` (the same on every retry), so a
+        server accumulates it once."""
         last = self.num_stages - 1
         ids = self._side_channel(inputs)
         samples = leading_dims(inputs)[0]
@@ -198,10 +223,12 @@ class Trainer:
             response = await self._call(stage, FORWARD, request, samples)
             stage_inputs.append(response.outputs)
             epochs.append(response.epoch)
-        tail_request = TailRequest(last, stage_inputs[last], targets, None if last == 0 else ids)
+        tail_request = TailRequest(last, stage_inputs[last], targets, None if last == 0 else ids, request_id=request_id)
         tail = await self._call(last, TAIL, tail_request, samples, backward=True)
         grad = tail.grad_inputs
         for stage in reversed(range(last)):
-            request = BackwardRequest(stage, stage_inputs[stage], grad, None if stage == 0 else ids, epoch=epochs[stage])
+            request = BackwardRequest(
+                stage, stage_inputs[stage], grad, None if stage == 0 else ids, epoch=epochs[stage], request_id=request_id
+            )
             grad = (await self._call(stage, BACKWARD, request, samples, backward=True)).grad_inputs
         return tail.loss

@@ -166,7 +166,9 @@ class SimulatedRun:
         if run.train.max_sim_time_s is not None:
             stop = sim.env.any_of([stop, sim.env.timeout(run.train.max_sim_time_s)])
         sim.run(until=stop)
-        self.recorder.log(swarm.snapshot())
+        final = swarm.snapshot()
+        if final != _last_snapshot(self.recorder.records):  # the periodic one may have been taken at this instant
+            self.recorder.log(final)
         summary = self.summary().as_dict()
         self.recorder.log(staleness_record(summary))
         summary["outputs"] = {k: str(v) for k, v in self.recorder.finish(summary).items()}
@@ -204,6 +206,10 @@ def _replica(swarm: VirtualSwarm, templates: list[StageCompute]) -> list[StageCo
         live = [m.server.compute for _, m in swarm.members.values() if m.server and m.server.stage == stage]
         replica.append(live[0] if live else template)
     return replica
+
+
+def _last_snapshot(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return next((r for r in reversed(records) if r.get("event") == "swarm"), None)
 
 
 def _snapshots(sim: Simulation, swarm: VirtualSwarm, recorder: RunRecorder, period_s: float) -> Generator:
