@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from node0sim.model.costs import ComputeCost
 from node0sim.runtime import Future, Runtime
 
 RunBatch = Callable[[str, list[Any]], list[Any]]
@@ -21,7 +22,7 @@ class _Job:
 
     kind: str
     item: Any
-    flops: float
+    cost: ComputeCost
     result: Future
 
 
@@ -30,7 +31,8 @@ class BatchingQueue:
 
     With ``max_batch_requests`` 1 every request is its own call, started at once. Otherwise one call
     runs at a time: it serves the oldest waiting request together with the next same-kind requests
-    (in arrival order, at most ``max_batch_requests`` in all) and costs the sum of their FLOPs. Each
+    (in arrival order, at most ``max_batch_requests`` in all) and costs their merged work (larger products,
+    :meth:`ComputeCost.merge`). Each
     request gets its own result or its own rejection; a call that fails as a whole fails its batch only.
     """
 
@@ -43,12 +45,12 @@ class BatchingQueue:
         self._queue: list[_Job] = []
         self._dispatching = False
 
-    async def submit(self, kind: str, item: Any, flops: float) -> Any:
+    async def submit(self, kind: str, item: Any, cost: ComputeCost) -> Any:
         """The request's result, once its call ran; its rejection (or the call's failure) is raised."""
         if self.max_batch_requests == 1:
-            (result,) = await self.rt.compute(flops, lambda: self.run_batch(kind, [item]))
+            (result,) = await self.rt.compute(cost, lambda: self.run_batch(kind, [item]))
         else:
-            job = _Job(kind, item, flops, self.rt.future())
+            job = _Job(kind, item, cost, self.rt.future())
             self._queue.append(job)
             if not self._dispatching:
                 self._dispatching = True
@@ -67,7 +69,8 @@ class BatchingQueue:
                 self._queue = [job for job in self._queue if job not in batch]
                 items = [job.item for job in batch]
                 try:
-                    results = await self.rt.compute(sum(job.flops for job in batch), lambda: self.run_batch(kind, items))
+                    cost = ComputeCost.merge([job.cost for job in batch])
+                    results = await self.rt.compute(cost, lambda: self.run_batch(kind, items))
                 except Exception as error:  # not a malformed request (those come back as results): fail the batch
                     results = [error] * len(batch)
                 for job, result in zip(batch, results):
