@@ -104,18 +104,21 @@ def test_a_simulated_peer_charges_its_compute_models_time_plus_the_call_overhead
 def test_stage_memory_counts_weights_optimizer_state_and_activations():
     layers, is_head, is_tail = stage_shapes(TINY, 2)[1]
     memory = stage_memory(TINY, layers, is_head, is_tail, micro_batch=4, seq_len=128, element_bytes=2, requests_per_call=1,
-                          queued_requests=3, state_tensors=2)
+                          queued_bytes=1e6, state_tensors=2)
     params = stage_parameter_count(TINY, layers, is_head, is_tail)
     s, b, h = 128, 4, 128
     assert (memory.weights, memory.gradients, memory.optimizer_state) == (4 * params, 4 * params, 8 * params)
     # Korthikanti et al. 2022: 34 s b h bytes per layer in 16 bits (no stored scores); the tail adds logits and their gradient
     assert memory.activations == pytest.approx(2 * 34 * s * b * h + 2 * s * b * 257 * 2)
-    assert memory.queued_requests == 3 * 2 * s * b * h * 2
+    assert memory.queued_requests == 1e6 and memory.total == pytest.approx(16 * params + memory.activations + 1e6)
 
 
 def test_a_stage_that_does_not_fit_is_refused_before_the_run_naming_the_numbers(tmp_path):
-    overrides = ("experiment=headline", "network=datacenter", "sim.gpu=t4", "sim.compute_dtype=float32", "wandb.enabled=false")
-    with pytest.raises(ConfigError, match=r"sim\.check_memory: \d+ of 32 stages do not fit on t4 \(16 GB\); stage 31 needs"):
+    # node0_8b's tail in fp32 with 4 sequences per micro-batch: 16 B x 424M parameters, 11.2 GB of activations
+    overrides = ("experiment=headline", "network=datacenter", "sim.gpu=t4", "sim.compute_dtype=float32",
+                 "train.micro_batch_size=4", "train.batch_size=128", "wandb.enabled=false")
+    with pytest.raises(ConfigError, match=r"sim\.check_memory: 1 of 32 stages do not fit on t4 \(16 GB\); stage 31 needs 18\.0 GB: "
+                                          r"weights 1\.7 GB, .* activations of one call \(1 x 4 x 4096 tokens, float32\) 11\.2 GB"):
         SimulatedRun(run_config(*overrides), tmp_path)
     summary = simulate(tmp_path, *overrides, "sim.check_memory=false", "train.max_sim_time_s=1")  # a sweep can go past it
     assert summary["sim_time_s"] == pytest.approx(1.0)

@@ -247,7 +247,7 @@ class StageMemory:
     activations: float
     """Stored for the backward pass of one accelerator call (up to ``requests_per_call`` micro-batches)."""
     queued_requests: float
-    """Inputs and output gradients of the requests that can wait at the stage at once."""
+    """Activations and gradients of the requests that can wait at the stage at once, as they arrived (encoded)."""
 
     @property
     def total(self) -> float:
@@ -256,11 +256,11 @@ class StageMemory:
 
 def stage_memory(
     cfg: ModelConfig, layer_range: range, is_head: bool, is_tail: bool, *, micro_batch: int, seq_len: int,
-    element_bytes: int, requests_per_call: int, queued_requests: int, state_tensors: int,
+    element_bytes: int, requests_per_call: int, queued_bytes: float, state_tensors: int,
 ) -> StageMemory:
     """Peak memory of a stage server: fp32 weights, gradient accumulator and optimizer states, the activations of one
     call (:data:`ACTIVATION_BYTES_PER_TOKEN_DIM`, scaled from 16-bit to ``element_bytes``, plus the tail's logits and
-    their gradient), and the inputs and gradients of ``queued_requests`` waiting requests."""
+    their gradient), and ``queued_bytes`` of requests waiting for the accelerator (as they arrived, encoded)."""
     params = stage_parameter_count(cfg, layer_range, is_head, is_tail)
     tokens = micro_batch * requests_per_call * seq_len
     activations = len(layer_range) * tokens * cfg.dim * ACTIVATION_BYTES_PER_TOKEN_DIM * element_bytes / 2
@@ -268,5 +268,5 @@ def stage_memory(
         activations += 2 * tokens * embedding_shape(cfg)[0] * element_bytes
     return StageMemory(
         weights=4.0 * params, gradients=4.0 * params, optimizer_state=4.0 * params * state_tensors, activations=activations,
-        queued_requests=queued_requests * 2.0 * hidden_bytes(cfg, micro_batch, seq_len, element_bytes),
+        queued_requests=queued_bytes,
     )

@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any, Generator
 
 import simpy
+import torch
 
 from node0sim.assembly import flops_per_sample, make_swarm_peer, make_trainer, method_bytes, server_report, summarize, trainer_totals
 from node0sim.config import ConfigError, RunConfig
 from node0sim.experiment import evaluate, micro_batch_sources, model_config, stage_computes
 from node0sim.metrics import RunRecorder, StepTracker
 from node0sim.model import ModelConfig
-from node0sim.model.costs import StageMemory, stage_memory, stage_shapes
+from node0sim.model.costs import StageMemory, hidden_bytes, stage_memory, stage_shapes
 from node0sim.protocol.messages import AVERAGING_METHODS, GET_STATE, STAGE_METHODS
 from node0sim.protocol.optimizers import STATE_LAYOUTS
 from node0sim.protocol.stage_compute import StageCompute, TensorStageCompute
@@ -57,17 +58,24 @@ def build_simulation(run: RunConfig) -> Simulation:
 
 
 def stage_memories(run: RunConfig, cfg: ModelConfig) -> list[StageMemory]:
-    """Peak memory of a server of each stage (:func:`node0sim.model.costs.stage_memory`): every micro-batch in flight
-    may wait at one stage (``num_trainers x max_inflight``, or a sync step's micro-batches)."""
+    """Peak memory of a server of each stage (:func:`node0sim.model.costs.stage_memory`). Every micro-batch in flight
+    (``num_trainers x max_inflight``, or a sync step's) may wait at one stage, holding what its request carries: an
+    activation or gradient of ``hidden_bytes / compression.rate`` (rate 1 without compression) in the wire dtype
+    (timing mode: ``sim.timing_dtype``; numerics: fp32), two for a body stage's backward (input and output gradient),
+    one for the head's (output gradient) and the tail's (input); token ids and headers are left out."""
     train = run.train
     in_flight = run.topology.num_trainers * train.max_inflight if train.schedule == "async" else train.micro_batches_per_step
+    wire_element_bytes = getattr(torch, run.sim.timing_dtype).itemsize if not run.sim.numerics else 4
+    rate = run.compression.rate if run.compression.name != "none" else 1.0
+    wire = hidden_bytes(cfg, train.micro_batch_size, train.seq_len, wire_element_bytes) / rate
     return [
         stage_memory(
-            cfg, *shape, micro_batch=train.micro_batch_size, seq_len=train.seq_len,
+            cfg, layers, is_head, is_tail, micro_batch=train.micro_batch_size, seq_len=train.seq_len,
             element_bytes=ELEMENT_BYTES[run.sim.compute_dtype], requests_per_call=run.topology.max_batch_requests,
-            queued_requests=in_flight, state_tensors=len(STATE_LAYOUTS[run.optim.name].tensors),
+            queued_bytes=in_flight * wire * (1 if is_head or is_tail else 2),
+            state_tensors=len(STATE_LAYOUTS[run.optim.name].tensors),
         )
-        for shape in stage_shapes(cfg, run.topology.num_stages)
+        for layers, is_head, is_tail in stage_shapes(cfg, run.topology.num_stages)
     ]
 
 
@@ -90,8 +98,8 @@ def check_memory(run: RunConfig, cfg: ModelConfig) -> None:
         f"sim.check_memory: {len(too_big)} of {len(memories)} stages do not fit on {gpu.name} ({gpu.memory_gb:g} GB); "
         f"stage {worst} needs {gb(m.total)}: weights {gb(m.weights)}, gradients {gb(m.gradients)}, optimizer state "
         f"{gb(m.optimizer_state)}, activations of one call ({run.topology.max_batch_requests} x {train.micro_batch_size} "
-        f"x {train.seq_len} tokens, {run.sim.compute_dtype}) {gb(m.activations)}, inputs and gradients of the requests "
-        f"that may wait for it {gb(m.queued_requests)}. Use a larger GPU, smaller micro-batches or more stages, or "
+        f"x {train.seq_len} tokens, {run.sim.compute_dtype}) {gb(m.activations)}, the requests that may wait for it "
+        f"{gb(m.queued_requests)}. Use a larger GPU, smaller micro-batches or more stages, or "
         f"sim.check_memory=false to run anyway"
     )
 
