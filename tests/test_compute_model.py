@@ -1,5 +1,8 @@
 """The compute cost models (flat and roofline), the operations they charge, and the memory check before a run."""
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,7 +26,7 @@ from node0sim.sim.gpus import MATMUL_CURVES, FlatCompute, RooflineCompute, gpu_p
 from node0sim.sim.runner import SimulatedRun
 from tests.runs import run_config, simulate
 from tests.simutil import make_sim
-from tools.bench_compute import fit_curve
+from tools.bench_compute import fit_curve, read_table
 
 TINY = ModelConfig(**run_config("model=tiny", "model.vocab_size=257", "sim.numerics=false").model)
 NODE0_8B = ModelConfig(**run_config("model=node0_8b", "sim.numerics=false").model)
@@ -135,3 +138,12 @@ def test_the_bench_tools_fit_recovers_a_known_curve():
     flops = [2 * n**3 for n in (64, 256, 1024, 4096)]
     fixed_s, rate = fit_curve(flops, [5e-6 + f / 300e12 for f in flops])
     assert fixed_s == pytest.approx(5e-6) and rate == pytest.approx(300e12)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "tf32"])
+def test_the_matmul_curves_are_the_fit_to_the_published_h100_measurements(dtype):
+    rows = read_table(Path(__file__).parents[1] / "tools/data/h100_matmul_xla.csv", dtype)
+    fixed_s, rate = fit_curve([2.0 * math.prod(shape) for shape, _ in rows], [seconds for _, seconds in rows])
+    curve = MATMUL_CURVES[dtype]
+    assert fixed_s == pytest.approx(curve.fixed_s, rel=0.01)
+    assert rate / gpu_profile("h100").peak(dtype) == pytest.approx(curve.max_efficiency, rel=0.01)
