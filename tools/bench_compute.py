@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench_compute.py [--device cpu|cuda] [--dtype float32 bfloat16 tf32] [--gpu h100]
     .venv/bin/python tools/bench_compute.py --table tools/data/h100_matmul_xla.csv --gpu h100
+    .venv/bin/python tools/bench_compute.py --stage node0_8b --seq-len 4096 --gpu h100 [--dtype bfloat16]
 
 Each matmul [m, k] x [k, n] (batched ``batch`` times) of F = 2 batch m k n FLOPs is timed (CUDA events after
 warm-up on a GPU, the median of ``--repeats``; wall clock on a CPU, the fastest), and the roofline model's curve
@@ -12,7 +13,9 @@ warm-up on a GPU, the median of ``--repeats``; wall clock on a CPU, the fastest)
 by least squares on the relative error of t (linear in fixed_s and 1 / (max_efficiency x peak)). ``peak`` is the
 ``--gpu`` profile's datasheet peak for the dtype; without ``--gpu`` (a CPU) the fitted asymptotic rate is printed
 instead of an efficiency. ``--table`` fits a CSV of published measurements (``batch,m,n,k,<dtype>_tflops`` columns)
-instead of timing anything: that is how the constants in ``node0sim/sim/gpus.py`` were obtained.
+instead of timing anything: that is how the constants in ``node0sim/sim/gpus.py`` were obtained. ``--stage MODEL``
+times one body stage of that model (one layer, as a server runs it: a forward without autograd, and a recomputed
+forward plus backward) and prints what the flat and roofline models charge for the same calls on ``--gpu``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from node0sim.sim.gpus import gpu_profile
+from node0sim.model.costs import stage_forward_cost, stage_training_cost
+from node0sim.model.llama import ModelConfig, build_stages
+from node0sim.sim.gpus import FlatCompute, GPUProfile, RooflineCompute, gpu_profile
 
 SQUARE_SIZES = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
@@ -90,6 +95,54 @@ def report(label: str, rows: list[tuple[tuple[int, int, int, int], float]], peak
     print(f"curve vs measured: rms log error {float(np.sqrt(np.mean(np.square(errors)))):.3f}, max {max(errors):.3f}")
 
 
+def bench_stage(model: str, batch: int, seq_len: int, dtype: str, device: torch.device, repeats: int,
+                profile: GPUProfile | None) -> None:
+    """Time a body stage's forward and training calls; print them next to the cost models' charges."""
+    from node0sim.app import compose_run_config
+
+    overrides = (f"model={model}", "model.vocab_size=257", "model.n_layers=3", f"model.max_seq_len={seq_len}", "sim.numerics=false",
+                 "topology.num_stages=3", f"train.seq_len={seq_len}")
+    cfg = ModelConfig(**compose_run_config(*overrides).model)
+    torch_dtype = torch.float32 if dtype in ("float32", "tf32") else getattr(torch, dtype)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = dtype == "tf32"
+    module = build_stages(cfg, 3, seed=0)[1].to(device=device, dtype=torch_dtype)
+    x = torch.randn(batch, seq_len, cfg.dim, dtype=torch_dtype, device=device)
+
+    def forward() -> None:
+        with torch.no_grad():
+            module(x)
+
+    def training() -> None:
+        module(x.detach().requires_grad_(True)).backward(torch.ones_like(x))
+
+    def seconds(call) -> float:
+        call()  # warm-up
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            began = time.perf_counter()
+            call()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - began)
+        return statistics.median(times) if device.type == "cuda" else min(times)
+
+    costs = {"forward": stage_forward_cost(cfg, range(1, 2), False, False, batch, seq_len),
+             "forward + backward": stage_training_cost(cfg, range(1, 2), False, False, batch, seq_len)}
+    measured = {"forward": seconds(forward), "forward + backward": seconds(training)}
+    print(f"\nmodel={model} body stage (one layer, d={cfg.dim}), {batch} x {seq_len} tokens, {dtype} on {device}")
+    header = f"{'call':>20} {'GFLOP':>9} {'measured ms':>12}"
+    print(header + (f" {'flat 0.4 ms':>12} {'roofline ms':>12}  (on {profile.name})" if profile else ""))
+    for name, cost in costs.items():
+        line = f"{name:>20} {cost.flops / 1e9:9.1f} {measured[name] * 1e3:12.3f}"
+        if profile:
+            flat = FlatCompute(profile.peak(dtype) * 0.4).seconds(cost)
+            line += f" {flat * 1e3:12.3f} {RooflineCompute(profile, dtype).seconds(cost) * 1e3:12.3f}"
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--table", type=Path, help="fit a CSV of published measurements instead of timing")
@@ -98,8 +151,16 @@ def main() -> None:
     parser.add_argument("--dtype", nargs="+", default=None, help="float32, tf32 (CUDA), bfloat16")
     parser.add_argument("--max-size", type=int, default=None, help="largest square size timed (default 8192 on CUDA, 1024 on CPU)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--stage", metavar="MODEL", help="time a body stage of conf/model/MODEL.yaml instead (tiny, node0_8b)")
+    parser.add_argument("--batch", type=int, default=1, help="--stage: sequences per call")
+    parser.add_argument("--seq-len", type=int, default=128, help="--stage: tokens per sequence")
     args = parser.parse_args()
     profile = gpu_profile(args.gpu) if args.gpu else None
+    if args.stage:
+        device = torch.device(args.device)
+        for dtype in args.dtype or (("bfloat16",) if device.type == "cuda" else ("float32",)):
+            bench_stage(args.stage, args.batch, args.seq_len, dtype, device, args.repeats, profile)
+        return
     if args.table:
         for dtype in args.dtype or ("bfloat16", "tf32"):
             report(f"{args.table.name}, {dtype}", read_table(args.table, dtype), profile.peak(dtype) if profile else None)
