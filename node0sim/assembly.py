@@ -110,18 +110,21 @@ def summarize(
     run: RunConfig, *, backend: str, numerics: bool, model: str | None, churn: str, trainers: Sequence[TrainerStats],
     tracker: StepTracker, records: list[dict[str, Any]], elapsed_s: float, wall_s: float, val_loss: float | None,
     stage_bytes: int, totals: TrainerTotals, servers: ServerTotals, churn_events: dict[str, int] | None = None,
-    stage_moves: int | None = None, gpu_utilization: dict[str, float] | None = None,
+    stage_moves: int | None = None, gpu_utilization: dict[str, float] | None = None, time_origin_s: float = 0.0,
 ) -> RunSummary:
     """The run's summary from its trainers' counters and step records over ``elapsed_s``; ``stage_bytes``: bytes of
-    ``STAGE_METHODS`` traffic; the last three only the simulator measures."""
+    ``STAGE_METHODS`` traffic; churn events, stage moves and GPU utilization only the simulator measures.
+    ``time_origin_s``: where the records' clock starts on the trainers' runtime clock."""
     done = sum(t.micro_batches_done for t in trainers)
+    last_starts = [t.last_start_s for t in trainers if t.last_start_s is not None]
+    drain_start_s = min(last_starts) - time_origin_s if last_starts else None
     losses = [r["loss"] for r in records if r.get("loss") is not None]
     return RunSummary(
         backend=backend, numerics=numerics, model=model, seed=run.seed, num_stages=run.topology.num_stages,
         num_trainers=run.topology.num_trainers, schedule=run.train.schedule, compression=run.compression.name,
         compression_rate=run.compression.rate, churn=churn, steps=done // run.train.micro_batches_per_step,
         samples=tracker.samples, tokens=tracker.tokens, sim_time_s=elapsed_s, wall_time_s=wall_s,
-        tokens_per_s=tracker.tokens / elapsed_s if elapsed_s > 0 else 0.0, tokens_per_s_steady=steady_throughput(records),
+        tokens_per_s=tracker.tokens / elapsed_s if elapsed_s > 0 else 0.0, tokens_per_s_steady=steady_throughput(records, drain_start_s),
         loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None, val_loss=val_loss,
         activation_bytes_per_token=stage_bytes / tracker.tokens if tracker.tokens else None,
         micro_batches_started=sum(t.micro_batches_started for t in trainers), micro_batches_done=done,

@@ -199,7 +199,7 @@ class SimConfig:
 
     numerics: bool = True  # true: real tensors, loss curves; false: timing mode (sizes and FLOPs only)
     gpu: str = "rtx3090"  # cost model profile: t4 | rtx3090 | rtx4090 | l4 | a100 | h100
-    utilization: float = 0.4  # achieved fraction of the GPU's peak FLOP/s
+    utilization: float = 0.4  # flat compute model: achieved fraction of the GPU's peak FLOP/s
     dht_latency_ms: float = 50.0  # cost of one DHT get/store
     max_message_mb: float = 1024.0  # larger RPC payloads are refused
     timing_dtype: str = "bfloat16"  # wire dtype of activations in timing mode
@@ -209,9 +209,14 @@ class SimConfig:
     link_sharing: str = "maxmin"  # maxmin: exact max-min fair; equal: per-link equal split (fast, huge swarms);
     # per_link: each link its own processor-sharing queue (fastest, slightly optimistic)
     call_overhead_ms: float = 0.1  # fixed time per accelerator call (kernel launches, dispatch); batching saves it
+    compute_model: str = "flat"  # flat: FLOPs / (peak x utilization) | roofline: per operation max(FLOPs / (peak x
+    # efficiency(matmul size)), bytes / memory bandwidth), the optimizer step as memory traffic (node0sim/sim/gpus.py)
+    compute_dtype: str = "bfloat16"  # the peak both models use: bfloat16 (16-bit tensor cores) | tf32 | float32 (no
+    # tensor cores: PyTorch's default for fp32 tensors, how Node0 trains)
+    check_memory: bool = True  # refuse a run whose stages do not fit in their GPU's memory (false: run anyway, e.g. in a sweep)
 
     def __post_init__(self) -> None:
-        from node0sim.sim.gpus import GPU_PROFILES
+        from node0sim.sim.gpus import COMPUTE_DTYPES, GPU_PROFILES
 
         _one_of("sim.gpu", self.gpu, tuple(GPU_PROFILES))
         for name, weight in self.gpu_mix.items():
@@ -224,6 +229,8 @@ class SimConfig:
         _require(self.max_message_mb > 0, f"sim.max_message_mb: must be > 0, got {self.max_message_mb}")
         _require(self.call_overhead_ms >= 0, f"sim.call_overhead_ms: must be >= 0, got {self.call_overhead_ms}")
         _one_of("sim.timing_dtype", self.timing_dtype, ("float32", "bfloat16", "float16"))
+        _one_of("sim.compute_model", self.compute_model, ("flat", "roofline"))
+        _one_of("sim.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
 
 
 COMPRESSIONS = ("none", "subspace", "random_projection", "topk", "quantize")

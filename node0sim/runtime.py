@@ -9,7 +9,10 @@ the hivemind backend (``swarm``) on a real event loop.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Awaitable, Callable, Coroutine, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from node0sim.model.costs import ComputeCost
 
 T = TypeVar("T")
 
@@ -93,11 +96,12 @@ class Runtime(ABC):
         """Wait ``seconds``."""
 
     @abstractmethod
-    def compute(self, flops: float, fn: Callable[[], T] | None = None) -> Awaitable[T | None]:
-        """Run ``fn`` on this peer's accelerator; ``flops`` is its cost for the cost model.
+    def compute(self, cost: ComputeCost | float, fn: Callable[[], T] | None = None) -> Awaitable[T | None]:
+        """Run ``fn`` on this peer's accelerator; ``cost`` is its work for the cost model (the operations of a
+        :class:`~node0sim.model.costs.ComputeCost`, or plain FLOPs).
 
-        The simulator charges ``flops / (peak FLOP/s x utilization)`` of virtual time and runs
-        ``fn`` (if given) for its numerical result; a live backend simply runs ``fn``.
+        The simulator charges the time its compute model gives ``cost`` (``sim.compute_model``, see
+        :mod:`node0sim.sim.gpus`) and runs ``fn`` (if given) for its numerical result; a live backend simply runs ``fn``.
         """
 
     @abstractmethod

@@ -171,7 +171,7 @@ class RunSummary:
     wall_time_s: float
     tokens_per_s: float
     tokens_per_s_steady: float | None
-    """Over the second half of the logged steps (excludes the pipeline's fill)."""
+    """Over the second half of the steps logged before the pipeline drains (excludes its fill and its drain)."""
     loss_first: float | None
     loss_last: float | None
     val_loss: float | None
@@ -232,9 +232,16 @@ def with_server_reports(
     return {**summary, **asdict(totals), "server_reports": [{"name": name, **asdict(r)} for name, r in reports.items()]}
 
 
-def steady_throughput(records: list[dict[str, Any]]) -> float | None:
-    """Tokens per second over the second half of the logged steps (excludes pipeline fill)."""
-    steps = [r for r in records if "step" in r]
+def steady_throughput(records: list[dict[str, Any]], drain_start_s: float | None = None) -> float | None:
+    """Tokens per second over the second half of the steps logged before ``drain_start_s``.
+
+    The window excludes the pipeline's fill (the first half) and its drain: once a trainer has started its last
+    micro-batch (``drain_start_s``, on the records' clock), fewer micro-batches queue at every stage behind the
+    bottleneck, so the last ones reach the trainer sooner after leaving it than earlier ones did; a window that
+    ended at the run's last completion counted them at a rate no stage could sustain (17,876 tok/s for the dense
+    100 Gb/s headline cell against its tail stage's bound of 17,620). None: fewer than two steps before the drain.
+    """
+    steps = [r for r in records if "step" in r and (drain_start_s is None or r["time_s"] <= drain_start_s)]
     if len(steps) < 2:
         return None
     mid, last = steps[(len(steps) - 1) // 2], steps[-1]

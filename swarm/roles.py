@@ -261,7 +261,7 @@ async def train(
         summary = summarize(  # server-side counters: None here; the local role fills them from the servers' reports
             run, backend="swarm", numerics=True, model=run.model.get("name"), churn="live", trainers=[trainer.stats],
             tracker=tracker, records=recorder.records, elapsed_s=elapsed, wall_s=time.perf_counter() - wall_start,
-            val_loss=val_loss, stage_bytes=stage_bytes, totals=totals(), servers=ServerTotals(),
+            val_loss=val_loss, stage_bytes=stage_bytes, totals=totals(), servers=ServerTotals(), time_origin_s=started,
         ).as_dict()
         summary["outputs"] = {k: str(v) for k, v in recorder.finish(summary).items()}
         return summary

@@ -21,6 +21,7 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError
 from hivemind.utils import get_dht_time
 
+from node0sim.model.costs import ComputeCost
 from node0sim.runtime import Future, Handler, Message, RemoteError, RequestTimeout, RPCError, Runtime, Task
 from swarm import wire
 
@@ -119,7 +120,7 @@ class LiveRuntime(Runtime):
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
-    async def compute(self, flops: float, fn: Callable[[], T] | None = None) -> T | None:
+    async def compute(self, cost: ComputeCost | float, fn: Callable[[], T] | None = None) -> T | None:
         if fn is None:
             return None
         return await asyncio.get_running_loop().run_in_executor(self._accelerator, fn)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from node0sim.model import build_stages
-from node0sim.model.costs import stage_shapes
+from node0sim.model.costs import ComputeCost, stage_shapes
 from node0sim.protocol.averaging import AveragingConfig
 from node0sim.protocol.batching import BatchingQueue
 from node0sim.protocol.codecs import DenseCodec
@@ -188,7 +188,7 @@ def _queue_run(limit: int, requests: list[tuple[str, int]], fail_calls_of: str |
 
     async def one(kind, item):
         try:
-            return await queue.submit(kind, item, flops=1e3)
+            return await queue.submit(kind, item, ComputeCost(elementwise_flops=1e3))
         except Exception as error:
             return error
 

@@ -10,6 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
+from node0sim.model.costs import ComputeCost
 from node0sim.runtime import Future, Runtime
 
 REMEMBERED_KEYS = 4096
@@ -25,7 +26,7 @@ class _Job:
 
     kind: str
     item: Any
-    flops: float
+    cost: ComputeCost
     result: Future
 
 
@@ -34,7 +35,8 @@ class BatchingQueue:
 
     With ``max_batch_requests`` 1 every request is its own call, started at once. Otherwise one call
     runs at a time: it serves the oldest waiting request together with the next same-kind requests
-    (in arrival order, at most ``max_batch_requests`` in all) and costs the sum of their FLOPs. Each
+    (in arrival order, at most ``max_batch_requests`` in all) and costs their merged work (larger products,
+    :meth:`ComputeCost.merge`). Each
     request gets its own result or its own rejection; a call that fails as a whole fails its batch only.
     """
 
@@ -53,14 +55,14 @@ class BatchingQueue:
         self.duplicates = 0
         """Keyed requests that arrived again while (or after) the first was served: none was run a second time."""
 
-    async def submit(self, kind: str, item: Any, flops: float, key: Hashable | None = None) -> Any:
+    async def submit(self, kind: str, item: Any, cost: ComputeCost, key: Hashable | None = None) -> Any:
         """The request's result, once its call ran; its rejection (or the call's failure) is raised.
 
         A request with a ``key`` runs at most once: a duplicate that arrives while the first is served gets the same
         result (or rejection); one that arrives after it was served is refused, naming the key.
         """
         if key is None:
-            return await self._submit(kind, item, flops)
+            return await self._submit(kind, item, cost)
         if key in self._running or key in self._served:
             self.duplicates += 1
             if key in self._served:
@@ -74,7 +76,7 @@ class BatchingQueue:
         self._running[key] = []
         result: Any = ValueError(f"request {key} was not served")  # what duplicates get if serving it is cancelled
         try:
-            result = await self._submit(kind, item, flops)
+            result = await self._submit(kind, item, cost)
             self._served[key] = None
             while len(self._served) > REMEMBERED_KEYS:
                 self._served.popitem(last=False)
@@ -86,11 +88,11 @@ class BatchingQueue:
             for waiter in self._running.pop(key):
                 waiter.set_result(result)
 
-    async def _submit(self, kind: str, item: Any, flops: float) -> Any:
+    async def _submit(self, kind: str, item: Any, cost: ComputeCost) -> Any:
         if self.max_batch_requests == 1:
-            (result,) = await self.rt.compute(flops, lambda: self.run_batch(kind, [item]))
+            (result,) = await self.rt.compute(cost, lambda: self.run_batch(kind, [item]))
         else:
-            job = _Job(kind, item, flops, self.rt.future())
+            job = _Job(kind, item, cost, self.rt.future())
             self._queue.append(job)
             if not self._dispatching:
                 self._dispatching = True
@@ -109,7 +111,8 @@ class BatchingQueue:
                 self._queue = [job for job in self._queue if job not in batch]
                 items = [job.item for job in batch]
                 try:
-                    results = await self.rt.compute(sum(job.flops for job in batch), lambda: self.run_batch(kind, items))
+                    cost = ComputeCost.merge([job.cost for job in batch])
+                    results = await self.rt.compute(cost, lambda: self.run_batch(kind, items))
                 except Exception as error:  # not a malformed request (those come back as results): fail the batch
                     results = [error] * len(batch)
                 for job, result in zip(batch, results):

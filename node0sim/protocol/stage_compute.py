@@ -15,10 +15,14 @@ import torch
 
 from node0sim.model import ModelConfig, PipelineStage
 from node0sim.model.costs import (
+    ComputeCost,
+    optimizer_step_cost,
     stage_backward_flops,
+    stage_forward_cost,
     stage_forward_flops,
     stage_parameter_count,
     stage_parameter_shapes,
+    stage_training_cost,
 )
 from node0sim.model.subspace import SubspaceBasis, project_gradients_onto_subspace_, project_onto_subspace_
 from node0sim.protocol.codecs import Codec
@@ -137,9 +141,19 @@ class StageCompute(ABC):
         backward = stage_backward_flops(self.cfg, self.layer_range, self.is_head, self.is_tail, batch, seq_len)
         return self.forward_flops(inputs) + backward
 
-    def step_flops(self) -> float:
-        """FLOPs of one optimizer step."""
-        return OPTIMIZER_FLOPS_PER_PARAM * self.num_params
+    def forward_cost(self, inputs: Payload) -> ComputeCost:
+        """The operations of one forward pass on ``inputs`` (FLOPs: :meth:`forward_flops`)."""
+        batch, seq_len = leading_dims(inputs)
+        return stage_forward_cost(self.cfg, self.layer_range, self.is_head, self.is_tail, batch, seq_len)
+
+    def backward_cost(self, inputs: Payload) -> ComputeCost:
+        """The operations of a recomputed forward pass plus the backward pass (FLOPs: :meth:`backward_flops`)."""
+        batch, seq_len = leading_dims(inputs)
+        return stage_training_cost(self.cfg, self.layer_range, self.is_head, self.is_tail, batch, seq_len)
+
+    def step_cost(self) -> ComputeCost:
+        """One optimizer step: ``OPTIMIZER_FLOPS_PER_PARAM`` FLOPs per parameter, bound by its memory traffic."""
+        return optimizer_step_cost(self.num_params, len(self.state_layout.tensors), OPTIMIZER_FLOPS_PER_PARAM)
 
     def forward(self, inputs: Payload, token_ids: Payload | None) -> Payload:
         """The stage's encoded output (logits on the tail); no state is kept."""

@@ -178,7 +178,7 @@ class StageServer:
         history, this epoch's weights are)."""
         self._check_request(request, ForwardRequest)
         work = Work(request.inputs, self._token_ids(request))
-        outputs, epoch = await self.requests.submit(FORWARD, work, self.compute.forward_flops(request.inputs))
+        outputs, epoch = await self.requests.submit(FORWARD, work, self.compute.forward_cost(request.inputs))
         return ForwardResponse(outputs, epoch)
 
     async def handle_backward(self, caller: str, request: BackwardRequest) -> BackwardResponse:
@@ -188,8 +188,8 @@ class StageServer:
             Work(request.inputs, self._token_ids(request), grad_outputs=request.grad_outputs, accumulate=request.accumulate),
             request.epoch,
         )
-        flops = self.compute.backward_flops(request.inputs)
-        grad_inputs = await self.requests.submit(BACKWARD, work, flops, _once_key(caller, request.request_id))
+        cost = self.compute.backward_cost(request.inputs)
+        grad_inputs = await self.requests.submit(BACKWARD, work, cost, _once_key(caller, request.request_id))
         await self._end_epoch_if_alone_and_due()
         return BackwardResponse(grad_inputs)
 
@@ -197,8 +197,8 @@ class StageServer:
         """Forward, loss and backward of the last stage."""
         self._check_request(request, TailRequest)
         work = Work(request.inputs, self._token_ids(request), targets=request.targets, accumulate=request.accumulate)
-        flops = self.compute.backward_flops(request.inputs)
-        loss, grad_inputs = await self.requests.submit(TAIL, work, flops, _once_key(caller, request.request_id))
+        cost = self.compute.backward_cost(request.inputs)
+        loss, grad_inputs = await self.requests.submit(TAIL, work, cost, _once_key(caller, request.request_id))
         await self._end_epoch_if_alone_and_due()
         return TailResponse(loss, grad_inputs)
 
@@ -302,7 +302,7 @@ class StageServer:
                 mean, contributors = await self.averager.all_reduce(f"grad/{epoch}", members, bandwidths, gradients, samples)
             if mean is not None:
                 delay = mean_delay(self.stats.staleness.delay_counts)
-                await self.rt.compute(self.compute.step_flops(), lambda: self.compute.step_with(mean, delay))
+                await self.rt.compute(self.compute.step_cost(), lambda: self.compute.step_with(mean, delay))
             elif target_epoch > epoch and progress.others():
                 # nothing to step with while the stage moved on (a joiner whose download raced the donor's
                 # step): jumping to the stage's epoch would leave this peer an update behind; fetch the state

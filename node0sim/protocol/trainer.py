@@ -72,6 +72,9 @@ class TrainerStats:
     losses: list[float] = field(default_factory=list)
     stage_bytes: dict[int, int] = field(default_factory=dict)
     """Bytes of successful requests and responses, per stage called."""
+    last_start_s: float | None = None
+    """When this trainer last started a micro-batch (runtime clock): from then on it no longer keeps its pipeline
+    full, so the pipeline drains (the steady-state window ends there)."""
 
     @property
     def micro_batches_in_flight(self) -> int:
@@ -191,6 +194,7 @@ class Trainer:
 
     async def _micro_batch(self) -> None:
         self.stats.micro_batches_started += 1
+        self.stats.last_start_s = self.rt.now()
         inputs, targets = self.source.next_micro_batch()
         try:
             loss = await self._forward_backward(inputs, targets, next(self._micro_batch_ids))

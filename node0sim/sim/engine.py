@@ -14,8 +14,9 @@ from typing import Any, Callable, Coroutine, Generator, TypeVar
 
 import simpy
 
+from node0sim.model.costs import ComputeCost
 from node0sim.runtime import Future, Handler, Message, PeerCrashed, RemoteError, RequestTimeout, RPCError, Runtime, Task
-from node0sim.sim.gpus import GPUProfile
+from node0sim.sim.gpus import ComputeModel, FlatCompute, GPUProfile
 from node0sim.sim.network import Endpoint, Network
 from node0sim.sim.timers import TimerHeap
 
@@ -175,14 +176,16 @@ class SimPeer:
     """One virtual machine: a network endpoint, a GPU, RPC handlers and its running tasks."""
 
     def __init__(
-        self, sim: "Simulation", peer_id: str, endpoint: Endpoint, gpu: GPUProfile, utilization: float,
+        self, sim: "Simulation", peer_id: str, endpoint: Endpoint, gpu: GPUProfile, compute_model: ComputeModel,
         call_overhead_s: float = 0.0,
     ):
         self.sim = sim
         self.peer_id = peer_id
         self.endpoint = endpoint
         self.gpu = gpu
-        self.flops_per_s = gpu.peak_flops * utilization
+        self.compute_model = compute_model
+        """Seconds of each call's work (see :mod:`node0sim.sim.gpus`)."""
+        self.flops_per_s = compute_model.flops_per_s
         self.call_overhead_s = call_overhead_s
         """Fixed time of every accelerator call that does work (see :mod:`node0sim.sim.gpus`)."""
         self.accelerator_busy = False
@@ -218,7 +221,7 @@ class SimRuntime(Runtime):
     async def sleep(self, seconds: float) -> None:
         await wait(self._env.timeout(seconds))
 
-    async def compute(self, flops: float, fn: Callable[[], T] | None = None) -> T | None:
+    async def compute(self, cost: ComputeCost | float, fn: Callable[[], T] | None = None) -> T | None:
         peer = self.peer
         if peer.accelerator_busy:
             grant = self._env.event()
@@ -235,12 +238,23 @@ class SimRuntime(Runtime):
             peer.accelerator_busy = True
         try:
             result = fn() if fn is not None else None
-            seconds = flops / peer.flops_per_s + (peer.call_overhead_s if flops > 0 else 0.0)
+            seconds = self._seconds(cost)
             peer.busy_s += seconds
             await wait(self._env.timeout(seconds))
             return result
         finally:
             self._release()
+
+    def _seconds(self, cost: ComputeCost | float) -> float:
+        """Time of one call: its work by the peer's compute model (plain FLOPs at its announced rate), plus the
+        call overhead if it does any work."""
+        peer = self.peer
+        if isinstance(cost, ComputeCost):
+            work = cost.flops > 0 or cost.elementwise_bytes > 0
+            seconds = peer.compute_model.seconds(cost)
+        else:
+            work, seconds = cost > 0, cost / peer.flops_per_s
+        return seconds + (peer.call_overhead_s if work else 0.0)
 
     def _release(self) -> None:
         """Hand the accelerator to the oldest waiter (granted at this instant), or mark it free."""
@@ -326,14 +340,16 @@ class Simulation:
         self._deadlines: TimerHeap[_Call] = TimerHeap(self.env, lambda call, _tag: call.pending, _interrupt_caller)
 
     def add_peer(
-        self, peer_id: str, *, region: str, up_mbps: float, down_mbps: float, gpu: GPUProfile, utilization: float,
-        call_overhead_s: float = 0.0,
+        self, peer_id: str, *, region: str, up_mbps: float, down_mbps: float, gpu: GPUProfile, utilization: float = 1.0,
+        call_overhead_s: float = 0.0, compute_model: ComputeModel | None = None,
     ) -> SimPeer:
-        """Create a peer; its ``runtime`` is what protocol roles receive."""
+        """Create a peer; its ``runtime`` is what protocol roles receive. Without a ``compute_model``, every FLOP
+        runs at the GPU's 16-bit peak x ``utilization`` (the flat model)."""
         if peer_id in self.peers and self.peers[peer_id].alive:
             raise ValueError(f"peer {peer_id} already exists")
         endpoint = Endpoint(peer_id, region, up_mbps, down_mbps)
-        peer = SimPeer(self, peer_id, endpoint, gpu, utilization, call_overhead_s)
+        model = compute_model if compute_model is not None else FlatCompute(gpu.peak_flops * utilization)
+        peer = SimPeer(self, peer_id, endpoint, gpu, model, call_overhead_s)
         self.peers[peer_id] = peer
         return peer
 

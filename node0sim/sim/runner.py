@@ -10,19 +10,23 @@ from pathlib import Path
 from typing import Any, Generator
 
 import simpy
+import torch
 
 from node0sim.assembly import flops_per_sample, make_swarm_peer, make_trainer, method_bytes, server_report, summarize, trainer_totals
-from node0sim.config import RunConfig
+from node0sim.config import ConfigError, RunConfig
 from node0sim.experiment import evaluate, micro_batch_sources, model_config, stage_computes
 from node0sim.metrics import RunRecorder, StepTracker
+from node0sim.model import ModelConfig
+from node0sim.model.costs import StageMemory, hidden_bytes, stage_memory, stage_shapes
 from node0sim.protocol.messages import AVERAGING_METHODS, GET_STATE, STAGE_METHODS
+from node0sim.protocol.optimizers import STATE_LAYOUTS
 from node0sim.protocol.stage_compute import StageCompute, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.swarm_peer import SwarmPeer
 from node0sim.protocol.trainer import Trainer
 from node0sim.sim.churn import churn_schedule
 from node0sim.sim.engine import SimPeer, Simulation
-from node0sim.sim.gpus import gpu_profile
+from node0sim.sim.gpus import ELEMENT_BYTES, compute_model, gpu_profile
 from node0sim.sim.regions import region_preset
 from node0sim.summary import RunSummary, ServerTotals, TrainerTotals, staleness_record
 
@@ -53,6 +57,53 @@ def build_simulation(run: RunConfig) -> Simulation:
     )
 
 
+def stage_memories(run: RunConfig, cfg: ModelConfig) -> list[StageMemory]:
+    """Peak memory of a server of each stage (:func:`node0sim.model.costs.stage_memory`). Every micro-batch in flight
+    (``num_trainers x max_inflight``, or a sync step's) may wait at one stage, holding what its request carries: an
+    activation or gradient of ``hidden_bytes / compression.rate`` (rate 1 without compression) in the wire dtype
+    (timing mode: ``sim.timing_dtype``; numerics: fp32), two for a body stage's backward (input and output gradient),
+    one for the head's (output gradient) and the tail's (input); token ids and headers are left out."""
+    train = run.train
+    in_flight = run.topology.num_trainers * train.max_inflight if train.schedule == "async" else train.micro_batches_per_step
+    wire_element_bytes = getattr(torch, run.sim.timing_dtype).itemsize if not run.sim.numerics else 4
+    rate = run.compression.rate if run.compression.name != "none" else 1.0
+    wire = hidden_bytes(cfg, train.micro_batch_size, train.seq_len, wire_element_bytes) / rate
+    return [
+        stage_memory(
+            cfg, layers, is_head, is_tail, micro_batch=train.micro_batch_size, seq_len=train.seq_len,
+            element_bytes=ELEMENT_BYTES[run.sim.compute_dtype], requests_per_call=run.topology.max_batch_requests,
+            queued_bytes=in_flight * wire * (1 if is_head or is_tail else 2),
+            state_tensors=len(STATE_LAYOUTS[run.optim.name].tensors),
+        )
+        for layers, is_head, is_tail in stage_shapes(cfg, run.topology.num_stages)
+    ]
+
+
+def check_memory(run: RunConfig, cfg: ModelConfig) -> None:
+    """Refuse, before anything runs, a run with a stage that does not fit in the smallest GPU that may serve it
+    (``sim.gpu``, or those of ``sim.gpu_mix`` and ``churn.gpu_mix``), naming what takes the memory."""
+    names = [name for mix in (run.sim.gpu_mix, run.churn.gpu_mix) for name, weight in mix.items() if weight > 0]
+    gpu = min((gpu_profile(name) for name in names or [run.sim.gpu]), key=lambda g: g.memory_gb)
+    memories = stage_memories(run, cfg)
+    too_big = [i for i, memory in enumerate(memories) if memory.total > gpu.memory_gb * 1e9]
+    if not too_big:
+        return
+    worst = max(too_big, key=lambda i: memories[i].total)
+    m, train = memories[worst], run.train
+
+    def gb(value: float) -> str:
+        return f"{value / 1e9:.1f} GB"
+
+    raise ConfigError(
+        f"sim.check_memory: {len(too_big)} of {len(memories)} stages do not fit on {gpu.name} ({gpu.memory_gb:g} GB); "
+        f"stage {worst} needs {gb(m.total)}: weights {gb(m.weights)}, gradients {gb(m.gradients)}, optimizer state "
+        f"{gb(m.optimizer_state)}, activations of one call ({run.topology.max_batch_requests} x {train.micro_batch_size} "
+        f"x {train.seq_len} tokens, {run.sim.compute_dtype}) {gb(m.activations)}, the requests that may wait for it "
+        f"{gb(m.queued_requests)}. Use a larger GPU, smaller micro-batches or more stages, or "
+        f"sim.check_memory=false to run anyway"
+    )
+
+
 class VirtualSwarm:
     """The stage servers of a simulated run: initial peers, joiners and departures."""
 
@@ -71,10 +122,11 @@ class VirtualSwarm:
         """A peer on the network with this run's links and a GPU from the mix."""
         mix = self.run.sim.gpu_mix
         name = gpu_name or (self.gpu_rng.choices(sorted(mix), [mix[k] for k in sorted(mix)])[0] if mix else self.run.sim.gpu)
+        sim_cfg, gpu = self.run.sim, gpu_profile(name)
         return self.sim.add_peer(
             peer_id, region=self.regions[index % len(self.regions)], up_mbps=self.run.network.up_mbps,
-            down_mbps=self.run.network.down_mbps, gpu=gpu_profile(name), utilization=self.run.sim.utilization,
-            call_overhead_s=self.run.sim.call_overhead_ms / 1000,
+            down_mbps=self.run.network.down_mbps, gpu=gpu, call_overhead_s=sim_cfg.call_overhead_ms / 1000,
+            compute_model=compute_model(sim_cfg.compute_model, gpu, sim_cfg.compute_dtype, sim_cfg.utilization),
         )
 
     def _compute_for(self, stage: int) -> StageCompute:
@@ -138,6 +190,8 @@ class SimulatedRun:
         self.recorder = recorder or RunRecorder(out_dir, run.train.steps)
         sources, self.validation, vocab_size = micro_batch_sources(run)
         self.model_cfg = model_config(run, vocab_size)
+        if run.sim.check_memory:
+            check_memory(run, self.model_cfg)
         self.templates = stage_computes(run, self.model_cfg)
         self.sim = build_simulation(run)
         self.swarm = VirtualSwarm(run, self.sim, self.templates)
