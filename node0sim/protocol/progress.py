@@ -146,6 +146,8 @@ class ProgressTracker:
         self._last_report_time = 0.0
         self._since_report = 0
         self._stored = False
+        self._last_seen: dict[str, float] = {}
+        """When each other ready peer was last in a read (this peer's clock), for those seen within a record's lifetime."""
         self.stale_reads = 0
         """Reads of the stage that missed this peer's own record and were ignored (see :meth:`refresh`)."""
 
@@ -165,7 +167,7 @@ class ProgressTracker:
             self.epoch, self.samples, self._rate, now, self.throughput, self.bandwidth_mbps, self.ready,
             self.epoch if self.ending_epoch else None,
         )
-        await self.rt.dht_store(self.key, record.to_dht(), expires_in=3 * self.cfg.progress_period_s, subkey=self.rt.peer_id)
+        await self.rt.dht_store(self.key, record.to_dht(), expires_in=self.record_lifetime_s, subkey=self.rt.peer_id)
         self._stored = True
 
     async def keep_reporting(self) -> None:
@@ -195,6 +197,24 @@ class ProgressTracker:
             return
         self.records = records
         self._others = {peer: r for peer, r in records.items() if peer != me and r.ready}
+        now = self.rt.now()
+        self._last_seen = {peer: seen for peer, seen in self._last_seen.items() if now - seen <= self.record_lifetime_s}
+        self._last_seen.update(dict.fromkeys(self._others, now))
+
+    @property
+    def record_lifetime_s(self) -> float:
+        """How long a stored record lives: three progress periods."""
+        return 3 * self.cfg.progress_period_s
+
+    def alone(self) -> bool:
+        """No other ready peer in the last read, nor in any read within a record's lifetime.
+
+        A peer missing from one read may be alive with its store held up by a lagging DHT (seen on a loaded live
+        swarm): a server that takes that for being alone steps with its own gradients, and its weights drift
+        from the stage's (it forms a group instead, and averages alone only if nobody joins).
+        """
+        now = self.rt.now()
+        return not self._others and all(now - seen > self.record_lifetime_s for seen in self._last_seen.values())
 
     def others(self) -> dict[str, StageRecord]:
         """The stage's other ready peers."""

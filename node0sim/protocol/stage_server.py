@@ -270,7 +270,7 @@ class StageServer:
     async def _end_epoch_if_alone_and_due(self) -> None:
         """Without other peers, step as soon as the target is reached (exact synchronous updates)."""
         progress = self.progress
-        if not progress.ending_epoch and progress.samples >= self.cfg.target_batch_size and not progress.others():
+        if not progress.ending_epoch and progress.samples >= self.cfg.target_batch_size and progress.alone():
             await self._end_epoch()
 
     async def _epoch_loop(self) -> None:
@@ -289,10 +289,10 @@ class StageServer:
         progress.ending_epoch = True
         try:
             epoch, target_epoch = progress.epoch, progress.global_epoch()
-            if progress.others():
+            if not progress.alone():
                 await progress.report()  # tell the stage: peers at this epoch join the round now
             gradients, samples = await self.rt.compute(0.0, self._take_gradients)
-            members, bandwidths = await self.matchmaker.form_group(epoch) if progress.others() else self.matchmaker.alone()
+            members, bandwidths = self.matchmaker.alone() if progress.alone() else await self.matchmaker.form_group(epoch)
             if self.powersgd is not None and len(members) > 1:
                 mean, contributors = await self.powersgd.average(
                     self.averager, f"grad/{epoch}", members, bandwidths, gradients, samples,
