@@ -20,7 +20,8 @@ HEADER_BYTES = 64
 """Per-message framing: method, stage index, tensor shapes and dtypes, and the epoch stamp of forward responses and
 backward requests. The stamp fits in the room the header already has: the fullest message (a backward request) needs
 a method name (8 bytes), stage and epoch (4 each) and three tensors' shapes (3 dims x 4 bytes) and dtypes (1 byte each):
-55 bytes; so stamped messages cost the same bytes as before."""
+55 bytes; so stamped messages cost the same bytes as before. A backward request to a tail served in separate calls
+carries four tensors, [B, T, d] inputs and three [B, T] (the loss gradient, token ids, targets): 8 + 8 + 9 x 4 + 4 = 56."""
 
 FORWARD = "forward"
 BACKWARD = "backward"
@@ -29,7 +30,7 @@ GET_STATE = "get_state"
 REDUCE_PART = "reduce_part"
 GATHER_PART = "gather_part"
 STAGE_METHODS = (FORWARD, BACKWARD, TAIL)
-"""The RPC methods of the pipeline (a stage server serves ``forward`` and ``backward``, or ``tail`` on the last stage)."""
+"""The RPC methods of the pipeline (a stage server serves ``forward`` and ``backward``; the last stage also ``tail``)."""
 AVERAGING_METHODS = (REDUCE_PART, GATHER_PART)
 """The RPC methods of the protocol's in-stage all-reduce."""
 
@@ -83,14 +84,17 @@ class ForwardRequest:
     """Run stage ``stage`` forward on ``inputs`` (token ids for the head, boundary activations otherwise).
 
     ``token_ids`` travel with the activations when the boundary codec needs them (subspace compression).
+    ``targets``: only to the tail served in separate calls (``topology.tail_calls=separate``, as Node0's tail expert),
+    whose forward then returns the per-token loss [B, T] instead of the logits.
     """
 
     stage: int
     inputs: Payload
     token_ids: Payload | None = None
+    targets: Payload | None = None
 
     def wire_bytes(self) -> int:
-        return HEADER_BYTES + payload_bytes(self.inputs, self.token_ids)
+        return HEADER_BYTES + payload_bytes(self.inputs, self.token_ids, self.targets)
 
 
 @message
@@ -111,6 +115,8 @@ class BackwardRequest:
 
     Carrying the input makes backward independent of per-request server state, so any peer of
     the stage can serve it (SWARM's stateless backward). ``epoch``: the forward response's stamp, echoed.
+    ``targets``: only to the tail served in separate calls, whose ``grad_outputs`` is the gradient of the
+    per-token loss [B, T] its forward returned (the loss is recomputed too).
     """
 
     stage: int
@@ -118,9 +124,10 @@ class BackwardRequest:
     grad_outputs: Payload
     token_ids: Payload | None = None
     epoch: int = 0
+    targets: Payload | None = None
 
     def wire_bytes(self) -> int:
-        return HEADER_BYTES + payload_bytes(self.inputs, self.grad_outputs, self.token_ids)
+        return HEADER_BYTES + payload_bytes(self.inputs, self.grad_outputs, self.token_ids, self.targets)
 
 
 @message
