@@ -340,3 +340,16 @@ def test_gradients_projected_before_the_step_or_only_the_weights_after_it(projec
         assert (_outside_span(moment, weight.model_axis, basis.basis) > 1e-3) != project_gradients, weight.name
     with torch.no_grad():  # either way the weights are projected after the step: reconstruction stays exact
         assert subspace_residual(head(ids), ids, basis) <= EXACT
+
+
+def test_every_stage_of_a_run_and_of_its_joiners_gets_compression_project_gradients() -> None:
+    from node0sim.app import compose_run_config
+    from node0sim.experiment import model_config, stage_computes, vocabulary_size
+    from node0sim.sim.runner import VirtualSwarm, build_simulation
+
+    for setting in (True, False):
+        run = compose_run_config("compression=subspace", "compression.rate=4", f"compression.project_gradients={setting}")
+        templates = stage_computes(run, model_config(run, vocabulary_size(run)))
+        swarm = VirtualSwarm(run, build_simulation(run), templates)
+        joiners = [swarm._compute_for(stage) for stage in range(run.topology.num_stages)]  # what a joining peer serves
+        assert [c.project_gradients for c in templates + joiners] == [setting] * 2 * run.topology.num_stages

@@ -72,7 +72,7 @@ class _StampedWork:
 
 
 class StageServer:
-    """Serves forward/backward (or tail) for one stage and runs its in-stage averaging."""
+    """Serves forward/backward (and tail on the last stage) for one stage and runs its in-stage averaging."""
 
     def __init__(
         self,
