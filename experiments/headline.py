@@ -1,10 +1,11 @@
 """Node0's headline in simulation: 80 Mb/s vs 100 Gb/s, with and without subspace compression.
 
-    .venv/bin/python experiments/headline.py [--out DIR] [extra Hydra overrides...]
+    .venv/bin/python experiments/headline.py [--experiment headline|node0] [--out DIR] [extra Hydra overrides...]
 
-Runs ``experiment=headline`` (node0_8b, 32 stages, timing mode) for network in {datacenter,
-internet} x compression in {none, subspace (rate 100)}, then writes ``headline.md`` (table and
-verdicts on the two claims), ``headline.json`` and ``headline.png`` into the output folder.
+Runs ``experiment=headline`` (node0_8b, 32 stages, timing mode; or ``--experiment node0``: the same with Node0's
+mechanisms, conf/experiment/node0.yaml) for network in {datacenter, internet} x compression in {none, subspace
+(rate 100)}, then writes ``headline.md`` (table and verdicts on the two claims), ``headline.json`` and
+``headline.png`` into the output folder (default ``experiments/results/<experiment>``).
 Throughput is the steady-state rate over the second half of the run (pipeline fill excluded).
 """
 
@@ -23,14 +24,16 @@ LINK = {"datacenter": "100 Gb/s", "internet": "80 Mb/s"}
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=RESULTS / "headline")
+    parser.add_argument("--experiment", choices=["headline", "node0"], default="headline", help="the preset of every cell")
+    parser.add_argument("--out", type=Path, help="output folder (default experiments/results/<experiment>)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides applied to every cell")
     args = parser.parse_args()
+    args.out = args.out or RESULTS / args.experiment
     args.out.mkdir(parents=True, exist_ok=True)
 
     results = {}
     for net, comp in CELLS:
-        summary, _ = run_cell(args.out / "cells" / f"{net}_{comp}", "experiment=headline", f"network={net}",
+        summary, _ = run_cell(args.out / "cells" / f"{net}_{comp}", f"experiment={args.experiment}", f"network={net}",
                               f"compression={comp}", *args.overrides)
         results[f"{net}/{comp}"] = summary
 
@@ -57,7 +60,8 @@ def main() -> None:
         ["links", "compression", "tokens/s (steady)", "vs dense 100 Gb/s", "activation B/token", "virtual s", "wall s"],
         rows,
     )
-    report = "# Headline: node0_8b, 32 stages, timing mode\n\n" + table + "\n" + "\n".join(verdicts) + "\n"
+    setup = " ".join([f"experiment={args.experiment}", *args.overrides])
+    report = f"# Headline: node0_8b, 32 stages, timing mode (`{setup}`)\n\n" + table + "\n" + "\n".join(verdicts) + "\n"
     (args.out / "headline.md").write_text(report)
     save_json(args.out / "headline.json", {"cells": results, "keeps": keeps, "dense_slowdown": slowdown})
     plot(args.out / "headline.png", rows)

@@ -71,7 +71,7 @@ def make_trainer(
         micro_batches=micro_batch_share(run, index), micro_batches_per_step=run.train.micro_batches_per_step,
         schedule=run.train.schedule, max_inflight=run.train.max_inflight,
         request_timeout_s=run.train.request_timeout_s, max_retries=run.train.max_retries, ban_s=run.train.ban_s,
-        max_ban_s=run.train.max_ban_s, send_token_ids=templates[0].codec.needs_token_ids,
+        max_ban_s=run.train.max_ban_s, send_token_ids=templates[0].codec.needs_token_ids, tail_calls=run.topology.tail_calls,
     )
     return Trainer(rt, run.run_id, len(templates), source, cfg, on_micro_batch)
 

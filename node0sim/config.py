@@ -23,6 +23,7 @@ from node0sim.model import ModelConfig
 from node0sim.protocol.averaging import AveragingConfig
 from node0sim.protocol.codecs import max_rate
 from node0sim.protocol.stage_compute import OptimConfig
+from node0sim.protocol.trainer import TAIL_CALLS
 from node0sim.sim.churn import ChurnConfig
 
 
@@ -134,10 +135,13 @@ class TopologyConfig:
     max_batch_requests: int = 1  # >1: a server merges up to this many waiting same-kind requests into one call
     weight_stashing: bool = False  # backward with its forward's weights (PipeDream): one peer per stage, no churn or
     # rebalancing (any peer of a stage could serve a backward otherwise); needs train.delay_history; timing mode: no effect
+    tail_calls: str = "fused"  # fused: one tail call (forward + loss + backward: 3F, SWARM-style); separate: a forward
+    # call returning the per-token loss, then a backward call that recomputes it (4F), as Node0 serves its tail expert
 
     def __post_init__(self) -> None:
         _require(self.num_stages >= 1, f"topology.num_stages: must be >= 1, got {self.num_stages}")
         _require(self.max_batch_requests >= 1, f"topology.max_batch_requests: must be >= 1, got {self.max_batch_requests}")
+        _one_of("topology.tail_calls", self.tail_calls, TAIL_CALLS)
         _require(self.peers_per_stage >= 1, f"topology.peers_per_stage: must be >= 1, got {self.peers_per_stage}")
         _require(self.num_trainers >= 1, f"topology.num_trainers: must be >= 1, got {self.num_trainers}")
         _require(self.rebalance_period_s >= 0, f"topology.rebalance_period_s: must be >= 0, got {self.rebalance_period_s}")
@@ -243,7 +247,9 @@ class CompressionConfig:
     ``rate``: dense bytes / wire bytes (subspace and random_projection: k = dim / rate; topk: values
     and int16 indices in 1/rate of the dense bytes). ``bits``: 8 or 4 for quantize. ``basis``: where
     the subspace basis U and fixed embedding T come from: null (generated from ``seed``), a local
-    file, or ``hf://<repo_id>/<filename>`` on the Hugging Face Hub.
+    file, or ``hf://<repo_id>/<filename>`` on the Hugging Face Hub. ``project_gradients`` (subspace):
+    project the constrained weights' gradients onto U before the optimizer step as well as the weights
+    after it; false projects only the weights after the step (Node0's ``ss_regularize``).
     """
 
     name: str = "none"
@@ -251,6 +257,7 @@ class CompressionConfig:
     bits: int = 8
     basis: str | None = None
     seed: int = 0
+    project_gradients: bool = True
 
     def __post_init__(self) -> None:
         _one_of("compression", self.name, COMPRESSIONS)

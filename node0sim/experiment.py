@@ -71,7 +71,7 @@ def stage_computes(run: RunConfig, cfg: ModelConfig, device: str = "cpu") -> lis
     fixed = constraint.fixed_embedding if constraint is not None else None
     optim = run.optim if run.optim.total_steps else replace(run.optim, total_steps=run.train.steps)
     return [
-        TensorStageCompute(stage, optim, codec, constraint, device)
+        TensorStageCompute(stage, optim, codec, constraint, device, comp.project_gradients)
         for stage in build_stages(cfg, num_stages, run.seed, fixed_embedding=fixed)
     ]
 

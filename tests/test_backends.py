@@ -16,7 +16,7 @@ from tests.test_pipeline import CFG, FixedBatch
 pytestmark = pytest.mark.slow
 
 
-def _pipeline(num_stages: int, batch: torch.Tensor, micro: int):
+def _pipeline(num_stages: int, batch: torch.Tensor, micro: int, tail_calls: str = "fused"):
     computes = [TensorStageCompute(s, OptimConfig(lr=1e-2, warmup_steps=0), DenseCodec()) for s in build_stages(CFG, num_stages, seed=3)]
 
     async def scenario(runtimes):
@@ -28,7 +28,7 @@ def _pipeline(num_stages: int, batch: torch.Tensor, micro: int):
         micro_batches = batch.shape[0] // micro
         trainer = Trainer(
             runtimes["trainer"], "run", num_stages, FixedBatch(batch, micro),
-            TrainerConfig(micro_batches=micro_batches, micro_batches_per_step=micro_batches, schedule="async"),
+            TrainerConfig(micro_batches=micro_batches, micro_batches_per_step=micro_batches, schedule="async", tail_calls=tail_calls),
             lambda record: None,
         )
         return await trainer.run()
@@ -36,10 +36,11 @@ def _pipeline(num_stages: int, batch: torch.Tensor, micro: int):
     return computes, scenario
 
 
+@pytest.mark.parametrize("tail_calls", ["fused", "separate"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_one_pipeline_step_equals_the_single_process_model_on_both_backends(backend):
+def test_one_pipeline_step_equals_the_single_process_model_on_both_backends(backend, tail_calls):
     batch = torch.randint(0, CFG.vocab_size, (6, 17), generator=torch.Generator().manual_seed(0))
-    computes, scenario = _pipeline(3, batch, micro=2)
+    computes, scenario = _pipeline(3, batch, micro=2, tail_calls=tail_calls)
     stats = run_scenario(backend, ["trainer", "s0", "s1", "s2"], scenario)
 
     reference = Llama(CFG, seed=3)

@@ -158,3 +158,19 @@ def test_data_too_short_for_the_sequence_length_is_a_configuration_error(tmp_pat
 
     with pytest.raises(ConfigError, match=r"data: .*fewer than one window of seq_len \+ 1 = 100001 tokens.*train\.seq_len"):
         simulate(tmp_path, "model.max_seq_len=100000", "train.seq_len=100000", "train.steps=1")
+
+
+def test_the_node0_preset_selects_node0s_behaviour_and_the_headline_keeps_todays():
+    node0, headline = compose_run_config("experiment=node0"), compose_run_config("experiment=headline")
+    assert (node0.topology.tail_calls, headline.topology.tail_calls) == ("separate", "fused")
+    assert (node0.sim.timing_dtype, headline.sim.timing_dtype) == ("float32", "bfloat16")
+    assert (node0.compression.project_gradients, headline.compression.project_gradients) == (False, True)
+    assert (node0.optim.beta1, node0.optim.beta2, headline.optim.beta2) == (0.9, 0.999, 0.95)
+    assert (node0.optim.min_lr_ratio, headline.optim.min_lr_ratio) == (0.1, 0.0)
+    assert (node0.optim.clip_norm(False), node0.optim.clip_norm(True)) == (0.1767767, 0.8838835)
+    assert headline.optim.clip_norm(False) == headline.optim.clip_norm(True) == 1.0
+    assert node0.model["embedding_init_std"] == headline.model["embedding_init_std"] == 1.0  # both model=node0_8b
+    assert compose_run_config().model["embedding_init_std"] == 0.02
+    assert node0.averaging.state_timeout_s == 150.0
+    # everything else is the headline's setup
+    assert (node0.topology.num_stages, node0.compression.rate, node0.sim.numerics) == (32, 100.0, False)

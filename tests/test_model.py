@@ -102,6 +102,16 @@ def test_init_is_deterministic_and_leaves_global_rng_alone() -> None:
     assert wo_std == pytest.approx(0.02 / (2 * cfg.n_layers) ** 0.5, rel=0.2)
 
 
+def test_the_embedding_init_std_scales_only_the_token_embedding() -> None:
+    default, node0 = Llama(tiny(), seed=7), Llama(tiny(embedding_init_std=1.0), seed=7)
+    assert default.tok_embeddings.weight.std().item() == pytest.approx(0.02, rel=0.05)  # vocab x dim = 64 x 32 draws
+    torch.testing.assert_close(node0.tok_embeddings.weight, default.tok_embeddings.weight / 0.02, atol=1e-6, rtol=1e-5)
+    for (name, a), b in zip(list(default.named_parameters())[1:], list(node0.parameters())[1:]):
+        assert torch.equal(a, b), name  # the same generator stream: every other weight is unchanged
+    with pytest.raises(ValueError, match="embedding_init_std=0"):
+        tiny(embedding_init_std=0.0)
+
+
 @pytest.mark.parametrize("num_stages", [1, 2, 4])
 @pytest.mark.parametrize("norm_reorder", [False, True])
 @pytest.mark.parametrize("qk_norm", [False, True])

@@ -172,3 +172,34 @@ def test_a_malformed_optimizer_state_is_refused_naming_the_part():
     with pytest.raises(ValueError, match="expected parts"):
         TensorStageCompute(build_stages(CFG, 2, seed=0)[1], OptimConfig(name="nag_delay"), DenseCodec()).import_state(
             donor.export_state())
+
+
+def test_the_schedule_decays_linearly_to_the_floor_and_stays_there():
+    # Node0's get_linear_schedule_with_warmup (models/lr_schedule.py): max(min_lr_ratio, (total - t) / (total - warmup))
+    node0 = OptimConfig(warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    assert [node0.lr_factor(t) for t in (4, 9, 13, 14, 100)] == pytest.approx([1.0, 0.5, 0.1, 0.1, 0.1])
+    to_zero = OptimConfig(warmup_steps=4, total_steps=14)
+    assert [to_zero.lr_factor(t) for t in (9, 14, 100)] == pytest.approx([0.5, 0.0, 0.0])
+    with pytest.raises(ValueError, match="optim.min_lr_ratio"):
+        OptimConfig(min_lr_ratio=1.5)
+
+
+def test_the_betas_reach_the_optimizer():
+    for beta2 in (0.95, 0.999):
+        compute = TensorStageCompute(build_stages(CFG, 2, seed=0)[1], OptimConfig(beta2=beta2), DenseCodec())
+        assert [group["betas"] for group in compute.optimizer.param_groups] == [(0.9, beta2)]
+
+
+@pytest.mark.parametrize("stage,max_norm", [(0, 0.1767767), (1, 0.1767767), (2, 0.8838835)])
+def test_each_stage_clips_to_its_own_norm(stage, max_norm):
+    # nag_delay's first step with no weight decay moves the weights by lr (1 - gamma) g_clipped (see above)
+    optim = OptimConfig(name="nag_delay", lr=0.5, gamma=0.9, weight_decay=0.0, warmup_steps=0,
+                        clip_grad_norm=0.1767767, tail_clip_grad_norm=0.8838835)
+    compute = TensorStageCompute(build_stages(CFG, 3, seed=0)[stage], optim, DenseCodec())
+    before = compute.parameter_values(None).clone()
+    gradient = torch.randn(compute.num_trainable, generator=torch.Generator().manual_seed(0))
+    compute.step_with(10 * gradient / gradient.norm())  # norm 10, over either limit
+    moved = (compute.parameter_values(None) - before).norm().item()
+    assert moved == pytest.approx(0.5 * (1 - 0.9) * max_norm, rel=1e-4)
+    assert optim.clip_norm(is_tail=stage == 2) == max_norm
+    assert OptimConfig(clip_grad_norm=0.5).clip_norm(is_tail=True) == 0.5  # no tail norm: the one norm everywhere

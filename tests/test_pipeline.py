@@ -3,11 +3,14 @@
 import pytest
 import torch
 
-from node0sim.model import Llama, ModelConfig, build_stages
+from node0sim.experiment import SpecMicroBatches
+from node0sim.model import Llama, ModelConfig, build_stages, stage_shapes
+from node0sim.model.costs import stage_forward_flops
 from node0sim.model.subspace import make_basis, project_gradients_onto_subspace_, subspace_residual
 from node0sim.protocol.averaging import AveragingConfig
 from node0sim.protocol.codecs import DenseCodec, SubspaceCodec
-from node0sim.protocol.stage_compute import OptimConfig, TensorStageCompute
+from node0sim.protocol.messages import HEADER_BYTES
+from node0sim.protocol.stage_compute import CostStageCompute, OptimConfig, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.trainer import Trainer, TrainerConfig
 from tests.simutil import add, make_sim
@@ -29,31 +32,36 @@ class FixedBatch:
         return window[:, :-1], window[:, 1:]
 
 
-def _pipeline_step(num_stages, batch, micro, schedule, update_every, codec=None, basis=None):
-    sim = make_sim(latency_s=0.02)
-    fixed = basis.fixed_embedding if basis is not None else None
-    computes = [
-        TensorStageCompute(s, OptimConfig(lr=1e-2, warmup_steps=0), codec or DenseCodec(), basis)
-        for s in build_stages(CFG, num_stages, seed=3, fixed_embedding=fixed)
-    ]
+def _run_pipeline(computes, source, micro_batches, schedule, update_every, tail_calls="fused", sim=None):
+    """Serve ``computes`` (one peer each, ``s0``...) and push ``micro_batches`` from ``source``: the trainer's stats."""
+    sim = sim or make_sim(latency_s=0.02)
     for i, compute in enumerate(computes):
         peer = add(sim, f"s{i}", 50, 50)
         averaging = AveragingConfig(update_every, progress_period_s=5.0)
         server = StageServer(peer.runtime, "run", compute, averaging, throughput=1.0, bandwidth_mbps=50)
         peer.runtime.spawn(server.start())
     trainer_peer = add(sim, "trainer", 50, 50)
-    micro_batches = batch.shape[0] // micro
     trainer = Trainer(
-        trainer_peer.runtime, "run", num_stages, FixedBatch(batch, micro),
+        trainer_peer.runtime, "run", len(computes), source,
         TrainerConfig(
             micro_batches=micro_batches, micro_batches_per_step=micro_batches, schedule=schedule,
-            send_token_ids=computes[0].codec.needs_token_ids,
+            send_token_ids=computes[0].codec.needs_token_ids, tail_calls=tail_calls,
         ),
         lambda record: None,
     )
     task = trainer_peer.runtime.spawn(trainer.run())
     sim.run(until=task.process)
-    return computes, trainer.stats
+    return trainer.stats
+
+
+def _pipeline_step(num_stages, batch, micro, schedule, update_every, codec=None, basis=None, tail_calls="fused"):
+    fixed = basis.fixed_embedding if basis is not None else None
+    computes = [
+        TensorStageCompute(s, OptimConfig(lr=1e-2, warmup_steps=0), codec or DenseCodec(), basis)
+        for s in build_stages(CFG, num_stages, seed=3, fixed_embedding=fixed)
+    ]
+    stats = _run_pipeline(computes, FixedBatch(batch, micro), batch.shape[0] // micro, schedule, update_every, tail_calls)
+    return computes, stats
 
 
 @pytest.mark.parametrize("num_stages,schedule", [(2, "sync"), (4, "sync"), (4, "async")])
@@ -141,3 +149,47 @@ def test_subspace_reconstruction_stays_exact_through_training_over_the_network()
     for compute in computes[:-1]:
         x = compute.module(x)
         assert subspace_residual(x, ids, basis) <= 1e-5
+
+
+@pytest.mark.parametrize("num_stages,subspace", [(1, False), (3, False), (3, True)])
+def test_separate_tail_calls_give_the_fused_tails_loss_and_gradients(num_stages, subspace):
+    basis = make_basis(CFG.dim, 8, CFG.vocab_size, seed=11) if subspace else None
+    codec = SubspaceCodec(8, basis) if subspace else None
+    batch = torch.randint(0, CFG.vocab_size, (6, 17), generator=torch.Generator().manual_seed(5))
+    fused, fused_stats = _pipeline_step(num_stages, batch, 2, "sync", 10**6, codec, basis)
+    separate, stats = _pipeline_step(num_stages, batch, 2, "sync", 10**6, codec, basis, tail_calls="separate")
+    assert stats.micro_batches_done == 3 and stats.failed_requests == 0
+    assert stats.losses == pytest.approx(fused_stats.losses, abs=1e-6)
+    checked = 0
+    for with_calls, with_tail in zip(separate, fused):
+        for (name, a), (_, b) in zip(with_calls.module.named_parameters(), with_tail.module.named_parameters()):
+            torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
+            checked += 1
+    assert checked == len(list(Llama(CFG, seed=3).parameters()))
+
+
+def test_a_tail_backward_without_targets_is_rejected():
+    compute = TensorStageCompute(build_stages(CFG, 2, seed=0)[1], OptimConfig(), DenseCodec())
+    with pytest.raises(ValueError, match="targets"):
+        compute.backward(torch.zeros(1, 4, CFG.dim), None, torch.zeros(1, 4))
+
+
+@pytest.mark.parametrize("tail_calls,passes", [("fused", 3), ("separate", 4)])
+def test_timing_mode_charges_the_tail_3F_fused_and_4F_in_separate_calls(tail_calls, passes):
+    batch, seq_len, dim = 2, 16, CFG.dim
+    computes = [
+        CostStageCompute(CFG, i, 2, layers, DenseCodec(), torch.float32) for i, (layers, _, _) in enumerate(stage_shapes(CFG, 2))
+    ]
+    sim = make_sim()
+    stats = _run_pipeline(computes, SpecMicroBatches(batch, seq_len), 1, "sync", 10**6, tail_calls, sim)
+    tail = sim.peers["s1"]
+    forward = stage_forward_flops(CFG, computes[1].layer_range, False, True, batch, seq_len)  # F; backward 2F
+    assert stats.micro_batches_done == 1 and stats.losses == []
+    assert tail.busy_s == pytest.approx(passes * forward / tail.flops_per_s)
+    activations, ids, losses = batch * seq_len * dim * 4, batch * seq_len * 8, batch * seq_len * 4
+    if tail_calls == "fused":  # tail request (activations, targets), response (loss, gradient)
+        expected = (HEADER_BYTES + activations + ids) + (HEADER_BYTES + 4 + activations)
+    else:  # forward (activations, targets) -> per-token loss; backward (activations, its gradient, targets) -> gradient
+        expected = (HEADER_BYTES + activations + ids) + (HEADER_BYTES + losses) + (
+            HEADER_BYTES + activations + losses + ids) + (HEADER_BYTES + activations)
+    assert stats.stage_bytes[1] == expected

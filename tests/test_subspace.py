@@ -316,3 +316,40 @@ def test_parameter_gradients_through_the_codec_are_exact(norm_reorder: bool) -> 
             error = (expected - actual).norm().item() / expected.norm().item()
             assert error <= 1e-5, f"stage {stage_dense.index} {name}: relative gradient error {error:.2e}"
     assert max(constrained_dropped) > 1e-2  # the codec really changed the raw gradients of constrained weights
+
+
+def _outside_span(t: torch.Tensor, model_axis: int, u: torch.Tensor) -> float:
+    """Largest entry of the part of ``t`` outside span(U) along ``model_axis``, relative to ``t``'s largest entry."""
+    return (t - (u @ (u.T @ t) if model_axis == 0 else (t @ u) @ u.T)).abs().max().item() / t.abs().max().item()
+
+
+@pytest.mark.parametrize("project_gradients", [True, False])
+def test_gradients_projected_before_the_step_or_only_the_weights_after_it(project_gradients: bool) -> None:
+    from node0sim.protocol.codecs import DenseCodec
+    from node0sim.protocol.stage_compute import OptimConfig, TensorStageCompute
+
+    basis = make_basis(DIM, RANK, VOCAB, seed=5)
+    head = build_stages(config(), STAGES, seed=1, fixed_embedding=basis.fixed_embedding)[0]
+    compute = TensorStageCompute(head, OptimConfig(warmup_steps=0), DenseCodec(), basis, project_gradients=project_gradients)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(2))
+    compute.backward(ids, None, torch.randn(2, SEQ, DIM, generator=torch.Generator().manual_seed(3)))
+    compute.apply_update(2)
+    for weight in constrained_weights(head):
+        moment = compute.optimizer.state[weight.param]["exp_avg"]
+        # Adam's first moment holds the gradient's part outside span(U) only when gradients are not projected
+        assert (_outside_span(moment, weight.model_axis, basis.basis) > 1e-3) != project_gradients, weight.name
+    with torch.no_grad():  # either way the weights are projected after the step: reconstruction stays exact
+        assert subspace_residual(head(ids), ids, basis) <= EXACT
+
+
+def test_every_stage_of_a_run_and_of_its_joiners_gets_compression_project_gradients() -> None:
+    from node0sim.app import compose_run_config
+    from node0sim.experiment import model_config, stage_computes, vocabulary_size
+    from node0sim.sim.runner import VirtualSwarm, build_simulation
+
+    for setting in (True, False):
+        run = compose_run_config("compression=subspace", "compression.rate=4", f"compression.project_gradients={setting}")
+        templates = stage_computes(run, model_config(run, vocabulary_size(run)))
+        swarm = VirtualSwarm(run, build_simulation(run), templates)
+        joiners = [swarm._compute_for(stage) for stage in range(run.topology.num_stages)]  # what a joining peer serves
+        assert [c.project_gradients for c in templates + joiners] == [setting] * 2 * run.topology.num_stages

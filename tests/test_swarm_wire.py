@@ -61,11 +61,11 @@ def _tensor(dtype, shape, raw):
         (b"\xc1garbage", "msgpack"),
         (_document({}, kind="os.system"), "unknown message type"),
         (_document({"stage": 0}), "expected fields"),
-        (_document({"stage": 0, "inputs": _tensor("float32", [2, 2], b"\0" * 15), "token_ids": None}), "needs 16 bytes"),
-        (_document({"stage": 0, "inputs": _tensor("object", [1], b"\0"), "token_ids": None}), "not allowed"),
-        (_document({"stage": 0, "inputs": _tensor("float32", [-1], b""), "token_ids": None}), "bad tensor shape"),
-        (_document({"stage": 0, "inputs": {"__pickle__": b"x"}, "token_ids": None}), "unknown field tag"),
-        (_document({"stage": 0, "inputs": [1, 2], "token_ids": None}), "unexpected list"),
+        (_document({"stage": 0, "inputs": _tensor("float32", [2, 2], b"\0" * 15), "token_ids": None, "targets": None}), "needs 16 bytes"),
+        (_document({"stage": 0, "inputs": _tensor("object", [1], b"\0"), "token_ids": None, "targets": None}), "not allowed"),
+        (_document({"stage": 0, "inputs": _tensor("float32", [-1], b""), "token_ids": None, "targets": None}), "bad tensor shape"),
+        (_document({"stage": 0, "inputs": {"__pickle__": b"x"}, "token_ids": None, "targets": None}), "unknown field tag"),
+        (_document({"stage": 0, "inputs": [1, 2], "token_ids": None, "targets": None}), "unexpected list"),
     ],
 )
 def test_malformed_messages_are_refused_with_the_reason(data, complaint):

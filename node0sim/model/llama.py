@@ -53,6 +53,7 @@ class ModelConfig:
     norm_reorder: bool
     trainable_rmsnorm: bool
     norm_eps: float = 1e-5
+    embedding_init_std: float = INIT_STD  # std of the trainable token embedding at init (Node0: 1.0, models/llama/layers.py)
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -66,7 +67,7 @@ class ModelConfig:
                 raise bad(field, "must be an int")
             if value <= 0:
                 raise bad(field, "must be positive")
-        for field in ("rope_theta", "norm_eps"):
+        for field in ("rope_theta", "norm_eps", "embedding_init_std"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise bad(field, "must be a positive number")
@@ -308,18 +309,20 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self, seed: int) -> None:
-        # N(0, 0.02) for embeddings and linears; residual output projections (wo, w2) scaled by
-        # 1/sqrt(2 * n_layers) as in GPT-2 (Radford et al. 2019). RMSNorm gains stay at 1.
+        # N(0, 0.02) for linears and (by default, model.embedding_init_std) the token embedding; residual output
+        # projections (wo, w2) scaled by 1/sqrt(2 * n_layers) as in GPT-2 (Radford et al. 2019). RMSNorm gains stay at 1.
         gen = torch.Generator(device="cpu").manual_seed(seed)
         residual_std = INIT_STD / math.sqrt(2 * self.cfg.n_layers)
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 continue
-            is_residual_out = name.endswith(("attention.wo.weight", "feed_forward.w2.weight"))
-            values = torch.empty(param.shape, dtype=param.dtype).normal_(
-                0.0, residual_std if is_residual_out else INIT_STD, generator=gen
-            )
-            param.copy_(values)
+            if name == "tok_embeddings.weight":
+                std = self.cfg.embedding_init_std
+            elif name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+                std = residual_std
+            else:
+                std = INIT_STD
+            param.copy_(torch.empty(param.shape, dtype=param.dtype).normal_(0.0, std, generator=gen))
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Map token ids [B, T] to logits [B, T, vocab_size]."""
@@ -399,8 +402,7 @@ class PipelineStage(nn.Module):
             return self.output(self.norm(h))
         return h
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean token-level cross entropy of tail logits [B, T, V] against targets [B, T]."""
+    def _check_loss_inputs(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         if not self.is_tail:
             raise RuntimeError(f"stage {self.index} of {self.num_stages} is not the tail; it has no loss")
         if logits.dim() != 3 or targets.shape != logits.shape[:2]:
@@ -408,7 +410,16 @@ class PipelineStage(nn.Module):
                 f"stage {self.index} expected logits [B, T, V] and targets [B, T], "
                 f"got {tuple(logits.shape)} and {tuple(targets.shape)}"
             )
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean token-level cross entropy of tail logits [B, T, V] against targets [B, T]."""
+        self._check_loss_inputs(logits, targets)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def token_losses(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross entropy of each token [B, T] (what Node0's tail expert returns from its forward, ``layers.py``)."""
+        self._check_loss_inputs(logits, targets)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
 
 def build_stages(

@@ -19,10 +19,11 @@ from node0sim.protocol.tensors import TensorSpec
 
 HEADER_BYTES = 64
 """Per-message framing: method, stage index, tensor shapes and dtypes, the epoch stamp of forward responses and
-backward requests, and the request id and accumulate flag of backward and tail requests. Both fit in the room the header already has: the
-fullest message (a backward request) needs a method name (8 bytes), stage and epoch (4 each), three tensors' shapes
-(3 dims x 4 bytes) and dtypes (1 byte each), a 4-byte request id and a 1-byte accumulate flag: 60 bytes; so they cost
-no bytes."""
+backward requests, and the request id and accumulate flag of backward and tail requests. They fit in the room the
+header already has: the fullest message, a backward request to a tail served in separate calls, needs a method name
+(8 bytes), stage and epoch (4 each), four tensors' shapes ([B, T, d] inputs and three [B, T]: the loss gradient,
+token ids, targets; 9 dims x 4 bytes) and dtypes (1 byte each), a 4-byte request id and a 1-byte accumulate flag:
+61 bytes; so they cost no bytes."""
 
 FORWARD = "forward"
 BACKWARD = "backward"
@@ -31,7 +32,7 @@ GET_STATE = "get_state"
 REDUCE_PART = "reduce_part"
 GATHER_PART = "gather_part"
 STAGE_METHODS = (FORWARD, BACKWARD, TAIL)
-"""The RPC methods of the pipeline (a stage server serves ``forward`` and ``backward``, or ``tail`` on the last stage)."""
+"""The RPC methods of the pipeline (a stage server serves ``forward`` and ``backward``; the last stage also ``tail``)."""
 AVERAGING_METHODS = (REDUCE_PART, GATHER_PART)
 """The RPC methods of the protocol's in-stage all-reduce."""
 
@@ -110,14 +111,17 @@ class ForwardRequest:
     """Run stage ``stage`` forward on ``inputs`` (token ids for the head, boundary activations otherwise).
 
     ``token_ids`` travel with the activations when the boundary codec needs them (subspace compression).
+    ``targets``: only to the tail served in separate calls (``topology.tail_calls=separate``, as Node0's tail expert),
+    whose forward then returns the per-token loss [B, T] instead of the logits.
     """
 
     stage: int
     inputs: Payload
     token_ids: Payload | None = None
+    targets: Payload | None = None
 
     def wire_bytes(self) -> int:
-        return HEADER_BYTES + payload_bytes(self.inputs, self.token_ids)
+        return HEADER_BYTES + payload_bytes(self.inputs, self.token_ids, self.targets)
 
 
 @message
@@ -138,6 +142,8 @@ class BackwardRequest:
 
     Carrying the input makes backward independent of per-request server state, so any peer of
     the stage can serve it (SWARM's stateless backward). ``epoch``: the forward response's stamp, echoed.
+    ``targets``: only to the tail served in separate calls, whose ``grad_outputs`` is the gradient of the
+    per-token loss [B, T] its forward returned (the loss is recomputed too).
     """
 
     stage: int
@@ -150,9 +156,10 @@ class BackwardRequest:
     accumulate: bool = True
     """False: return the input gradient only (a retry of a request that timed out at a peer that may still accumulate
     it), so the stage accumulates the micro-batch at most once."""
+    targets: Payload | None = None
 
     def wire_bytes(self) -> int:
-        return HEADER_BYTES + payload_bytes(self.inputs, self.grad_outputs, self.token_ids)
+        return HEADER_BYTES + payload_bytes(self.inputs, self.grad_outputs, self.token_ids, self.targets)
 
 
 @message

@@ -38,7 +38,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Work:
-    """One request's part of a batched call: its inputs, token ids, and gradient (backward) or targets (tail).
+    """One request's part of a batched call: its inputs, token ids, gradient (backward) and targets (tail).
 
     ``accumulate`` False: a backward or tail that only returns the input gradient (and loss), leaving the parameters'
     accumulated gradients as they are (a retry whose first attempt may be accumulated by the peer that timed out)."""
@@ -63,7 +63,7 @@ class OptimConfig:
     """The stage optimizer (AdamW by default) with linear warmup then linear decay (Node0's schedule) and clipping.
 
     Node0 trains with lr 3e-4; the default suits the tiny CPU model. ``total_steps`` None (or 0) keeps ``lr``
-    constant after warmup; a run fills in ``train.steps`` (decay to zero at its end) unless it is set.
+    constant after warmup; a run fills in ``train.steps`` (decay to ``min_lr_ratio`` x lr at its end) unless it is set.
     ``name``: adamw, nesterov_async (NAdam with decoupled weight decay) or nag_delay (the explicit weight-space
     update); see node0sim/protocol/optimizers.py.
     """
@@ -76,8 +76,12 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 5
     total_steps: int | None = None
+    min_lr_ratio: float = 0.0
+    """Floor of the decay, as a fraction of ``lr``: the factor is max(min_lr_ratio, linear decay) (Node0: 0.1)."""
     clip_grad_norm: float = 1.0
-    """Gradients are clipped to this global norm before each step (0: no clipping)."""
+    """Max gradient norm of every stage (0: no clipping), the tail's too unless ``tail_clip_grad_norm`` is set."""
+    tail_clip_grad_norm: float | None = None
+    """Max gradient norm of the last stage (None: ``clip_grad_norm``; Node0: 0.8838835 on the tail, 0.1767767 elsewhere)."""
     momentum_decay: float = 0.004
     """nesterov_async: NAdam's psi; its momentum ramps as mu_t = beta1 (1 - 0.5 * 0.96^(t psi)), so 0.004 (PyTorch's
     and the paper's) reaches mu ~ beta1 only after ~50k steps; short runs need a larger psi."""
@@ -94,7 +98,9 @@ class OptimConfig:
         for name in ("gamma", "beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"optim.{name}: must be in [0, 1), got {getattr(self, name)}")
-        for name in ("lr", "eps", "weight_decay", "clip_grad_norm", "momentum_decay", "warmup_steps", "total_steps"):
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("lr", "eps", "weight_decay", "clip_grad_norm", "tail_clip_grad_norm", "momentum_decay", "warmup_steps", "total_steps"):
             value = getattr(self, name)
             positive = name in ("lr", "eps")
             if value is not None and not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
@@ -106,8 +112,12 @@ class OptimConfig:
             return (step + 1) / self.warmup_steps
         if self.total_steps:
             span = max(1, self.total_steps - self.warmup_steps)
-            return max(0.0, 1.0 - (step - self.warmup_steps) / span)
+            return max(self.min_lr_ratio, 1.0 - (step - self.warmup_steps) / span)
         return 1.0
+
+    def clip_norm(self, is_tail: bool) -> float:
+        """The max gradient norm of a stage (0: no clipping)."""
+        return self.tail_clip_grad_norm if is_tail and self.tail_clip_grad_norm is not None else self.clip_grad_norm
 
 
 class StageCompute(ABC):
@@ -155,13 +165,19 @@ class StageCompute(ABC):
         """One optimizer step: ``OPTIMIZER_FLOPS_PER_PARAM`` FLOPs per parameter, bound by its memory traffic."""
         return optimizer_step_cost(self.num_params, len(self.state_layout.tensors), OPTIMIZER_FLOPS_PER_PARAM)
 
-    def forward(self, inputs: Payload, token_ids: Payload | None) -> Payload:
-        """The stage's encoded output (logits on the tail); no state is kept."""
-        return _single(self.forward_batch([Work(inputs, token_ids)]))
+    def forward(self, inputs: Payload, token_ids: Payload | None, targets: Payload | None = None) -> Payload:
+        """The stage's encoded output (on the tail: the logits, or with ``targets`` the per-token loss [B, T]); no state
+        is kept."""
+        return _single(self.forward_batch([Work(inputs, token_ids, targets=targets)]))
 
-    def backward(self, inputs: Payload, token_ids: Payload | None, grad_outputs: Payload) -> Payload | None:
-        """Recompute the forward pass, accumulate parameter gradients, return the encoded input gradient."""
-        return _single(self.backward_batch([Work(inputs, token_ids, grad_outputs=grad_outputs)]))
+    def backward(
+        self, inputs: Payload, token_ids: Payload | None, grad_outputs: Payload, targets: Payload | None = None
+    ) -> Payload | None:
+        """Recompute the forward pass, accumulate parameter gradients, return the encoded input gradient.
+
+        On the tail ``targets`` are required and ``grad_outputs`` is the gradient of the per-token loss [B, T]
+        (the tail served in separate forward and backward calls, as Node0 serves it)."""
+        return _single(self.backward_batch([Work(inputs, token_ids, grad_outputs=grad_outputs, targets=targets)]))
 
     def tail(self, inputs: Payload, token_ids: Payload | None, targets: Payload) -> tuple[float | None, Payload | None]:
         """Forward, loss and backward on the last stage: ``(mean loss, encoded input gradient)``."""
@@ -223,7 +239,9 @@ class TensorStageCompute(StageCompute):
     over the micro-batch's sequences) and divided by the sample count at the update, so an
     update equals a step on the mean loss of every sample it covers, whatever the micro-batching.
     With a subspace ``basis``, the boundary-crossing output projections are projected onto it at
-    construction and after every update, which keeps subspace compression exact.
+    construction and after every update, which keeps subspace compression exact; with ``project_gradients``
+    their gradients are projected before the step too (false: only the weights after it, as Node0's ``ss_regularize``,
+    so Adam's moments also see the part of the gradient outside the subspace).
 
     ``device``: where the stage's weights, optimizer state and tensor work live (a live peer's GPU).
     Everything that crosses the class boundary (requests, responses, flat gradient and parameter
@@ -232,7 +250,7 @@ class TensorStageCompute(StageCompute):
 
     def __init__(
         self, stage: PipelineStage, optim: OptimConfig, codec: Codec, basis: SubspaceBasis | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str = "cpu", project_gradients: bool = True,
     ):
         super().__init__(stage.cfg, stage.index, stage.num_stages, stage.layer_range, codec)
         self.device = torch.device(device)
@@ -242,6 +260,7 @@ class TensorStageCompute(StageCompute):
         self.module = stage.to(self.device)
         self.optim = optim
         self.basis = basis
+        self.project_gradients = project_gradients
         self.parameters = [p for p in stage.parameters() if p.requires_grad]
         self.parameter_shapes = [tuple(p.shape) for p in self.parameters]
         self.optimizer = build_optimizer(self.parameters, optim, self.index, self.num_stages)
@@ -280,6 +299,19 @@ class TensorStageCompute(StageCompute):
             raise ValueError(f"stage {self.index}: targets must be token ids {tuple(x.shape[:2])}, got {describe(targets)}")
         return targets.to(self.device)
 
+    def _optional_targets(self, work: Work, x: torch.Tensor) -> torch.Tensor | None:
+        return None if work.targets is None else self._checked_targets(work, x)
+
+    def _checked_loss_grad(self, work: Work, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A tail backward's targets and per-token loss gradient [B, T] float32, checked."""
+        targets = self._checked_targets(work, x)
+        grad = work.grad_outputs
+        if not isinstance(grad, torch.Tensor) or tuple(grad.shape) != tuple(x.shape[:2]) or grad.dtype != torch.float32:
+            raise ValueError(f"stage {self.index}: the loss gradient must be float32 {tuple(x.shape[:2])}, got {describe(grad)}")
+        if not torch.isfinite(grad).all():
+            raise ValueError(f"stage {self.index}: loss gradient is not finite")
+        return targets, grad.to(self.device)
+
     def _batches(
         self, works: list[Work], results: list[Any], check: Callable[[Work, torch.Tensor], Any] | None = None
     ) -> list[tuple[list[int], list[torch.Tensor], list[Any]]]:
@@ -306,10 +338,13 @@ class TensorStageCompute(StageCompute):
     def forward_batch(self, works: list[Work]) -> list[Payload | ValueError]:
         results: list[Any] = [None] * len(works)
         with torch.no_grad():
-            for indices, xs, _ in self._batches(works, results):
-                outputs = self.module(torch.cat(xs)).cpu().split([len(x) for x in xs])
-                for i, out in zip(indices, outputs):
-                    results[i] = out if self.is_tail else self.codec.encode(out, works[i].token_ids)
+            for indices, xs, targets in self._batches(works, results, self._optional_targets if self.is_tail else None):
+                outputs = self.module(torch.cat(xs)).split([len(x) for x in xs])
+                for i, out, target in zip(indices, outputs, targets):
+                    if not self.is_tail:
+                        results[i] = self.codec.encode(out.cpu(), works[i].token_ids)
+                    else:
+                        results[i] = (out if target is None else self.module.token_losses(out, target)).cpu()
         return results
 
     def _encoded_input_grad(self, x: torch.Tensor) -> Payload | None:
@@ -326,9 +361,15 @@ class TensorStageCompute(StageCompute):
 
     def backward_batch(self, works: list[Work]) -> list[Payload | None | ValueError]:
         results: list[Any] = [None] * len(works)
-        for indices, xs, grads in self._batches(works, results, self._checked_grad):
+        for indices, xs, extras in self._batches(works, results, self._checked_loss_grad if self.is_tail else self._checked_grad):
             leaves = self._leaves(xs)
-            self._backprop(self.module(torch.cat(leaves)), torch.cat(grads), leaves, works[indices[0]].accumulate)
+            outputs = self.module(torch.cat(leaves))
+            if self.is_tail:  # recompute the per-token loss and backpropagate its gradient
+                targets, grads = zip(*extras)
+                outputs = self.module.token_losses(outputs, torch.cat(targets))
+            else:
+                grads = extras
+            self._backprop(outputs, torch.cat(grads), leaves, works[indices[0]].accumulate)
             for i, leaf in zip(indices, leaves):
                 results[i] = self._encoded_input_grad(leaf)
         return results
@@ -366,10 +407,11 @@ class TensorStageCompute(StageCompute):
             raise ValueError(f"stage {self.index}: averaged gradients are not finite")
         accumulated_meanwhile = self._flat_grads()
         self._load_grads(mean_gradients.to(self.device))
-        if self.basis is not None:
+        if self.basis is not None and self.project_gradients:
             project_gradients_onto_subspace_(self.module, self.basis)
-        if self.optim.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.optim.clip_grad_norm)
+        clip_norm = self.optim.clip_norm(self.is_tail)
+        if clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.parameters, clip_norm)
         if self.optim.stage_adaptive:
             set_momentum(self.optimizer, stage_momentum(self.optim, self.index, self.num_stages, delay))
         for group in self.optimizer.param_groups:
@@ -469,6 +511,8 @@ class CostStageCompute(StageCompute):
 
     def _output_spec(self, work: Work) -> Payload:
         batch, seq_len = leading_dims(work.inputs)
+        if self.is_tail and work.targets is not None:
+            return TensorSpec((batch, seq_len), torch.float32)  # the per-token loss (fp32 as Node0's)
         if self.is_tail:
             return TensorSpec((batch, seq_len, self.cfg.vocab_size), self.dtype)
         return self.codec.activation_spec(batch, seq_len, self.cfg.dim, self.dtype)

@@ -73,7 +73,7 @@ class _StampedWork:
 
 
 class StageServer:
-    """Serves forward/backward (or tail) for one stage and runs its in-stage averaging."""
+    """Serves forward/backward (and tail on the last stage) for one stage and runs its in-stage averaging."""
 
     def __init__(
         self,
@@ -143,10 +143,9 @@ class StageServer:
             await self.load_state_from_peers()
         progress.ready = True
         self.rt.serve(FORWARD, self.handle_forward)
-        if self.compute.is_tail:
+        self.rt.serve(BACKWARD, self.handle_backward)
+        if self.compute.is_tail:  # the fused tail call; a trainer may also call the tail's forward and backward
             self.rt.serve(TAIL, self.handle_tail)
-        else:
-            self.rt.serve(BACKWARD, self.handle_backward)
         self.rt.serve(GET_STATE, self.handle_get_state)
         self.averager.serve()
         await progress.report()
@@ -175,19 +174,18 @@ class StageServer:
 
     async def handle_forward(self, caller: str, request: ForwardRequest) -> ForwardResponse:
         """Forward pass, stamped with this epoch; nothing of the request is kept for the backward pass (with a weight
-        history, this epoch's weights are)."""
+        history, this epoch's weights are). The tail given targets returns the per-token loss."""
         self._check_request(request, ForwardRequest)
-        work = Work(request.inputs, self._token_ids(request))
+        work = Work(request.inputs, self._token_ids(request), targets=request.targets)
         outputs, epoch = await self.requests.submit(FORWARD, work, self.compute.forward_cost(request.inputs))
         return ForwardResponse(outputs, epoch)
 
     async def handle_backward(self, caller: str, request: BackwardRequest) -> BackwardResponse:
-        """Recompute the forward pass from the resent input, then backward."""
+        """Recompute the forward pass from the resent input (on the tail, its per-token loss), then backward."""
         self._check_request(request, BackwardRequest)
-        work = _StampedWork(
-            Work(request.inputs, self._token_ids(request), grad_outputs=request.grad_outputs, accumulate=request.accumulate),
-            request.epoch,
-        )
+        work = Work(request.inputs, self._token_ids(request), grad_outputs=request.grad_outputs, targets=request.targets,
+                    accumulate=request.accumulate)
+        work = _StampedWork(work, request.epoch)
         cost = self.compute.backward_cost(request.inputs)
         grad_inputs = await self.requests.submit(BACKWARD, work, cost, _once_key(caller, request.request_id))
         await self._end_epoch_if_alone_and_due()
@@ -217,7 +215,7 @@ class StageServer:
         if kind == FORWARD:
             self._record_weights()
             return [r if isinstance(r, Exception) else (r, self.epoch) for r in self.compute.forward_batch(items)]
-        # the tail's forward and backward are one call: its delay is 0 by construction
+        # the fused tail's forward and backward are one call: its delay is 0 by construction
         stamped = items if kind == BACKWARD else [_StampedWork(work, self.epoch) for work in items]
         results = self._backward_batch(stamped) if kind == BACKWARD else self.compute.tail_batch(items)
         current = self.compute.parameter_values(None) if self.history is not None else None

@@ -131,6 +131,16 @@ def zeros_like(value: Tensor) -> Tensor:
     return value if isinstance(value, TensorSpec) else torch.zeros_like(value)
 
 
+def full_like(value: Tensor, fill: float) -> Tensor:
+    """``torch.full_like``."""
+    return value if isinstance(value, TensorSpec) else torch.full_like(value, fill)
+
+
+def mean_value(value: Tensor) -> float | None:
+    """The mean of the values (None for a spec, which has none)."""
+    return None if isinstance(value, TensorSpec) else value.mean().item()
+
+
 def randn_like(like: Tensor, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
     """Standard-normal values of ``shape`` in ``like``'s mode and dtype (a spec draws nothing from ``generator``)."""
     if isinstance(like, TensorSpec):

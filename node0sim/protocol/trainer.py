@@ -21,7 +21,13 @@ from node0sim.protocol.messages import (
 )
 from node0sim.protocol.progress import read_stages
 from node0sim.protocol.routing import Router
+from node0sim.protocol.tensors import full_like, mean_value
 from node0sim.runtime import RequestTimeout, RPCError, Runtime, Task
+
+TAIL_CALLS = ("fused", "separate")
+"""How the trainer calls the last stage: ``fused`` (one ``tail`` call: forward, loss and backward) or ``separate``
+(a ``forward`` call that returns the per-token loss, then a ``backward`` call that recomputes it, as Node0's clients
+call its tail expert: ``node0/server/module_collab.py``, ``models/llama/layers.py``)."""
 
 
 class MicroBatchSource(Protocol):
@@ -37,6 +43,7 @@ class TrainerConfig:
 
     The trainer pushes ``micro_batches`` micro-batches in total; with ``schedule="sync"`` it
     pushes them ``micro_batches_per_step`` at a time and waits for each group to come back.
+    ``tail_calls``: one of :data:`TAIL_CALLS`.
     """
 
     micro_batches: int
@@ -50,6 +57,7 @@ class TrainerConfig:
     ban_s: float = 60.0
     max_ban_s: float = 960.0
     send_token_ids: bool = False
+    tail_calls: str = "fused"
 
 
 @dataclass
@@ -106,6 +114,8 @@ class Trainer:
     ):
         if cfg.schedule not in ("sync", "async"):
             raise ValueError(f"schedule must be 'sync' or 'async', got {cfg.schedule!r}")
+        if cfg.tail_calls not in TAIL_CALLS:
+            raise ValueError(f"tail_calls must be one of {list(TAIL_CALLS)}, got {cfg.tail_calls!r}")
         self.rt = rt
         self.run_id = run_id
         self.num_stages = num_stages
@@ -227,12 +237,27 @@ class Trainer:
             response = await self._call(stage, FORWARD, request, samples)
             stage_inputs.append(response.outputs)
             epochs.append(response.epoch)
-        tail_request = TailRequest(last, stage_inputs[last], targets, None if last == 0 else ids, request_id=request_id)
-        tail = await self._call(last, TAIL, tail_request, samples, backward=True)
-        grad = tail.grad_inputs
+        loss, grad = await self._tail(stage_inputs[last], targets, None if last == 0 else ids, samples, request_id)
         for stage in reversed(range(last)):
             request = BackwardRequest(
                 stage, stage_inputs[stage], grad, None if stage == 0 else ids, epoch=epochs[stage], request_id=request_id
             )
             grad = (await self._call(stage, BACKWARD, request, samples, backward=True)).grad_inputs
-        return tail.loss
+        return loss
+
+    async def _tail(
+        self, inputs: Payload, targets: Payload, ids: Payload | None, samples: int, request_id: int
+    ) -> tuple[float | None, Payload | None]:
+        """The last stage's mean loss and input gradient: from one fused call, or from a forward call (the per-token
+        loss) and a backward call with that loss's gradient, 1/T per token: the sum over sequences of each one's mean
+        loss, what the fused tail backpropagates."""
+        last = self.num_stages - 1
+        if self.cfg.tail_calls == "fused":
+            tail = await self._call(last, TAIL, TailRequest(last, inputs, targets, ids, request_id=request_id), samples, backward=True)
+            return tail.loss, tail.grad_inputs
+        forward = await self._call(last, FORWARD, ForwardRequest(last, inputs, ids, targets), samples)
+        token_losses = forward.outputs
+        loss_grad = full_like(token_losses, 1.0 / leading_dims(token_losses)[1])
+        request = BackwardRequest(last, inputs, loss_grad, ids, epoch=forward.epoch, request_id=request_id, targets=targets)
+        backward = await self._call(last, BACKWARD, request, samples, backward=True)
+        return mean_value(token_losses), backward.grad_inputs

@@ -132,7 +132,10 @@ class VirtualSwarm:
     def _compute_for(self, stage: int) -> StageCompute:
         template = self.templates[stage]
         if isinstance(template, TensorStageCompute):
-            return TensorStageCompute(copy.deepcopy(template.module), template.optim, template.codec, template.basis)
+            return TensorStageCompute(
+                copy.deepcopy(template.module), template.optim, template.codec, template.basis,
+                project_gradients=template.project_gradients,
+            )
         return copy.copy(template)
 
     def launch(self, peer_id: str, stage: int | None, gpu_name: str | None = None, load_state: bool = True) -> None:
