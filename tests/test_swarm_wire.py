@@ -103,7 +103,7 @@ def test_shapes_whose_strides_overflow_are_refused_by_name():
     for tag, body in (("__tensor__", ["float32", [0, 2**62, 2**62], b""]), ("__spec__", ["float32", [2**40, 2**40]]),
                       ("__spec__", ["float32", [1] * 9])):
         with pytest.raises(WireError, match="is too large"):
-            decode(_document({"stage": 0, "inputs": {tag: body}, "token_ids": None}))
+            decode(_document({"stage": 0, "inputs": {tag: body}, "token_ids": None, "targets": None}))
 
 
 def test_zero_dimensional_tensors_round_trip():
