@@ -172,6 +172,31 @@ def test_tracker_without_others_and_after_a_withdrawal():
     assert check_in == 1.0  # no rate known: one progress period
 
 
+def test_tracker_is_alone_only_a_record_lifetime_after_it_last_saw_another_peer():
+    sim, peers, trackers = _trackers(["a", "b"], period=1.0)
+    a, b = trackers["a"], trackers["b"]
+    a.ready = b.ready = True
+    rt = peers["a"].runtime
+    lifetime = a.record_lifetime_s  # three progress periods
+
+    async def protocol():
+        alone = [a.alone()]  # nobody seen yet
+        await b.report()
+        await a.refresh()
+        await b.withdraw()
+        await a.refresh()  # b gone from the reads: not alone for a record's lifetime after the read that had it
+        alone.append(a.alone())
+        await rt.sleep(lifetime)
+        alone.append(a.alone())
+        a.saw(["a", "b"])  # b averaged with a: evidence it is alive, as a read of its record
+        alone.append(a.alone())
+        await rt.sleep(lifetime + 0.01)
+        alone.append(a.alone())
+        return alone
+
+    assert _run(sim, peers["a"], protocol()) == [True, False, True, False, True]
+
+
 def test_read_stages_reads_every_stage_and_drops_malformed_records():
     sim = make_sim(dht_latency_s=0.05)
     peer = add(sim, "a")

@@ -210,11 +210,17 @@ class ProgressTracker:
         """No other ready peer in the last read, nor in any read within a record's lifetime.
 
         A peer missing from one read may be alive with its store held up by a lagging DHT (seen on a loaded live
-        swarm): a server that takes that for being alone steps with its own gradients, and its weights drift
-        from the stage's (it forms a group instead, and averages alone only if nobody joins).
+        swarm, also right after averaging with it: see :meth:`saw`): a server that takes that for being alone steps
+        with its own gradients, and its weights drift from the stage's (it forms a group instead, and averages
+        alone only if nobody joins).
         """
         now = self.rt.now()
         return not self._others and all(now - seen > self.record_lifetime_s for seen in self._last_seen.values())
+
+    def saw(self, peers: list[str]) -> None:
+        """``peers`` were alive now (they averaged with this peer): for :meth:`alone`, as if seen in a read."""
+        now = self.rt.now()
+        self._last_seen.update((peer, now) for peer in peers if peer != self.rt.peer_id)
 
     def others(self) -> dict[str, StageRecord]:
         """The stage's other ready peers."""

@@ -309,6 +309,7 @@ class StageServer:
             self.stats.last_group_size = contributors
             if contributors > 1:
                 self.stats.averaging_rounds += 1
+                progress.saw(members)
             else:
                 self.stats.solo_steps += 1
             progress.epoch = max(epoch + 1, target_epoch)
