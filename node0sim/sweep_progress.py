@@ -67,7 +67,7 @@ class Progress:
     def line(self) -> str:
         """``sweep: 3/6 done, 0 failed, 2 running, 1 waiting | 12.0 s per job | about 18 s left``."""
         of = f"/{self.total}" if self.total is not None else ""
-        parts = [f"{self.done}{of} done" + (f" ({self.skipped} already done)" if self.skipped else ""),
+        parts = [f"{self.done}{of} done" + (f" ({self.skipped} skipped: finished before)" if self.skipped else ""),
                  f"{self.failed} failed", f"{self.running} running"]
         if self.total is not None:
             parts.append(f"{max(self.total - self.done - self.failed - self.running, 0)} waiting")

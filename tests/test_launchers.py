@@ -120,7 +120,7 @@ def test_ray_cluster_sweep_gives_the_joblib_jobs_and_resumes(tmp_path, joblib_sw
 
         written = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/metrics.jsonl")}
         again = _sweep(sweep_dir, *launcher, "train.skip_if_done=true")
-        assert "sweep: 2/2 done (2 already done), 0 failed" in again.stdout
+        assert "sweep: 2/2 done (2 skipped: finished before), 0 failed" in again.stdout
         assert {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/metrics.jsonl")} == written
 
 
@@ -153,9 +153,9 @@ def test_progress_counts_jobs_and_estimates_the_time_left():
     waiting = total - 3 - 1 - 2
     assert (got.done, got.failed, got.running, got.skipped, got.mean_job_s) == (3, 1, 2, 1, mean)
     assert got.left_s == pytest.approx((waiting * mean + (mean - 4.0) + (mean - 12.0)) / workers)
-    assert got.line() == "sweep: 3/10 done (1 already done), 1 failed, 2 running, 4 waiting | 15.0 s per job | about 37 s left"
+    assert got.line() == "sweep: 3/10 done (1 skipped: finished before), 1 failed, 2 running, 4 waiting | 15.0 s per job | about 37 s left"
     assert progress(states[4:], total, now, workers).left_s is None  # nothing finished yet: no estimate
-    assert progress(states, None, now, workers).line().startswith("sweep: 3 done (1 already done), 1 failed, 2 running |")
+    assert progress(states, None, now, workers).line().startswith("sweep: 3 done (1 skipped: finished before), 1 failed, 2 running |")
 
 
 def test_planned_jobs_counts_the_grid_and_the_trials():
