@@ -13,13 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
@@ -121,14 +120,13 @@ class SweepProgress(Callback):
     """Print the sweep's progress each time a job finishes (see the module docstring); ``poll_s``: how often the
     sweep process looks at the job states."""
 
-    def __init__(self, poll_s: float = 1.0, stream: TextIO | None = None) -> None:
+    def __init__(self, poll_s: float = 1.0) -> None:
         self.poll_s = poll_s
-        self.stream = stream
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"poll_s": self.poll_s}  # jobs get a copy without the sweep process's thread and stream
+        return {"poll_s": self.poll_s}  # jobs get a copy without the sweep process's thread
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
@@ -170,7 +168,7 @@ class SweepProgress(Callback):
                 self._print(current.line())
 
     def _print(self, line: str) -> None:
-        print(line, file=self.stream or sys.stdout, flush=True)
+        print(line, flush=True)
 
     # ---- the job process (wherever the launcher runs it) ----
 
