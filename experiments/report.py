@@ -14,7 +14,11 @@ into ``--out`` (default: the folder itself):
   ``metrics.jsonl``) against tokens seen and against virtual time;
 - ``throughput_vs_<parameter>.png`` for each parameter that varies across jobs: tokens/s against its
   values (numbers on a numeric axis, log-scaled when they span 100x or more), one line per setting of
-  the other varying parameters.
+  the other varying parameters;
+- for a search (jobs with a ``search.json``: ``search.objective``, e.g. ``experiment=uplink_search``): a
+  "Search" section (objective, trials, infeasible ones, the best trial and its overrides, the sweeper's own
+  ``optimization_results.yaml``), an objective column in the table and ``search_history.png`` (each trial's
+  value and the best so far, in trial order).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class Job:
     overrides: dict[str, Any]
     summary: dict[str, Any] | None
     steps: list[dict[str, Any]] = field(default_factory=list)
+    search: dict[str, Any] | None = None  # search.json: the value this job returned to a search sweeper
 
     @property
     def from_hydra(self) -> bool:
@@ -94,6 +99,15 @@ def read_steps(job_dir: Path) -> list[dict[str, Any]]:
     return steps
 
 
+def read_search(job_dir: Path) -> dict[str, Any] | None:
+    """The job's ``search.json`` (its search objective and what it was computed from), None without one."""
+    try:
+        record = json.loads((job_dir / "search.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("value"), (int, float)) else None
+
+
 def _sort_key(root: Path, job_dir: Path) -> tuple:
     match = re.match(r"^(\d+)_", job_dir.name)
     return (str(job_dir.parent.relative_to(root)) if job_dir != root else "", int(match.group(1)) if match else -1,
@@ -125,7 +139,8 @@ def find_jobs(root: Path) -> tuple[list[Job], list[Path]]:
         started.discard(root)  # a multirun folder's own .hydra is not a job
     incomplete = sorted(started - set(done), key=lambda p: _sort_key(root, p))
     jobs = [
-        Job(path=d, label=_label(root, d), overrides=read_overrides(d), summary=done[d], steps=read_steps(d))
+        Job(path=d, label=_label(root, d), overrides=read_overrides(d), summary=done[d], steps=read_steps(d),
+            search=read_search(d))
         for d in sorted(done, key=lambda p: _sort_key(root, p))
     ]
     return jobs, incomplete
@@ -231,6 +246,54 @@ def plot_throughput(jobs: list[Job], keys: list[str], key: str, path: Path) -> P
     return save_figure(fig, path)
 
 
+def search_section(root: Path, jobs: list[Job], keys: list[str]) -> list[str]:
+    """Markdown lines on the search: objective, trials, infeasible ones, the best trial; [] when no job has one."""
+    trials = [j for j in jobs if j.search is not None]
+    if not trials:
+        return []
+    objectives = sorted({j.search["objective"] for j in trials})
+    feasible = [j for j in trials if math.isfinite(j.search["value"])]
+    lines = ["## Search", "", f"Objective `{', '.join(objectives)}` (minimized), {len(trials)} trial(s), "
+             f"{len(trials) - len(feasible)} infeasible (value inf: constraint not met or target not reached).", ""]
+    if feasible:
+        best = min(feasible, key=lambda j: j.search["value"])
+        details = ", ".join(f"{k} {_fmt(v, '.4g') if isinstance(v, float) else v}" for k, v in best.search.items()
+                            if k not in ("objective", "value"))
+        lines += [f"Best trial: {best.label} `{_override_text(best.overrides, keys)}`: value "
+                  f"**{best.search['value']:.4g}** ({details}).", ""]
+    else:
+        lines += ["No feasible trial.", ""]
+    optuna_result = root / "optimization_results.yaml"
+    if optuna_result.is_file():
+        result = yaml.safe_load(optuna_result.read_text()) or {}
+        lines += [f"The sweeper's result (`optimization_results.yaml`): best value {result.get('best_value')}, "
+                  f"best parameters `{result.get('best_params')}`.", ""]
+    return lines
+
+
+def plot_search_history(jobs: list[Job], path: Path) -> Path | None:
+    """Each trial's objective value and the best so far, in trial order; None without a finite value."""
+    trials = [(i, j.search["value"]) for i, j in enumerate(j for j in jobs if j.search is not None)]
+    finite = [(i, v) for i, v in trials if math.isfinite(v)]
+    if not finite:
+        return None
+    best, running = math.inf, []
+    for i, value in trials:
+        best = min(best, value)
+        if math.isfinite(best):
+            running.append((i, best))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(*zip(*finite), "o", label="trial")
+    ax.step(*zip(*running), where="post", label="best so far")
+    infeasible = len(trials) - len(finite)
+    ax.set(xlabel="trial", ylabel=f"objective ({jobs[0].search['objective'] if jobs[0].search else 'value'})",
+           title="search history" + (f" ({infeasible} infeasible trial(s) not shown)" if infeasible else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def write_csv(path: Path, jobs: list[Job], keys: list[str]) -> Path:
     """Every scalar of every summary, with the job's overrides, one row per job."""
     scalars = list(dict.fromkeys(k for j in jobs for k, v in (j.summary or {}).items()
@@ -275,17 +338,22 @@ def build_report(root: Path, out: Path, html_page: bool = False) -> dict[str, An
               else "Common overrides: none" if len(jobs) > 1 else "Single run.")
     header = ["job", "overrides", *COLUMNS]
     rows = table_rows(jobs, shown)
+    if any(j.search is not None for j in jobs):
+        header.append("objective")
+        rows = [[*row, _fmt(j.search["value"], ".4g") if j.search else "-"] for row, j in zip(rows, jobs)]
 
     images = [p for p in (
         plot_loss(jobs, keys, "tokens", "tokens", out / "loss_vs_tokens.png"),
         plot_loss(jobs, keys, "time_s", "virtual time (s)", out / "loss_vs_time.png"),
     ) if p is not None]
     images += [plot_throughput(jobs, keys, key, out / f"throughput_vs_{_slug(key)}.png") for key in keys]
+    history = plot_search_history(jobs, out / "search_history.png")
+    images += [history] if history is not None else []
 
     incomplete_labels = [_label(root, p) for p in incomplete]
     title = f"Report: {root.name}"
     lines = [f"# {title}", "", f"{len(jobs)} finished job(s) in `{root}`.", "", common, "",
-             markdown_table(header, rows)]
+             markdown_table(header, rows), *search_section(root, jobs, keys)]
     if incomplete_labels:
         lines += [f"Not finished ({len(incomplete_labels)}): " + ", ".join(f"`{i}`" for i in incomplete_labels), ""]
     lines += [f"![{p.stem}]({p.relative_to(out) if p.is_relative_to(out) else p})\n" for p in images]

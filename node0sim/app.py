@@ -161,10 +161,20 @@ def _print_done(summary: dict, out_dir: Path, sinks: list) -> None:
             print(f"  wandb ({sink.mode}): {sink.location}")
 
 
+def search_objective(cfg: DictConfig, summary: dict) -> float | None:
+    """The value a finished run returns to a search sweeper (``search.objective``, ``node0sim/search.py``), or None."""
+    run_cfg = load_run_config(OmegaConf.to_container(cfg, resolve=True))
+    if run_cfg.search.objective == "none":
+        return None
+    from node0sim.search import objective_value
+
+    return objective_value(run_cfg, summary, Path(HydraConfig.get().runtime.output_dir))
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     try:
-        run(cfg)
+        return search_objective(cfg, run(cfg))
     except ConfigError as error:
         print(f"node0sim: configuration error: {error}", file=sys.stderr)
         sys.exit(2)

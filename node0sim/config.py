@@ -299,6 +299,35 @@ class WandbConfig:
             _one_of("wandb.mode", self.mode, WANDB_MODES)
 
 
+SEARCH_OBJECTIVES = ("none", "min_uplink", "time_to_loss")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The value a run returns to a search sweeper (``hydra/sweeper=optuna``), to be minimized (``node0sim/search.py``).
+
+    ``min_uplink``: ``network.up_mbps`` if the run keeps ``throughput_fraction`` of the tokens/s the same run reaches
+    with datacenter bandwidth (``network=datacenter``'s up/down rates, its own latency; simulated after it), else
+    infinity (infeasible). ``time_to_loss``: virtual seconds
+    until the training loss, averaged over ``loss_window`` consecutive steps, first reaches ``target_loss``; infinity
+    if it never does.
+    """
+
+    objective: str = "none"  # none: return nothing (grid sweeps) | min_uplink | time_to_loss
+    throughput_fraction: float = 0.9
+    target_loss: float | None = None
+    loss_window: int = 5
+
+    def __post_init__(self) -> None:
+        _one_of("search.objective", self.objective, SEARCH_OBJECTIVES)
+        _require(0 < self.throughput_fraction <= 1, f"search.throughput_fraction: must be in (0, 1], got {self.throughput_fraction}")
+        _require(self.loss_window >= 1, f"search.loss_window: must be >= 1, got {self.loss_window}")
+        _require(
+            self.objective != "time_to_loss" or self.target_loss is not None,
+            "search.target_loss: a value is required with search.objective=time_to_loss",
+        )
+
+
 SWARM_ROLES = ("local", "bootstrap", "server", "trainer")
 
 
@@ -401,6 +430,7 @@ class RunSchema:
     compression: CompressionConfig = MISSING
     averaging: AveragingConfig = MISSING
     scale: ScaleConfig = MISSING
+    search: SearchConfig = MISSING
     wandb: WandbConfig = MISSING
     swarm: SwarmConfig = MISSING
 
@@ -443,6 +473,7 @@ class RunConfig:
     compression: CompressionConfig
     averaging: AveragingConfig
     scale: ScaleConfig = ScaleConfig()
+    search: SearchConfig = SearchConfig()
     wandb: WandbConfig = WandbConfig()
     swarm: SwarmConfig = SwarmConfig()
 
@@ -486,6 +517,10 @@ def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
         "use train.schedule=async with several trainers",
     )
     _check_compression_rate(run, architecture.dim)
+    _require(
+        run.search.objective == "none" or run.backend == "sim",
+        f"search.objective: {run.search.objective!r} is computed from a simulated run; needs backend=sim",
+    )
     _check_weight_stashing(run)
     return run
 

@@ -34,6 +34,15 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
+def write_json_atomic(path: Path, value: Any) -> Path:
+    """Write ``value`` as JSON to ``path`` through a temporary file: readers see it complete or not at all."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    os.replace(partial, path)
+    return path
+
+
 def read_complete_summary(out_dir: Path) -> dict[str, Any] | None:
     """``out_dir/summary.json`` if it is a finished run's summary (valid JSON with every SUMMARY_KEY), else None."""
     try:
@@ -134,10 +143,7 @@ class RunRecorder:
         missing = [k for k in SUMMARY_KEYS if k not in summary]
         if missing:
             raise KeyError(f"summary lacks {missing}")
-        summary_path = self.out_dir / "summary.json"
-        partial = self.out_dir / "summary.json.tmp"
-        partial.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        os.replace(partial, summary_path)  # complete or absent, never half-written
+        summary_path = write_json_atomic(self.out_dir / "summary.json", summary)  # complete or absent, never half-written
         paths = {"metrics": self.metrics_path, "summary": summary_path}
         for name, plot in (("plot", plot_loss(self.records, self.out_dir / "loss.png")),
                            ("swarm_plot", plot_swarm(self.records, self.out_dir / "swarm.png"))):

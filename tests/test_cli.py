@@ -8,7 +8,7 @@ import pytest
 
 from node0sim.config import ConfigError
 from node0sim.metrics import SUMMARY_KEYS
-from tests.runs import run_config, simulate
+from tests.runs import comparable, run_config, simulate
 
 SMALL = ("train.steps=12", "train.batch_size=8", "train.micro_batch_size=4", "train.seq_len=64", "train.eval_batches=1")
 
@@ -89,9 +89,8 @@ def test_same_seed_gives_the_same_summary(tmp_path):
     first = simulate(tmp_path / "a", *SMALL, "seed=3", "network.jitter_ms=5")
     second = simulate(tmp_path / "b", *SMALL, "seed=3", "network.jitter_ms=5")
     other = simulate(tmp_path / "c", *SMALL, "seed=4", "network.jitter_ms=5")
-    volatile = {"wall_time_s", "outputs"}
-    same = {k: v for k, v in first.items() if k not in volatile}
-    assert same == {k: v for k, v in second.items() if k not in volatile}
+    same = comparable(first)
+    assert same == comparable(second)
     assert same["loss_last"] != other["loss_last"] and same["sim_time_s"] != other["sim_time_s"]
 
 

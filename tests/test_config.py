@@ -17,7 +17,8 @@ from node0sim.app import CONF_DIR, compose_run_config
 from node0sim.config import ConfigError, RunSchema, build_section, load_run_config, schema, schema_sections
 
 CONF = Path(CONF_DIR)
-YAMLS = sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml"))
+# conf/hydra/ holds presets of Hydra's own groups (launchers), which set plugin settings, not node0sim's schema
+YAMLS = sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml") if p.relative_to(CONF).parts[0] != "hydra")
 
 
 def _settings(name: str) -> dict[tuple[str, ...], Any]:

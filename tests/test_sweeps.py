@@ -48,6 +48,7 @@ def test_parallel_sweep_report_and_resume(tmp_path):
     assert all((p / "summary.json").is_file() and (p / "metrics.jsonl").is_file() for p in jobs)
     assert "Joblib.Parallel(n_jobs=2" in first.stdout + first.stderr
     assert "[job 3] step     4/4" in first.stdout
+    assert "sweep: 4/4 done, 0 failed, 0 running, 0 waiting" in first.stdout  # progress (node0sim/sweep_progress.py)
     runs = [read_run(path) for path in offline_runs(sweep_dir)]  # wandb, offline: one run per job, grouped
     assert sorted(r["name"] for r in runs) == [p.name for p in jobs]
     assert {(r["group"], r["job_type"], r["exit_code"]) for r in runs} == {("sweep", "run", 0)}
@@ -70,7 +71,8 @@ def test_parallel_sweep_report_and_resume(tmp_path):
 
     written = {p: (p / "metrics.jsonl").stat().st_mtime_ns for p in jobs}
     again = _sweep(sweep_dir, "train.skip_if_done=true")
-    assert again.stdout.count("already done") == 4
+    assert again.stdout.count("already done: ") == 4
+    assert "sweep: 4/4 done (4 skipped: finished before), 0 failed, 0 running, 0 waiting" in again.stdout
     assert "step " not in again.stdout
     assert sorted(p for p in sweep_dir.iterdir() if p.is_dir()) == jobs  # same job folders: resume finds them
     assert {p: (p / "metrics.jsonl").stat().st_mtime_ns for p in jobs} == written
