@@ -294,6 +294,8 @@ class SwarmConfig:
     log_period_s: float = 60.0  # server: "Processed N batches in last 60 seconds" every this many seconds
     max_message_mb: float = 256.0  # larger RPC messages are refused
     all_reduce: str = "hivemind"  # in-stage all-reduce: hivemind (its AllReduceRunner) | protocol (the simulator's, over RPC)
+    injected_latency_ms: float = 0.0  # software-injected one-way delay before every RPC message this peer sends
+    # (the fidelity lab's latency where the kernel has no netem; 0: none)
 
     def __post_init__(self) -> None:
         _one_of("swarm.role", self.role, SWARM_ROLES)
@@ -310,6 +312,7 @@ class SwarmConfig:
             f"swarm.device: 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}",
         )
         _require(self.stage is None or self.stage >= 0, f"swarm.stage: must be >= 0 or null, got {self.stage}")
+        _require(self.injected_latency_ms >= 0, f"swarm.injected_latency_ms: must be >= 0, got {self.injected_latency_ms}")
         _require(self.trainer_index >= 0, f"swarm.trainer_index: must be >= 0, got {self.trainer_index}")
         for name in ("startup_timeout_s", "log_period_s", "max_message_mb"):
             _require(getattr(self, name) > 0, f"swarm.{name}: must be > 0, got {getattr(self, name)}")

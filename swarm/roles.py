@@ -49,6 +49,7 @@ def node_settings(swarm: SwarmConfig) -> NodeSettings:
         announce_port=swarm.announce_port, initial_peers=tuple(swarm.initial_peers),
         identity_path=Path(swarm.identity_path), nat_traversal=swarm.nat_traversal,
         max_message_bytes=int(swarm.max_message_mb * 2**20), startup_timeout_s=swarm.startup_timeout_s,
+        injected_latency_s=swarm.injected_latency_ms / 1000,
     )
 
 
