@@ -189,6 +189,12 @@ class SimConfig:
     link_sharing: str = "maxmin"  # maxmin: exact max-min fair; equal: per-link equal split (fast, huge swarms);
     # per_link: each link its own processor-sharing queue (fastest, slightly optimistic)
     call_overhead_ms: float = 0.1  # fixed time per accelerator call (kernel launches, dispatch); batching saves it
+    transport: str = "fluid"  # fluid: latency + bytes / fair share; tcp: + framing, window / RTT cap, slow start, RPC cost
+    tcp_window_kib: float = 256.0  # per-stream window: libp2p/go-yamux const.go initialStreamWindow = 256 KiB (grows to 16 MiB)
+    tcp_slow_start_after_idle: bool = True  # restart slow start after an idle RTO (Linux tcp_slow_start_after_idle=1)
+    tcp_message_overhead_bytes: float = 623.0  # per message on the wire: tools/bench_wire.py, 10 Mb/s lab, measured 623 B
+    tcp_byte_overhead: float = 1.0466  # wire bytes per payload byte (headers per segment): tools/bench_wire.py, measured 1.0466
+    tcp_rpc_overhead_ms: float = 2.67  # fixed time per RPC (event loops, p2pd hops): tools/bench_wire.py, measured 2.67 ms
 
     def __post_init__(self) -> None:
         from node0sim.sim.gpus import GPU_PROFILES
@@ -199,6 +205,14 @@ class SimConfig:
             _require(weight >= 0, f"sim.gpu_mix.{name}: weight must be >= 0, got {weight}")
         _require(self.snapshot_period_s > 0, f"sim.snapshot_period_s: must be > 0, got {self.snapshot_period_s}")
         _one_of("sim.link_sharing", self.link_sharing, ("maxmin", "equal", "per_link"))
+        _one_of("sim.transport", self.transport, ("fluid", "tcp"))
+        _require(not (self.transport == "tcp" and self.link_sharing == "per_link"),
+                 "sim.transport=tcp needs sim.link_sharing=maxmin or equal (per_link has no per-flow rate caps)")
+        _require(self.tcp_window_kib > 0, f"sim.tcp_window_kib: must be > 0, got {self.tcp_window_kib}")
+        _require(self.tcp_message_overhead_bytes >= 0,
+                 f"sim.tcp_message_overhead_bytes: must be >= 0, got {self.tcp_message_overhead_bytes}")
+        _require(self.tcp_byte_overhead >= 1, f"sim.tcp_byte_overhead: must be >= 1, got {self.tcp_byte_overhead}")
+        _require(self.tcp_rpc_overhead_ms >= 0, f"sim.tcp_rpc_overhead_ms: must be >= 0, got {self.tcp_rpc_overhead_ms}")
         _require(0 < self.utilization <= 1, f"sim.utilization: must be in (0, 1], got {self.utilization}")
         _require(self.dht_latency_ms >= 0, f"sim.dht_latency_ms: must be >= 0, got {self.dht_latency_ms}")
         _require(self.max_message_mb > 0, f"sim.max_message_mb: must be > 0, got {self.max_message_mb}")

@@ -163,9 +163,10 @@ def main() -> None:
         "shaped": [{**p, "predicted_s": per_call + p["tx"] * 8 / (options.mbps * 1e6)} for p in shaped],
         "unshaped": unshaped,
     }
-    print(f"framing ({options.mbps:g} Mb/s, {len(warm_shaped)} calls): shaper-charged uplink bytes = {per_message:.0f} B + {factor:.4f} x payload")
-    print(f"per-call RPC time (unshaped): {per_call * 1000:.2f} ms + payload / {1 / per_byte / 1e6:.0f} MB/s"
-          if per_byte > 0 else f"per-call RPC time (unshaped): {per_call * 1000:.2f} ms")
+    print(f"framing ({options.mbps:g} Mb/s, {len(warm_shaped)} calls): "
+          f"shaper-charged uplink bytes = {per_message:.0f} B + {factor:.4f} x payload")
+    rate = f" + payload / {1 / per_byte / 1e6:.0f} MB/s" if per_byte > 0 else ""
+    print(f"per-call RPC time (unshaped): {per_call * 1000:.2f} ms{rate}")
     for s in sizes:
         print(f"  {s:>9} B payload: median {medians[s] * 1000:8.2f} ms")
     print(f"shaped {options.mbps:g} Mb/s: call time vs per_call + kernel bytes / rate")
