@@ -276,3 +276,35 @@ def test_slow_start_restarts_after_an_idle_rto_only_when_enabled():
 def test_transport_model_refuses_per_link_sharing():
     with pytest.raises(ValueError, match="per_link"):
         _tcp_net(0.0, TcpModel(window_bytes=1e6, **NO_FRAMING), "per_link")
+
+
+def test_an_rpc_pays_the_transport_models_fixed_overhead_once():
+    from dataclasses import dataclass
+
+    from node0sim.sim.engine import Simulation
+    from node0sim.sim.gpus import gpu_profile
+
+    @dataclass
+    class Blob:
+        nbytes: int
+
+        def wire_bytes(self) -> int:
+            return self.nbytes
+
+    tcp = TcpModel(window_bytes=1e12, slow_start_after_idle=False, **NO_FRAMING)
+    sim = Simulation(seed=0, latency_s=lambda a, b: 0.01, dht_latency_s=0.0, transport=tcp, rpc_overhead_s=0.003)
+    peers = [sim.add_peer(n, region="r", up_mbps=8, down_mbps=8, gpu=gpu_profile("rtx3090"), utilization=0.4) for n in "ab"]
+
+    async def echo(_caller, request):
+        return Blob(request.nbytes)
+
+    peers[1].runtime.serve("echo", echo)
+
+    async def call():
+        await peers[0].runtime.call("b", "echo", Blob(100_000), timeout=10)
+        return peers[0].runtime.now()
+
+    task = peers[0].runtime.spawn(call())
+    sim.run()
+    # overhead, then each way 0.1 MB at 1 MB/s + 10 ms, on a cold connection (a->b, then b->a): one slow-start round each
+    assert task.process.value == pytest.approx(0.003 + 2 * (0.1 + 0.01 + slow_start_delay(100_000, 1e6, 0.02)))
