@@ -308,6 +308,8 @@ class SwarmConfig:
     log_period_s: float = 60.0  # server: "Processed N batches in last 60 seconds" every this many seconds
     max_message_mb: float = 256.0  # larger RPC messages are refused
     all_reduce: str = "hivemind"  # in-stage all-reduce: hivemind (its AllReduceRunner) | protocol (the simulator's, over RPC)
+    bandwidth_probe_mb: float = 1.0  # server: time this many MB to the bootstrap at join and announce the measured uplink
+    # (0: announce network.up_mbps; a failed probe falls back to it with a warning)
     injected_latency_ms: float = 0.0  # software-injected one-way delay before every RPC message this peer sends
     # (the fidelity lab's latency where the kernel has no netem; 0: none)
 
@@ -326,6 +328,7 @@ class SwarmConfig:
             f"swarm.device: 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}",
         )
         _require(self.stage is None or self.stage >= 0, f"swarm.stage: must be >= 0 or null, got {self.stage}")
+        _require(self.bandwidth_probe_mb >= 0, f"swarm.bandwidth_probe_mb: must be >= 0, got {self.bandwidth_probe_mb}")
         _require(self.injected_latency_ms >= 0, f"swarm.injected_latency_ms: must be >= 0, got {self.injected_latency_ms}")
         _require(self.trainer_index >= 0, f"swarm.trainer_index: must be >= 0, got {self.trainer_index}")
         for name in ("startup_timeout_s", "log_period_s", "max_message_mb"):

@@ -52,8 +52,9 @@ def test_bad_prefix_and_shape_are_refused_naming_the_problem():
 
 
 def test_tbf_arguments_follow_the_constants():
-    # 50 Mb/s: a 4 ms bucket (25,000 B) is over the 16 KiB floor; 2 Mb/s gets the floor
-    assert netlab.tbf_args(50) == ["tbf", "rate", "50mbit", "burst", str(int(50e6 / 8 * netlab.TBF_BURST_S)), "latency", "50ms"]
+    # 50 Mb/s: a 2 ms bucket (12,500 B) is over the 4 KiB floor; 2 Mb/s (500 B in 2 ms) gets the floor
+    queue = f"{netlab.TBF_QUEUE_S * 1000:g}ms"
+    assert netlab.tbf_args(50) == ["tbf", "rate", "50mbit", "burst", str(int(50e6 / 8 * netlab.TBF_BURST_S)), "latency", queue]
     assert netlab.tbf_args(2)[4] == str(netlab.TBF_MIN_BURST_BYTES)
 
 
@@ -168,3 +169,35 @@ def test_a_live_bootstrap_listens_on_its_namespace_address(tmp_path):
             peer.send_signal(signal.SIGTERM)
             peer.wait(timeout=60)
     assert _ours() == []
+
+
+class _UnreachableRuntime:
+    """A runtime whose calls all fail (the bootstrap does not answer the probe)."""
+
+    async def call(self, peer, method, request, timeout):
+        from node0sim.runtime import RPCError
+
+        raise RPCError(f"{method} to peer {peer} failed: unreachable")
+
+
+def test_a_failed_bandwidth_probe_falls_back_to_the_configured_uplink_with_a_warning(caplog):
+    import asyncio
+
+    from swarm.bandwidth import announced_uplink_mbps
+
+    with caplog.at_level("WARNING", logger="node0sim.swarm"):
+        assert asyncio.run(announced_uplink_mbps(_UnreachableRuntime(), "QmBoot", 80.0, 1.0)) == 80.0
+    assert "announcing the configured network.up_mbps=80" in caplog.text
+    assert asyncio.run(announced_uplink_mbps(_UnreachableRuntime(), None, 80.0, 1.0)) == 80.0
+
+
+def test_bandwidth_probe_off_announces_the_configured_uplink_without_probing():
+    import asyncio
+
+    from swarm.bandwidth import announced_uplink_mbps
+
+    class NoCalls:
+        async def call(self, *args):
+            raise AssertionError("probe_mb=0 must not call anyone")
+
+    assert asyncio.run(announced_uplink_mbps(NoCalls(), "QmBoot", 25.0, 0.0)) == 25.0
