@@ -1,6 +1,6 @@
 """The simulator held against a live swarm on kernel-shaped links (needs root: swarm/netlab.py).
 
-    python experiments/fidelity.py [--quick] [--out DIR] [--steps N]
+    python experiments/fidelity.py [--quick] [--out DIR] [--steps N] [--only 4,5]
 
 Every scenario runs twice: live (bootstrap, stage servers and one trainer as real ``node0sim backend=swarm``
 processes, each in its own network namespace with tbf-shaped uplink and downlink, pinned round-robin to the
@@ -234,6 +234,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the small grid (a few points, minutes)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 8 quick, 16 full)")
+    parser.add_argument("--only", default=None, help="comma-separated indices of the grid's scenarios to run (default: all)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a live trainer may run")
     options = parser.parse_args()
     from swarm.netlab import unavailable_reason
@@ -242,6 +243,8 @@ def main() -> None:
     if reason:
         sys.exit(f"fidelity.py needs the shaped-link lab: {reason}")
     scenarios = QUICK if options.quick else FULL
+    if options.only:
+        scenarios = [scenarios[int(i)] for i in options.only.split(",")]
     steps = options.steps or (8 if options.quick else 16)
     options.out.mkdir(parents=True, exist_ok=True)
     flops = live_compute_rate()

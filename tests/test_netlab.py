@@ -201,3 +201,19 @@ def test_bandwidth_probe_off_announces_the_configured_uplink_without_probing():
             raise AssertionError("probe_mb=0 must not call anyone")
 
     assert asyncio.run(announced_uplink_mbps(NoCalls(), "QmBoot", 25.0, 0.0)) == 25.0
+
+
+@needs_namespaces
+@pytest.mark.slow
+def test_fidelity_quick_point_runs_on_both_backends(tmp_path):
+    """One point of ``experiments/fidelity.py --quick`` end to end; the strict errors live in its report."""
+    done = subprocess.run(
+        [sys.executable, "experiments/fidelity.py", "--quick", "--only", "1", "--steps", "4", "--out", str(tmp_path)],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    point = json.loads((tmp_path / "fidelity.json").read_text())["points"][0]
+    assert point["live"]["summary"]["tokens_per_s_steady"] > 0
+    assert abs(point["error_tcp"]) < 0.5 and abs(point["error_fluid"]) < 0.5  # loose: a shared 2-core machine
+    assert (tmp_path / "fidelity.md").is_file() and (tmp_path / "fidelity.png").is_file()
+    assert _ours() == [] and not [n for n in netlab.list_namespaces() if n.startswith("n0fid-")]
