@@ -5,10 +5,12 @@
 Every scenario runs twice: live (bootstrap, stage servers and one trainer as real ``node0sim backend=swarm``
 processes, each in its own network namespace with tbf-shaped uplink and downlink, pinned round-robin to the
 machine's cores, one torch thread each) and on the simulator with the same settings, once with
-``sim.transport=fluid`` and once with ``sim.transport=tcp``. The simulator's "GPU" runs at the FLOP/s a
-live peer measures for itself (``swarm.roles.measured_flops``: fp32 matmuls, one thread, pinned to one core),
-measured once here before the grid. Nothing is fitted on the grid: the transport constants come from
-``tools/bench_wire.py`` and citations (node0sim/config.py ``sim.tcp_*``).
+``sim.transport=fluid`` and once with ``sim.transport=tcp``. The simulator's "GPU" runs at the FLOP/s this
+CPU achieves on the stages' own calls (:func:`stage_call_rate`: one micro-batch's forward, tail and backward
+calls through every stage of the scenario's model, one thread, pinned to one core, the FLOPs the simulator
+charges for them over their median time), measured right before each scenario's live run; the matmul rate a
+live peer announces (``swarm.roles.measured_flops``) is reported beside it. Nothing is fitted on the grid: the
+transport constants come from ``tools/bench_wire.py`` and citations (node0sim/config.py ``sim.tcp_*``).
 
 Latency: the kernel here has no netem, so a non-zero latency is software-injected by every live peer
 before each RPC message it writes (``swarm.injected_latency_ms``); TCP itself sees no extra RTT there, and
@@ -31,7 +33,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -146,18 +148,65 @@ def run_sim(scenario: Scenario, steps: int, transport: str, utilization: float, 
     return {"summary": summary, "step_s": quantiles(gaps[len(gaps) // 2:])}
 
 
-def live_compute_rate() -> float:
-    """FLOP/s of one torch thread on one core, as each live peer measures it for itself."""
+def _on_one_core(measure: Callable[[], float]) -> float:
+    """``measure()`` pinned to one core with one torch thread, as a live peer runs."""
+    import torch
+
+    cores = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cores)})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return measure()
+    finally:
+        torch.set_num_threads(threads)
+        os.sched_setaffinity(0, cores)
+
+
+def live_matmul_rate() -> float:
+    """FLOP/s of fp32 matmuls on one thread, as each live peer measures and announces it."""
     import torch
 
     from swarm.roles import measured_flops
 
-    os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-    torch.set_num_threads(1)
-    try:
-        return measured_flops(torch.device("cpu"))
-    finally:
-        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
+    return _on_one_core(lambda: measured_flops(torch.device("cpu")))
+
+
+def stage_call_rate(scenario: Scenario, repeats: int = 5) -> float:
+    """FLOP/s this CPU achieves on one micro-batch's stage calls (forward through all but the last stage, the tail
+    call, backward back to the head), counting the FLOPs the simulator charges for those calls."""
+    import torch
+
+    from node0sim.app import compose_run_config
+    from node0sim.experiment import model_config, stage_computes, vocabulary_size
+
+    run = compose_run_config(*BASE, *scenario.overrides())
+    stages = stage_computes(run, model_config(run, vocabulary_size(run)), "cpu")
+    ids = torch.randint(0, vocabulary_size(run), (run.train.micro_batch_size, run.train.seq_len))
+
+    def micro_batch() -> float:
+        flops, x, inputs = 0.0, ids, []
+        for stage in stages[:-1]:
+            inputs.append(x)
+            flops += stage.forward_flops(x)
+            x = stage.forward(x, ids)
+        flops += stages[-1].backward_flops(x)  # what a tail call is charged (forward + backward)
+        _, grad = stages[-1].tail(x, ids, ids)
+        for stage, stage_input in zip(reversed(stages[:-1]), reversed(inputs)):
+            flops += stage.backward_flops(stage_input)
+            grad = stage.backward(stage_input, ids, grad)
+        return flops
+
+    def measure() -> float:
+        micro_batch()  # warm-up
+        times, flops = [], 0.0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            flops = micro_batch()
+            times.append(time.perf_counter() - start)
+        return flops / statistics.median(times)
+
+    return _on_one_core(measure)
 
 
 def error(predicted: float | None, measured: float | None) -> float | None:
@@ -179,20 +228,23 @@ def _num(value: float | None, spec: str = ".0f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def write_table(points: list[dict[str, Any]], flops: float, path: Path) -> None:
+def write_table(points: list[dict[str, Any]], path: Path) -> None:
     lines = [
         "# Fidelity: simulator vs live swarm on kernel-shaped links", "",
-        f"Live peers in network namespaces, tbf-shaped up/down links, pinned to cores, one torch thread each; simulator GPU at "
-        f"the live peers' measured {flops / 1e9:.1f} GFLOP/s. Error = predicted / measured - 1 (steady tokens/s). "
-        "Step time: seconds between training steps, second half of the run.", "",
-        "| scenario | live tok/s | fluid tok/s | fluid error | tcp tok/s | tcp error | live step p50/p95 s | tcp step p50/p95 s "
-        "| live CPU load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Live peers in network namespaces, tbf-shaped up/down links, pinned to cores, one torch thread each; the simulator's "
+        "GPU at the FLOP/s one thread achieves on the scenario's stage calls (measured before each live run). "
+        "Error = predicted / measured - 1 (steady tokens/s). "
+        "Step time: seconds between training steps, second half of the run. "
+        "CPU load: the whole machine's (shared with other work) during the live run.", "",
+        "| scenario | stage-call GFLOP/s | live tok/s | fluid tok/s | fluid error | tcp tok/s | tcp error | live step p50/p95 s "
+        "| tcp step p50/p95 s | live CPU load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         live, fluid, tcp = p["live"], p["fluid"], p["tcp"]
         lines.append(
-            f"| {p['scenario']} | {_num(steady(live))} | {_num(steady(fluid))} | {_pct(p['error_fluid'])} | {_num(steady(tcp))} "
+            f"| {p['scenario']} | {p['stage_call_flops'] / 1e9:.1f} | {_num(steady(live))} | {_num(steady(fluid))} "
+            f"| {_pct(p['error_fluid'])} | {_num(steady(tcp))} "
             f"| {_pct(p['error_tcp'])} | {_num(live['step_s']['p50'], '.2f')}/{_num(live['step_s']['p95'], '.2f')} "
             f"| {_num(tcp['step_s']['p50'], '.2f')}/{_num(tcp['step_s']['p95'], '.2f')} | {_num(100 * live['cpu_load'], '.0f')}% |"
         )
@@ -247,29 +299,31 @@ def main() -> None:
         scenarios = [scenarios[int(i)] for i in options.only.split(",")]
     steps = options.steps or (8 if options.quick else 16)
     options.out.mkdir(parents=True, exist_ok=True)
-    flops = live_compute_rate()
     from node0sim.sim.gpus import gpu_profile
 
-    utilization = flops / gpu_profile("rtx3090").peak_flops
-    print(f"live peer compute rate: {flops / 1e9:.2f} GFLOP/s (one thread): sim.utilization={utilization:.5f} of an rtx3090")
+    peak = gpu_profile("rtx3090").peak_flops
     points = []
     scratch = Path(tempfile.mkdtemp(prefix="n0fid"))
     try:
         for index, scenario in enumerate(scenarios):
-            print(f"[{index + 1}/{len(scenarios)}] {scenario.name}", flush=True)
+            matmul, calls = live_matmul_rate(), stage_call_rate(scenario)
+            utilization = calls / peak
+            print(f"[{index + 1}/{len(scenarios)}] {scenario.name}: stage calls {calls / 1e9:.2f} GFLOP/s (matmul {matmul / 1e9:.2f}) "
+                  f"on one thread: sim.utilization={utilization:.6f} of an rtx3090", flush=True)
             live = run_live(scenario, steps, scratch / f"live{index}", options.timeout)
             fluid = run_sim(scenario, steps, "fluid", utilization, scratch / f"fluid{index}")
             tcp = run_sim(scenario, steps, "tcp", utilization, scratch / f"tcp{index}")
             point = {"scenario": scenario.name, "settings": asdict(scenario), "steps": steps, "live": live,
+                     "stage_call_flops": calls, "matmul_flops": matmul, "utilization": utilization,
                      "fluid": fluid, "tcp": tcp, "error_fluid": error(steady(fluid), steady(live)),
                      "error_tcp": error(steady(tcp), steady(live))}
             print(f"  live {_num(steady(live))} tok/s; fluid {_num(steady(fluid))} ({_pct(point['error_fluid'])}); "
                   f"tcp {_num(steady(tcp))} ({_pct(point['error_tcp'])})", flush=True)
             points.append(point)
-            save_json(options.out / "fidelity.json", {"compute_flops": flops, "utilization": utilization, "points": points})
+            save_json(options.out / "fidelity.json", {"points": points})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    write_table(points, flops, options.out / "fidelity.md")
+    write_table(points, options.out / "fidelity.md")
     plot(points, options.out / "fidelity.png")
     print(f"wrote {options.out / 'fidelity.md'}, fidelity.json and fidelity.png")
 
