@@ -308,3 +308,24 @@ def test_an_rpc_pays_the_transport_models_fixed_overhead_once():
     sim.run()
     # overhead, then each way 0.1 MB at 1 MB/s + 10 ms, on a cold connection (a->b, then b->a): one slow-start round each
     assert task.process.value == pytest.approx(0.003 + 2 * (0.1 + 0.01 + slow_start_delay(100_000, 1e6, 0.02)))
+
+
+def test_transport_keys_are_validated_naming_the_key():
+    from node0sim.app import compose_run_config
+    from node0sim.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sim.transport"):
+        compose_run_config("sim.transport=quic")
+    with pytest.raises(ConfigError, match="sim.transport=tcp needs sim.link_sharing"):
+        compose_run_config("sim.transport=tcp", "sim.link_sharing=per_link")
+    with pytest.raises(ConfigError, match="sim.tcp_byte_overhead"):
+        compose_run_config("sim.tcp_byte_overhead=0.5")
+
+
+def test_fluid_runs_build_no_transport_model_and_tcp_runs_take_the_configured_constants():
+    from node0sim.app import compose_run_config
+    from node0sim.sim.runner import build_simulation
+
+    assert build_simulation(compose_run_config()).network.transport is None
+    sim = build_simulation(compose_run_config("sim.transport=tcp", "sim.tcp_window_kib=64", "sim.tcp_rpc_overhead_ms=5"))
+    assert sim.network.transport.window_bytes == 64 * 1024 and sim.rpc_overhead_s == pytest.approx(0.005)
