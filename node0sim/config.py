@@ -218,6 +218,12 @@ class SimConfig:
     compute_dtype: str = "bfloat16"  # the peak both models use: bfloat16 (16-bit tensor cores) | tf32 | float32 (no
     # tensor cores: PyTorch's default for fp32 tensors, how Node0 trains)
     check_memory: bool = True  # refuse a run whose stages do not fit in their GPU's memory (false: run anyway, e.g. in a sweep)
+    transport: str = "fluid"  # fluid: latency + bytes / fair share; tcp: + framing, window / RTT cap, slow start, RPC cost
+    tcp_window_kib: float = 256.0  # per-stream window: libp2p/go-yamux const.go initialStreamWindow = 256 KiB (grows to 16 MiB)
+    tcp_slow_start_after_idle: bool = True  # restart slow start after an idle RTO (Linux tcp_slow_start_after_idle=1)
+    tcp_message_overhead_bytes: float = 623.0  # per message on the wire: tools/bench_wire.py, 10 Mb/s lab, measured 623 B
+    tcp_byte_overhead: float = 1.0466  # wire bytes per payload byte (headers per segment): tools/bench_wire.py, measured 1.0466
+    tcp_rpc_overhead_ms: float = 2.67  # fixed time per RPC (event loops, p2pd hops): tools/bench_wire.py, measured 2.67 ms
 
     def __post_init__(self) -> None:
         from node0sim.sim.gpus import COMPUTE_DTYPES, GPU_PROFILES
@@ -228,6 +234,14 @@ class SimConfig:
             _require(weight >= 0, f"sim.gpu_mix.{name}: weight must be >= 0, got {weight}")
         _require(self.snapshot_period_s > 0, f"sim.snapshot_period_s: must be > 0, got {self.snapshot_period_s}")
         _one_of("sim.link_sharing", self.link_sharing, ("maxmin", "equal", "per_link"))
+        _one_of("sim.transport", self.transport, ("fluid", "tcp"))
+        _require(not (self.transport == "tcp" and self.link_sharing == "per_link"),
+                 "sim.transport=tcp needs sim.link_sharing=maxmin or equal (per_link has no per-flow rate caps)")
+        _require(self.tcp_window_kib > 0, f"sim.tcp_window_kib: must be > 0, got {self.tcp_window_kib}")
+        _require(self.tcp_message_overhead_bytes >= 0,
+                 f"sim.tcp_message_overhead_bytes: must be >= 0, got {self.tcp_message_overhead_bytes}")
+        _require(self.tcp_byte_overhead >= 1, f"sim.tcp_byte_overhead: must be >= 1, got {self.tcp_byte_overhead}")
+        _require(self.tcp_rpc_overhead_ms >= 0, f"sim.tcp_rpc_overhead_ms: must be >= 0, got {self.tcp_rpc_overhead_ms}")
         _require(0 < self.utilization <= 1, f"sim.utilization: must be in (0, 1], got {self.utilization}")
         _require(self.dht_latency_ms >= 0, f"sim.dht_latency_ms: must be >= 0, got {self.dht_latency_ms}")
         _require(self.max_message_mb > 0, f"sim.max_message_mb: must be > 0, got {self.max_message_mb}")
@@ -357,6 +371,10 @@ class SwarmConfig:
     log_period_s: float = 60.0  # server: "Processed N batches in last 60 seconds" every this many seconds
     max_message_mb: float = 256.0  # larger RPC messages are refused
     all_reduce: str = "hivemind"  # in-stage all-reduce: hivemind (its AllReduceRunner) | protocol (the simulator's, over RPC)
+    bandwidth_probe_mb: float = 1.0  # server: time this many MB to the bootstrap at join and announce the measured uplink
+    # (0: announce network.up_mbps; a failed probe falls back to it with a warning)
+    injected_latency_ms: float = 0.0  # software-injected one-way delay before every RPC message this peer sends
+    # (the fidelity lab's latency where the kernel has no netem; 0: none)
 
     def __post_init__(self) -> None:
         _one_of("swarm.role", self.role, SWARM_ROLES)
@@ -373,6 +391,8 @@ class SwarmConfig:
             f"swarm.device: 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}",
         )
         _require(self.stage is None or self.stage >= 0, f"swarm.stage: must be >= 0 or null, got {self.stage}")
+        _require(self.bandwidth_probe_mb >= 0, f"swarm.bandwidth_probe_mb: must be >= 0, got {self.bandwidth_probe_mb}")
+        _require(self.injected_latency_ms >= 0, f"swarm.injected_latency_ms: must be >= 0, got {self.injected_latency_ms}")
         _require(self.trainer_index >= 0, f"swarm.trainer_index: must be >= 0, got {self.trainer_index}")
         for name in ("startup_timeout_s", "log_period_s", "max_message_mb"):
             _require(getattr(self, name) > 0, f"swarm.{name}: must be > 0, got {getattr(self, name)}")

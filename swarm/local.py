@@ -1,9 +1,10 @@
 """A whole live swarm on one machine: bootstrap, stage servers and a trainer as separate processes.
 
-Each peer is a real ``node0sim backend=swarm swarm.role=...`` process on 127.0.0.1, exactly what
-volunteers run, so the ``local`` role (and the tests) exercise the same code paths. Servers and
-the bootstrap log to ``<folder>/<name>.log``; ``stop()`` ends every child (SIGTERM, then SIGKILL
-after a grace period) and removes what killed peers left behind.
+Each peer is a real ``node0sim backend=swarm swarm.role=...`` process on 127.0.0.1 (or wherever ``place``
+puts it, e.g. a namespace of the shaped-link lab ``swarm.netlab``), exactly what volunteers run, so the
+``local`` role (and the tests) exercise the same code paths. Servers and the bootstrap log to
+``<folder>/<name>.log``; ``stop()`` ends every child (SIGTERM, then SIGKILL after a grace period) and
+removes what killed peers left behind.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from node0sim.summary import ServerReport
 from swarm.lifecycle import SwarmError, clean_leftovers, runtime_dir
@@ -25,17 +26,28 @@ PER_PEER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERE
 
 OWN_KEYS = ("swarm.", "+swarm.", "~swarm", "hydra.", "backend=")
 
+Placement = Callable[[str], tuple[str, list[str]]]
+"""Where peer ``name`` runs: its listen address and a command prefix (e.g. a namespace of :mod:`swarm.netlab`)."""
+
+
+def on_loopback(name: str) -> tuple[str, list[str]]:
+    """The default placement: every peer on 127.0.0.1 of this machine."""
+    return "127.0.0.1", []
+
 
 class LocalSwarm:
-    """Child processes of one local swarm; ``overrides`` are the run's Hydra overrides."""
+    """Child processes of one local swarm; ``overrides`` are the run's Hydra overrides; ``place`` says where each peer runs."""
 
-    def __init__(self, overrides: Sequence[str], folder: Path, extra_env: dict[str, str] | None = None):
+    def __init__(
+        self, overrides: Sequence[str], folder: Path, extra_env: dict[str, str] | None = None, place: Placement = on_loopback,
+    ):
         self.overrides = [o for o in overrides if not o.startswith(OWN_KEYS)]
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, **PER_PEER_ENV, **(extra_env or {})}
         self.processes: dict[str, subprocess.Popen] = {}
         self.bootstrap_info: dict[str, Any] | None = None
+        self.place = place
 
     def __enter__(self) -> "LocalSwarm":
         return self
@@ -49,8 +61,9 @@ class LocalSwarm:
         if self.bootstrap_info is not None:
             join = [f"swarm.initial_peers=[{','.join(self.bootstrap_info['maddrs'])}]",
                     f"swarm.organizer_key={self.bootstrap_info['organizer_key']}"]
+        host, prefix = self.place(name)
         return [
-            sys.executable, "-m", "node0sim", *self.overrides, "backend=swarm", f"swarm.role={role}", "swarm.host=127.0.0.1",
+            *prefix, sys.executable, "-m", "node0sim", *self.overrides, "backend=swarm", f"swarm.role={role}", f"swarm.host={host}",
             f"swarm.identity_path={self.folder / name}.key", f"swarm.info_path={self.folder / name}.json",
             f"hydra.run.dir={self.folder / name}", *join, *extra,
         ]

@@ -32,6 +32,7 @@ class NodeSettings:
     nat_traversal: bool = False
     max_message_bytes: int = 256 * 2**20
     startup_timeout_s: float = 30.0
+    injected_latency_s: float = 0.0
 
     def host_maddrs(self) -> list[str]:
         """The multiaddr p2pd listens on."""
@@ -72,7 +73,7 @@ class LiveNode:
                 await p2p.shutdown()
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        runtime = LiveRuntime(p2p, dht, settings.max_message_bytes)
+        runtime = LiveRuntime(p2p, dht, settings.max_message_bytes, settings.injected_latency_s)
         await runtime.start()
         node = cls(p2p, dht, runtime, folder)
         node.visible_maddrs = [str(m) for m in await p2p.get_visible_maddrs()]

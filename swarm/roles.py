@@ -12,7 +12,7 @@ import json
 import logging
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping
 
@@ -32,7 +32,7 @@ from node0sim.protocol.swarm_peer import SwarmPeer
 from node0sim.protocol.trainer import Trainer
 from node0sim.runtime import RPCError
 from node0sim.summary import ServerReport, ServerTotals, TrainerTotals
-from swarm import allreduce, run_config
+from swarm import allreduce, bandwidth, run_config
 from swarm.lifecycle import SwarmError, ensure_identity, fingerprint
 from swarm.node import LiveNode, NodeSettings
 from swarm.runtime import LiveRuntime
@@ -49,6 +49,7 @@ def node_settings(swarm: SwarmConfig) -> NodeSettings:
         announce_port=swarm.announce_port, initial_peers=tuple(swarm.initial_peers),
         identity_path=Path(swarm.identity_path), nat_traversal=swarm.nat_traversal,
         max_message_bytes=int(swarm.max_message_mb * 2**20), startup_timeout_s=swarm.startup_timeout_s,
+        injected_latency_s=swarm.injected_latency_ms / 1000,
     )
 
 
@@ -101,6 +102,7 @@ async def bootstrap(config: Mapping[str, Any], run: RunConfig) -> None:
     try:
         organizer = fingerprint(identity.get_public_key().to_bytes())
         validator = node.dht.protocol.record_validator
+        bandwidth.serve_probe(node.runtime)
         publisher = asyncio.create_task(run_config.keep_publishing(node.dht, validator, config, run.run_id))
         join = f"swarm.initial_peers=[{','.join(node.visible_maddrs)}] swarm.organizer_key={organizer} run_id={run.run_id}"
         print(f"Bootstrap peer {node.runtime.peer_id} of run {run.run_id!r} is up. Others join with:\n  {join}", flush=True)
@@ -150,6 +152,9 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
         templates = stage_computes(run, model_config(run, vocabulary_size(run)), str(device))
         throughput = measured_flops(device) / flops_per_sample(run, templates)
         rt = node.runtime
+        bootstrap_peer = run.swarm.initial_peers[0].rsplit("/p2p/", 1)[1] if run.swarm.initial_peers else None
+        up_mbps = await bandwidth.announced_uplink_mbps(rt, bootstrap_peer, run.network.up_mbps, run.swarm.bandwidth_probe_mb)
+        run = replace(run, network=replace(run.network, up_mbps=up_mbps))
 
         averager = GroupAverager
         if run.swarm.all_reduce == "hivemind":

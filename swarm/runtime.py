@@ -79,11 +79,13 @@ class LiveFuture(Future):
 class LiveRuntime(Runtime):
     """The runtime interface for one live peer (see the module docstring)."""
 
-    def __init__(self, p2p: P2P, dht: DHTNode, max_message_bytes: int):
+    def __init__(self, p2p: P2P, dht: DHTNode, max_message_bytes: int, injected_latency_s: float = 0.0):
         self.p2p = p2p
         self.dht = dht
         self.peer_id = p2p.peer_id.to_base58()
         self.max_message_bytes = max_message_bytes
+        self.injected_latency_s = injected_latency_s
+        """Software-injected one-way delay before each RPC message this peer writes (``swarm.injected_latency_ms``)."""
         self.errors: list[BaseException] = []
         """Failures of spawned tasks that nobody joined, and bugs of handlers (logged when they happen)."""
         self.handled: dict[str, int] = {}
@@ -192,6 +194,7 @@ class LiveRuntime(Runtime):
     async def _call(self, peer: str, method: str, payload: bytes) -> Any:
         _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), RPC_PROTOCOL)
         try:
+            await self._inject_latency()
             await _write_frames(writer, method.encode(), payload)
             self._count(self.sent_bytes, method, len(payload))
             status = await reader.readexactly(1)
@@ -211,12 +214,18 @@ class LiveRuntime(Runtime):
         caller = stream_info.peer_id.to_base58()
         try:
             method, status, body = await self._respond(caller, reader)
+            await self._inject_latency()
             await _write_frames(writer, status, body, raw_first=True)
             self._count(self.sent_bytes, method, len(body))
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as error:
             log.info("lost the connection to %s mid-request: %s", caller, error or type(error).__name__)
         finally:
             writer.close()
+
+    async def _inject_latency(self) -> None:
+        """Hold a message back by ``injected_latency_s``: propagation delay the lab's kernel cannot add (no netem)."""
+        if self.injected_latency_s > 0:
+            await asyncio.sleep(self.injected_latency_s)
 
     async def _respond(self, caller: str, reader: asyncio.StreamReader) -> tuple[str, bytes, bytes]:
         """Read one request, run its handler; (method, status, body) of the reply."""

@@ -155,3 +155,177 @@ def test_per_link_model_matches_a_hand_computed_three_flow_schedule_with_abort()
     # when its slower link (the uplink) is done: 2 s. ac is aborted at 2 s and never arrives.
     assert ab == [pytest.approx(2.0)] and db == [pytest.approx(1.0)] and ac == []
     assert not a.up.flows and not b.down.flows and not c.down.flows
+
+
+# ---- transport model (sim.transport=tcp) -------------------------------------------------------
+
+from node0sim.sim.network import INITIAL_WINDOW_BYTES, RTO_MIN_S, TcpModel, slow_start_delay  # noqa: E402
+
+NO_FRAMING = dict(message_overhead_bytes=0.0, byte_overhead=1.0)
+
+
+def _tcp_net(latency: float, tcp: TcpModel, sharing: str = "maxmin") -> tuple[simpy.Environment, Network]:
+    env = simpy.Environment()
+    return env, Network(env, lambda a, b: latency, 0.0, random.Random(0), sharing, tcp)
+
+
+def test_framing_charges_per_message_and_per_byte_overhead():
+    tcp = TcpModel(window_bytes=1e12, message_overhead_bytes=600, byte_overhead=1.05)
+    env, net = _tcp_net(0.0, tcp)
+    a, b = Endpoint("a", "r", 8, 8), Endpoint("b", "r", 8, 8)  # 1 MB/s
+    times = _arrival(env, net.transfer(a, b, 1_000_000))
+    env.run()
+    assert times == [pytest.approx((600 + 1.05 * 1_000_000) / 1e6)]
+
+
+def test_a_zero_byte_message_still_carries_its_framing():
+    env, net = _tcp_net(0.0, TcpModel(window_bytes=1e12, message_overhead_bytes=1000, byte_overhead=1.0))
+    a, b = Endpoint("a", "r", 8, 8), Endpoint("b", "r", 8, 8)
+    times = _arrival(env, net.transfer(a, b, 0))
+    env.run()
+    assert times == [pytest.approx(1000 / 1e6)]
+
+
+@pytest.mark.parametrize("sharing", ["maxmin", "equal"])
+def test_window_caps_a_stream_at_window_over_rtt(sharing: str):
+    # 100 Mb/s links, 50 ms one way: RTT 0.1 s, a 256 KiB window gives 2.62 MB/s < 12.5 MB/s of the links
+    window, latency = 256 * 1024, 0.05
+    tcp = TcpModel(window_bytes=window, slow_start_after_idle=False, **NO_FRAMING)
+    env, net = _tcp_net(latency, tcp, sharing)
+    a, b = Endpoint("a", "r", 100, 100), Endpoint("b", "r", 100, 100)
+    size = 10_000_000
+    flow = net.transfer(a, b, size)
+    times = _arrival(env, flow)
+    cap = window / (2 * latency)
+    assert flow.rate == pytest.approx(cap)
+    env.run()
+    expected = slow_start_delay(size, cap, 2 * latency) + size / cap + latency
+    assert times == [pytest.approx(expected)]
+
+
+def test_a_cap_above_the_fair_share_changes_nothing():
+    # 80 Mb/s (10 MB/s) uplink, RTT 0.1 s, window 0.2 MB: each stream is capped at 2 MB/s
+    tcp = TcpModel(window_bytes=200_000, **NO_FRAMING)
+    env, net = _tcp_net(0.05, tcp)
+    a = Endpoint("a", "r", 80, 1000)
+    flows = [net.transfer(a, Endpoint(n, "r", 1000, 1000), 1_000_000) for n in "bcdefg"]
+    # six flows: the fair share 10/6 MB/s is below the 2 MB/s cap, so the link is shared equally
+    assert [f.rate for f in flows] == [pytest.approx(10e6 / 6)] * 6
+    env.run()
+
+
+def test_progressive_filling_freezes_capped_flows_first():
+    # a 10 MB/s uplink; flow 1 to a far peer (RTT 1 s, cap 1 MB/s), flow 2 to a near one (RTT 0: no cap)
+    env = simpy.Environment()
+    tcp = TcpModel(window_bytes=1_000_000, **NO_FRAMING)
+    net = Network(env, lambda x, y: 0.5 if "far" in (x, y) else 0.0, 0.0, random.Random(0), "maxmin", tcp)
+    a = Endpoint("a", "near", 80, 1000)
+    far = net.transfer(a, Endpoint("f", "far", 1000, 1000), 5_000_000)
+    near = net.transfer(a, Endpoint("n", "near", 1000, 1000), 5_000_000)
+    assert far.rate == pytest.approx(1e6) and near.rate == pytest.approx(9e6)
+    env.run()
+
+
+def test_slow_start_delay_follows_its_formula():
+    w, rtt, rate = INITIAL_WINDOW_BYTES, 0.1, 10e6  # 1 MB per RTT at full rate: ceil(log2(1e6 / w)) = 7 rounds to full rate
+    assert slow_start_delay(100_000, rate, 0.0) == 0.0
+    assert slow_start_delay(100_000, 1e5, rtt) == 0.0  # a window of w already fills 10 kB per RTT
+    # 100 kB: windows w, 2w, 4w (7 w = 101 kB): it is out in the third round, after k = 2 waits
+    assert slow_start_delay(100_000, rate, rtt) == pytest.approx(2 * rtt - w * (2**2 - 1) / rate)
+    # 10 MB: all 7 rounds to full rate
+    assert slow_start_delay(10_000_000, rate, rtt) == pytest.approx(7 * rtt - w * (2**7 - 1) / rate)
+
+
+def test_first_message_pays_slow_start_and_a_busy_connection_does_not():
+    tcp = TcpModel(window_bytes=1e12, slow_start_after_idle=True, **NO_FRAMING)
+    env, net = _tcp_net(0.05, tcp)
+    a, b = Endpoint("a", "r", 80, 80), Endpoint("b", "r", 80, 80)  # 10 MB/s
+    size, rtt, rate = 2_000_000, 0.1, 10e6
+    first = _arrival(env, net.transfer(a, b, size))
+    env.run(until=0.01)
+    second = _arrival(env, net.transfer(a, b, size))  # the connection is busy: no slow start of its own
+    env.run()
+    # alone until 0.01 (0.1 MB), then 5 MB/s each: the first one's bytes are out at 0.01 + 1.9 MB / 5 MB/s, and its
+    # slow-start delay is added to its delivery; the second one's last 0.1 MB then go at the full 10 MB/s
+    first_out = 0.01 + (size - 0.01 * rate) / (rate / 2)
+    assert first == [pytest.approx(first_out + 0.05 + slow_start_delay(size, rate, rtt))]
+    assert second == [pytest.approx(first_out + (size - (first_out - 0.01) * rate / 2) / rate + 0.05)]
+
+
+def test_slow_start_restarts_after_an_idle_rto_only_when_enabled():
+    def arrival_of_second(after_idle: bool, gap: float) -> float:
+        tcp = TcpModel(window_bytes=1e12, slow_start_after_idle=after_idle, **NO_FRAMING)
+        env, net = _tcp_net(0.05, tcp)
+        a, b = Endpoint("a", "r", 80, 80), Endpoint("b", "r", 80, 80)
+        net.transfer(a, b, 1_000_000)  # delivered at 0.1 + its slow-start delay + 0.05
+        env.run()
+        start = env.now + gap
+        env.run(until=start)
+        times = _arrival(env, net.transfer(a, b, 1_000_000))
+        env.run()
+        return times[0] - start
+
+    plain = 1_000_000 / 10e6 + 0.05
+    restart = slow_start_delay(1_000_000, 10e6, 0.1)
+    rto = 0.05 + RTO_MIN_S  # RTT / 2 + RTO_MIN after the first message was delivered
+    assert arrival_of_second(True, rto + 0.1) == pytest.approx(plain + restart)
+    assert arrival_of_second(True, 0.01) == pytest.approx(plain)  # idle shorter than an RTO
+    assert arrival_of_second(False, rto + 0.1) == pytest.approx(plain)
+
+
+def test_transport_model_refuses_per_link_sharing():
+    with pytest.raises(ValueError, match="per_link"):
+        _tcp_net(0.0, TcpModel(window_bytes=1e6, **NO_FRAMING), "per_link")
+
+
+def test_an_rpc_pays_the_transport_models_fixed_overhead_once():
+    from dataclasses import dataclass
+
+    from node0sim.sim.engine import Simulation
+    from node0sim.sim.gpus import gpu_profile
+
+    @dataclass
+    class Blob:
+        nbytes: int
+
+        def wire_bytes(self) -> int:
+            return self.nbytes
+
+    tcp = TcpModel(window_bytes=1e12, slow_start_after_idle=False, **NO_FRAMING)
+    sim = Simulation(seed=0, latency_s=lambda a, b: 0.01, dht_latency_s=0.0, transport=tcp, rpc_overhead_s=0.003)
+    peers = [sim.add_peer(n, region="r", up_mbps=8, down_mbps=8, gpu=gpu_profile("rtx3090"), utilization=0.4) for n in "ab"]
+
+    async def echo(_caller, request):
+        return Blob(request.nbytes)
+
+    peers[1].runtime.serve("echo", echo)
+
+    async def call():
+        await peers[0].runtime.call("b", "echo", Blob(100_000), timeout=10)
+        return peers[0].runtime.now()
+
+    task = peers[0].runtime.spawn(call())
+    sim.run()
+    # overhead, then each way 0.1 MB at 1 MB/s + 10 ms, on a cold connection (a->b, then b->a): one slow-start round each
+    assert task.process.value == pytest.approx(0.003 + 2 * (0.1 + 0.01 + slow_start_delay(100_000, 1e6, 0.02)))
+
+
+def test_transport_keys_are_validated_naming_the_key():
+    from node0sim.app import compose_run_config
+    from node0sim.config import ConfigError
+
+    with pytest.raises(ConfigError, match="sim.transport"):
+        compose_run_config("sim.transport=quic")
+    with pytest.raises(ConfigError, match="sim.transport=tcp needs sim.link_sharing"):
+        compose_run_config("sim.transport=tcp", "sim.link_sharing=per_link")
+    with pytest.raises(ConfigError, match="sim.tcp_byte_overhead"):
+        compose_run_config("sim.tcp_byte_overhead=0.5")
+
+
+def test_fluid_runs_build_no_transport_model_and_tcp_runs_take_the_configured_constants():
+    from node0sim.app import compose_run_config
+    from node0sim.sim.runner import build_simulation
+
+    assert build_simulation(compose_run_config()).network.transport is None
+    sim = build_simulation(compose_run_config("sim.transport=tcp", "sim.tcp_window_kib=64", "sim.tcp_rpc_overhead_ms=5"))
+    assert sim.network.transport.window_bytes == 64 * 1024 and sim.rpc_overhead_s == pytest.approx(0.005)

@@ -17,7 +17,7 @@ import simpy
 from node0sim.model.costs import ComputeCost
 from node0sim.runtime import Future, Handler, Message, PeerCrashed, RemoteError, RequestTimeout, RPCError, Runtime, Task
 from node0sim.sim.gpus import ComputeModel, FlatCompute, GPUProfile
-from node0sim.sim.network import Endpoint, Network
+from node0sim.sim.network import Endpoint, Network, TcpModel
 from node0sim.sim.timers import TimerHeap
 
 T = TypeVar("T")
@@ -327,10 +327,14 @@ class Simulation:
         dht_latency_s: float = 0.05,
         max_message_bytes: int = 2**31,
         link_sharing: str = "maxmin",
+        transport: TcpModel | None = None,
+        rpc_overhead_s: float = 0.0,
     ):
         self.env = simpy.Environment()
         self.rng = random.Random(seed)
-        self.network = Network(self.env, latency_s, jitter_s, random.Random(self.rng.getrandbits(64)), link_sharing)
+        self.network = Network(self.env, latency_s, jitter_s, random.Random(self.rng.getrandbits(64)), link_sharing, transport)
+        self.rpc_overhead_s = rpc_overhead_s
+        """Fixed time of every RPC outside the links (event loops, daemon hops, stream open): see ``sim.tcp_rpc_overhead_ms``."""
         self.dht = EmulatedDHT(dht_latency_s)
         self.max_message_bytes = max_message_bytes
         self.peers: dict[str, SimPeer] = {}
@@ -374,6 +378,8 @@ class Simulation:
         dst = self.peers.get(dst_id)
         if dst is None or not dst.alive:
             await wait(self.env.event())
+        if self.rpc_overhead_s > 0:
+            await wait(self.env.timeout(self.rpc_overhead_s))
         await self._send(src, dst, request.wire_bytes(), method)
         handler = dst.handlers.get(method) if dst.alive else None
         if handler is None:

@@ -18,13 +18,29 @@ Model (a fluid flow model, as used by flow-level network simulators such as SimG
   is slightly optimistic where ``equal`` is pessimistic;
 - a message is delivered one one-way latency (plus optional jitter) after its last byte left,
   so an isolated transfer of S bytes over B bit/s with latency L takes exactly L + 8S/B.
+
+Transport (``transport=TcpModel(...)``, ``sim.transport=tcp``; None is the plain fluid model above):
+- framing: a message of S payload bytes puts ``message_overhead_bytes + byte_overhead * S`` bytes
+  on the links (libp2p stream negotiation and yamux/noise frames, TCP/IP/Ethernet headers per segment);
+- window: one stream carries at most ``window_bytes`` per round trip, so a flow's rate is capped at
+  window / RTT (RTT = twice the pair's one-way latency; no cap at zero latency). Progressive filling
+  treats each flow's cap as a private link (Mathis et al. 1997 write the same bound as W / RTT);
+- slow start (RFC 5681 section 3.1, initial window of RFC 6928): the first message of a connection
+  (a peer pair), or the first after it was idle longer than an RTO when ``slow_start_after_idle``
+  (Linux ``net.ipv4.tcp_slow_start_after_idle=1``), starts from the initial window and doubles it per
+  RTT until one round carries the bottleneck's bytes per RTT. It is charged as extra delivery delay,
+  computed once from the flow's uncontended bottleneck rate at its start (:func:`slow_start_delay`);
+  messages of a connection that is busy (another flow on it) go at the connection's open window.
+Not modelled: loss, queueing delay in the shapers' buffers, window growth by yamux auto-tuning.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
+from dataclasses import dataclass
 from typing import Callable
 
 import simpy
@@ -32,6 +48,51 @@ import simpy
 from node0sim.sim.timers import TimerHeap, succeed_at
 
 SHARING_MODELS = ("maxmin", "equal", "per_link")
+TRANSPORTS = ("fluid", "tcp")
+
+MSS_BYTES = 1448
+"""TCP payload per segment on a 1500-byte MTU with timestamps (1500 - 20 IP - 20 TCP - 12 options), Linux's default."""
+
+INITIAL_WINDOW_BYTES = 10 * MSS_BYTES
+"""TCP's initial congestion window: 10 segments (RFC 6928)."""
+
+RTO_MIN_S = 0.2
+"""Linux's minimum retransmission timeout (``TCP_RTO_MIN``, 200 ms); its RTO is about srtt + max(4 rttvar, RTO_MIN)."""
+
+
+@dataclass(frozen=True)
+class TcpModel:
+    """Transport effects on top of fluid sharing (see the module docstring); constants from ``sim.tcp_*``."""
+
+    window_bytes: float
+    message_overhead_bytes: float
+    byte_overhead: float
+    slow_start_after_idle: bool = True
+
+    def wire_bytes(self, payload_bytes: float) -> float:
+        """Bytes a message of ``payload_bytes`` puts on the links."""
+        return self.message_overhead_bytes + self.byte_overhead * payload_bytes
+
+    def rate_cap(self, rtt_s: float) -> float:
+        """Most bytes/s one stream carries at this round-trip time (window / RTT; unbounded at 0)."""
+        return self.window_bytes / rtt_s if rtt_s > 0 else math.inf
+
+
+def slow_start_delay(nbytes: float, rate: float, rtt_s: float, initial_window: float = INITIAL_WINDOW_BYTES) -> float:
+    """Extra time slow start adds to sending ``nbytes`` at bottleneck ``rate`` (bytes/s) over ``rtt_s``.
+
+    The window starts at ``initial_window`` and doubles each RTT; round ``j`` (window ``w 2^j`` below the
+    bytes per RTT ``rate x rtt``) waits a whole RTT for its ACKs. After ``k`` such rounds the rest goes at
+    ``rate``, so the time is ``k rtt + (nbytes - w (2^k - 1)) / rate`` against the fluid ``nbytes / rate``:
+    the delay is ``k rtt - w (2^k - 1) / rate``, with ``k`` the rounds before the window reaches
+    ``rate x rtt`` (``ceil(log2(rate rtt / w))``) or before the message is out, whichever is fewer.
+    """
+    if rtt_s <= 0 or nbytes <= 0 or rate * rtt_s <= initial_window:
+        return 0.0
+    to_full_rate = math.ceil(math.log2(rate * rtt_s / initial_window))
+    rounds_for_message = math.ceil(math.log2(nbytes / initial_window + 1)) - 1
+    k = min(to_full_rate, rounds_for_message)
+    return max(0.0, k * rtt_s - initial_window * (2**k - 1) / rate)
 
 
 class Link:
@@ -62,9 +123,13 @@ class Link:
 class Flow:
     """Bytes moving from one uplink to one downlink."""
 
-    __slots__ = ("up", "down", "remaining", "rate", "updated_at", "version", "latency", "done", "active", "links_left")
+    __slots__ = ("up", "down", "remaining", "rate", "updated_at", "version", "latency", "done", "active", "links_left",
+                 "cap", "connection")
 
-    def __init__(self, up: Link, down: Link, nbytes: float, latency: float, done: simpy.Event, now: float):
+    def __init__(
+        self, up: Link, down: Link, nbytes: float, latency: float, done: simpy.Event, now: float,
+        cap: float = math.inf, connection: tuple[str, str] | None = None,
+    ):
         self.up, self.down = up, down
         self.remaining = float(nbytes)
         self.rate = 0.0
@@ -74,6 +139,10 @@ class Flow:
         self.done = done
         self.active = True
         self.links_left = 2
+        self.cap = cap
+        """Most bytes/s this flow may get (the transport's window / RTT; inf: none)."""
+        self.connection = connection
+        """(source, destination) peer ids of the connection it travels on (transport model), or None."""
 
 
 class Endpoint:
@@ -98,11 +167,17 @@ class Network:
         jitter_s: float,
         rng: random.Random,
         sharing: str = "maxmin",
+        transport: TcpModel | None = None,
     ):
         if sharing not in SHARING_MODELS:
             raise ValueError(f"sim.link_sharing: {sharing!r} is not one of {list(SHARING_MODELS)}")
+        if transport is not None and sharing == "per_link":
+            raise ValueError("sim.transport=tcp needs sim.link_sharing=maxmin or equal (per_link has no per-flow rate caps)")
         self.env = env
         self.sharing = sharing
+        self.transport = transport
+        self._connections: dict[tuple[str, str], tuple[int, float]] = {}
+        """Transport model: per (source, destination) peer pair, flows in progress and when the last one ended."""
         self._latency_s = latency_s
         self._jitter_s = jitter_s
         self._rng = rng
@@ -110,6 +185,10 @@ class Network:
         # pending completions: flows (maxmin, equal) or links (per_link), tagged with their version
         self._finishes: TimerHeap[Flow | Link] = TimerHeap(env, _is_current, self._complete, slack=1e-12, exact=False)
         self._order = itertools.count()  # tie-breaker of the links' finish tags
+
+    def round_trip(self, src: Endpoint, dst: Endpoint) -> float:
+        """Round-trip time between two peers without jitter (twice the base one-way latency)."""
+        return 2 * self._latency_s(src.region, dst.region)
 
     def latency(self, src: Endpoint, dst: Endpoint) -> float:
         """One-way latency of the next message from ``src`` to ``dst`` (jitter drawn from the run's RNG)."""
@@ -123,8 +202,11 @@ class Network:
         if src is dst:
             done.succeed()
             return Flow(src.up, dst.down, 0, 0.0, done, self.env.now)
-        flow = Flow(src.up, dst.down, nbytes, self.latency(src, dst), done, self.env.now)
-        if nbytes <= 0:
+        if self.transport is not None:
+            flow = self._transport_flow(src, dst, nbytes, done)
+        else:
+            flow = Flow(src.up, dst.down, nbytes, self.latency(src, dst), done, self.env.now)
+        if flow.remaining <= 0:
             self._deliver_after_latency(flow)
             return flow
         if self.sharing == "per_link":
@@ -146,11 +228,38 @@ class Network:
         self._reshare((flow.up, flow.down))
         return flow
 
+    def _transport_flow(self, src: Endpoint, dst: Endpoint, nbytes: int, done: simpy.Event) -> Flow:
+        """A flow with the transport model's framing, window cap and (on a cold connection) slow-start delay."""
+        tcp, now = self.transport, self.env.now
+        rtt = self.round_trip(src, dst)
+        cap = tcp.rate_cap(rtt)
+        wire = tcp.wire_bytes(nbytes)
+        key = (src.peer_id, dst.peer_id)
+        active, last_end = self._connections.get(key, (0, -math.inf))
+        cold = active == 0 and (last_end == -math.inf or tcp.slow_start_after_idle and now - last_end > rtt / 2 + RTO_MIN_S)
+        latency = self.latency(src, dst)
+        if cold:
+            latency += slow_start_delay(wire, min(src.up.capacity, dst.down.capacity, cap), rtt)
+        self._connections[key] = (active + 1, last_end)
+        return Flow(src.up, dst.down, wire, latency, done, now, cap, key)
+
+    def _connection_idle(self, flow: Flow, ended_at: float) -> None:
+        """Transport model: ``flow`` is delivered at ``ended_at`` (or aborted now); its connection may go idle.
+
+        Linux restarts slow start when nothing was sent for an RTO (about srtt + RTO_MIN) since the last send,
+        one latency before delivery: so the connection is cold once RTT / 2 + RTO_MIN passed after ``ended_at``.
+        """
+        if flow.connection is not None:
+            active, _ = self._connections[flow.connection]
+            self._connections[flow.connection] = (active - 1, ended_at)
+            flow.connection = None
+
     def abort(self, flow: Flow) -> None:
         """Stop a flow whose sender gave up; its bandwidth goes back to the others."""
         if not flow.active:
             return
         flow.active = False
+        self._connection_idle(flow, self.env.now)
         if self.sharing == "per_link":
             for link in (flow.up, flow.down):
                 if flow in link.flows:
@@ -196,7 +305,7 @@ class Network:
         if self.sharing == "maxmin":
             new_rates = self._max_min_rates(links, flows)
         else:
-            new_rates = {f: min(f.up.capacity / len(f.up.flows), f.down.capacity / len(f.down.flows)) for f in flows}
+            new_rates = {f: min(f.up.capacity / len(f.up.flows), f.down.capacity / len(f.down.flows), f.cap) for f in flows}
         push = self._finishes.push
         for flow, rate in new_rates.items():
             if rate != flow.rate or flow.version == 0:
@@ -236,12 +345,26 @@ class Network:
 
     @staticmethod
     def _max_min_rates(links: dict[Link, None], flows: dict[Flow, None]) -> dict[Flow, float]:
-        """Progressive filling: repeatedly saturate the link offering the smallest fair share."""
+        """Progressive filling: repeatedly saturate the link offering the smallest fair share.
+
+        A flow's own cap (window / RTT) acts as a private link: once the fair share reaches it, the flow is
+        frozen at its cap and the links it crosses share what is left among their other flows.
+        """
         capacity_left = {link: link.capacity for link in links}
         unfrozen = {link: len(link.flows) for link in links}
         rates: dict[Flow, float] = {}
+        capped = sorted((f for f in flows if f.cap < math.inf), key=lambda f: f.cap)
         while len(rates) < len(flows):
             share = min(capacity_left[link] / unfrozen[link] for link in links if unfrozen[link])
+            while capped and capped[0] in rates:
+                capped.pop(0)
+            if capped and capped[0].cap <= share:
+                flow = capped.pop(0)
+                rates[flow] = flow.cap
+                for shared in (flow.up, flow.down):
+                    capacity_left[shared] -= flow.cap
+                    unfrozen[shared] -= 1
+                continue
             for link in links:
                 if unfrozen[link] and capacity_left[link] / unfrozen[link] <= share * (1 + 1e-12):
                     for flow in link.flows:
@@ -268,6 +391,7 @@ class Network:
         and a sender that stopped waiting (crashed, cancelled) simply no longer listens to ``flow.done``.
         """
         flow.active = False
+        self._connection_idle(flow, self.env.now + flow.latency)
         succeed_at(self.env, flow.done, self.env.now + flow.latency)
 
 

@@ -13,7 +13,7 @@ import simpy
 import torch
 
 from node0sim.assembly import flops_per_sample, make_swarm_peer, make_trainer, method_bytes, server_report, summarize, trainer_totals
-from node0sim.config import ConfigError, RunConfig
+from node0sim.config import ConfigError, RunConfig, SimConfig
 from node0sim.experiment import evaluate, micro_batch_sources, model_config, stage_computes
 from node0sim.metrics import RunRecorder, StepTracker
 from node0sim.model import ModelConfig
@@ -27,6 +27,7 @@ from node0sim.protocol.trainer import Trainer
 from node0sim.sim.churn import churn_schedule
 from node0sim.sim.engine import SimPeer, Simulation
 from node0sim.sim.gpus import ELEMENT_BYTES, compute_model, gpu_profile
+from node0sim.sim.network import TcpModel
 from node0sim.sim.regions import region_preset
 from node0sim.summary import RunSummary, ServerTotals, TrainerTotals, staleness_record
 
@@ -54,6 +55,8 @@ def build_simulation(run: RunConfig) -> Simulation:
         dht_latency_s=run.sim.dht_latency_ms / 1000,
         max_message_bytes=int(run.sim.max_message_mb * 2**20),
         link_sharing=run.sim.link_sharing,
+        transport=transport_model(run.sim),
+        rpc_overhead_s=run.sim.tcp_rpc_overhead_ms / 1000 if run.sim.transport == "tcp" else 0.0,
     )
 
 
@@ -102,6 +105,14 @@ def check_memory(run: RunConfig, cfg: ModelConfig) -> None:
         f"{gb(m.queued_requests)}. Use a larger GPU, smaller micro-batches or more stages, or "
         f"sim.check_memory=false to run anyway"
     )
+
+
+def transport_model(sim: SimConfig) -> TcpModel | None:
+    """The transport model ``sim.transport`` selects (None: the fluid model alone)."""
+    if sim.transport == "fluid":
+        return None
+    return TcpModel(window_bytes=sim.tcp_window_kib * 1024, message_overhead_bytes=sim.tcp_message_overhead_bytes,
+                    byte_overhead=sim.tcp_byte_overhead, slow_start_after_idle=sim.tcp_slow_start_after_idle)
 
 
 class VirtualSwarm:
