@@ -97,7 +97,7 @@ def server_report(server: StageServer, averaging_bytes: int | None = None, state
         state_download_bytes=state_download_bytes, handled=handled, sent_bytes=sent_bytes,
         delay_counts=list(stats.staleness.delay_counts), weight_gap_sum=stats.staleness.weight_gap_sum,
         weight_gap_count=stats.staleness.weight_gap_count, lookahead_cosine_sum=stats.staleness.lookahead_cosine_sum,
-        lookahead_cosine_count=stats.staleness.lookahead_cosine_count,
+        lookahead_cosine_count=stats.staleness.lookahead_cosine_count, watchdog_exit=stats.watchdog_exit,
     )
 
 

@@ -156,12 +156,13 @@ class HivemindGroupAverager(Averager):
         router = self.rt.all_reduce_router
         local = vector / weight if weight > 0 else torch.zeros_like(vector)
         group_id = f"{self.stage}/{tag}/{','.join(members)}".encode()
-        total = sum(bandwidths)
+        shares = self.cfg.part_shares(bandwidths)
+        total = sum(shares)
         runner = self._runner_type(
             sent_bytes=self.rt.sent_bytes,
             p2p=self.rt.p2p, servicer_type=AllReduceRouter, prefix=NAMESPACE, group_id=group_id, tensors=[local.clone()],
             weight=float(weight), ordered_peer_ids=[PeerID.from_base58(m) for m in members],
-            peer_fractions=tuple(b / total for b in bandwidths),
+            peer_fractions=tuple(b / total for b in shares),
             sender_timeout=self.cfg.averaging_timeout_s / 2, reducer_timeout=self.cfg.averaging_timeout_s,
             part_size_bytes=_part_size(local, len(members)),
         )

@@ -69,6 +69,8 @@ class SwarmPeer:
         while True:
             # jittered, so peers of a stage do not all decide at the same moment
             await self.rt.sleep(self.balance.rebalance_period_s * self._rng.uniform(0.5, 1.5))
+            if self.server.exited:
+                return  # the watchdog ended this peer
             throughputs = await stage_throughputs_from_dht(self.rt, self.run_id, self.num_stages)
             target = should_move(throughputs, self.server.stage, self.throughput, self.balance.rebalance_margin)
             if target is not None:

@@ -186,7 +186,8 @@ class SimulatedRun:
             run, backend="sim", numerics=run.sim.numerics, model=self.model_cfg.name, churn=run.churn.name, trainers=stats,
             tracker=self.tracker, records=self.recorder.records, elapsed_s=sim_time, wall_s=time.perf_counter() - self.wall_start,
             val_loss=evaluate(_replica(swarm, self.templates), self.validation),
-            stage_bytes=method_bytes(sim.traffic, STAGE_METHODS), totals=self.totals(), servers=servers, churn_events=swarm.events,
+            stage_bytes=method_bytes(sim.traffic, STAGE_METHODS), totals=self.totals(), servers=servers,
+            churn_events={**swarm.events, "watchdog_exit": sum(servers.watchdog_exits.values())},
             stage_moves=sum(m.moves for _, m in swarm.members.values()) + sum(m.moves for m in swarm.departed),
             gpu_utilization={p.peer_id: round(p.busy_s / sim_time, 4) if sim_time else 0.0 for p in sim.peers.values()},
         )
