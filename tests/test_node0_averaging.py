@@ -11,7 +11,7 @@ from node0sim.app import compose_run_config
 from node0sim.model import build_stages
 from node0sim.protocol.averaging import AveragingConfig, GroupAverager
 from node0sim.protocol.codecs import DenseCodec
-from node0sim.protocol.powersgd import PowerSGD
+from node0sim.protocol.powersgd import PowerSGD, phase_lengths
 from node0sim.protocol.stage_compute import CostStageCompute, OptimConfig, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
 from node0sim.summary import ServerTotals
@@ -105,3 +105,294 @@ def test_a_joiner_that_received_q_continues_exactly_like_the_peer_it_replaced():
     torch.testing.assert_close(joined["mean"], stayed["mean"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(joined["q"], stayed["q"], atol=1e-4, rtol=1e-4)
     assert float((uninformed["mean"] - stayed["mean"]).abs().max()) > 1e-2  # without Q it would not
+
+
+class _FailsPhase(GroupAverager):
+    """Gives no mean in the all-reduces whose tag ends with ``failing`` (a round that fails half way)."""
+
+    failing = "/q"
+
+    async def all_reduce(self, tag, members, bandwidths, vector, weight):
+        result = await super().all_reduce(tag, members, bandwidths, vector, weight)
+        return (None, result[1]) if tag.endswith(self.failing) else result
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_a_round_that_fails_half_way_leaves_the_error_feedback_and_q_as_they_were(warm_start):
+    shape, rank = (24, 16), 2
+    gradients = [{n: torch.randn(shape, generator=torch.Generator().manual_seed(r * 2 + i)).reshape(-1) for i, n in enumerate("ab")}
+                 for r in range(2)]
+    states = {n: PowerSGD([shape], rank, warm_start=warm_start, init_seed=3) for n in "ab"}
+    _powersgd_rounds(states, gradients[:1], {"a": 1, "b": 1})
+    errors, queries = copy.deepcopy(states["a"].errors), copy.deepcopy(states["a"].queries)
+    sim = make_sim(latency_s=0.01)
+    peers = {n: add(sim, n) for n in "ab"}
+    averagers = {n: _FailsPhase(peers[n].runtime, 0, AveragingConfig(8)) for n in "ab"}
+    for averager in averagers.values():
+        averager.serve()
+    tasks = [peers[n].runtime.spawn(states[n].average(averagers[n], "g", ["a", "b"], [1.0, 1.0], gradients[1][n], 1, 1)) for n in "ab"]
+    sim.run(until=sim.env.all_of([t.process for t in tasks]))
+    assert all(t.process.value[0] is None for t in tasks)
+    torch.testing.assert_close(states["a"].errors, errors, atol=0, rtol=0)
+    torch.testing.assert_close(states["a"].queries, queries, atol=0, rtol=0)
+    assert bool(queries) == warm_start
+
+
+def _server(rt, stage: int, num_stages: int, averaging: AveragingConfig, averager=GroupAverager) -> StageServer:
+    compute = TensorStageCompute(build_stages(CFG, num_stages, seed=0)[stage], OptimConfig(lr=1e-2, warmup_steps=0), DenseCodec())
+    return StageServer(rt, "run", compute, averaging, throughput=1.0, bandwidth_mbps=50, averager=averager)
+
+
+def test_powersgd_skip_tail_leaves_only_the_tail_uncompressed():
+    sim = make_sim()
+    rt = add(sim, "p").runtime
+    cfg = AveragingConfig(8, powersgd_rank=2, powersgd_skip_tail=True)
+    assert [_server(rt, s, 3, cfg).powersgd is None for s in range(3)] == [False, False, True]
+    assert _server(rt, 2, 3, AveragingConfig(8, powersgd_rank=2)).powersgd is not None
+
+
+def test_a_state_download_carries_the_donors_warm_started_q():
+    sim = make_sim(latency_s=0.01)
+    donor_rt, joiner_rt = add(sim, "donor").runtime, add(sim, "joiner").runtime
+    cfg = AveragingConfig(8, powersgd_rank=2, powersgd_warm_start=True)
+    donor, joiner = _server(donor_rt, 1, 2, cfg), _server(joiner_rt, 1, 2, cfg)
+    donor_rt.serve("get_state", donor.handle_get_state)
+    q_values = phase_lengths(donor.compute.parameter_shapes, 2)[1]
+    donor.powersgd.import_queries(torch.linspace(-1.0, 1.0, q_values))  # as after some rounds: not the initial draw
+    task = joiner_rt.spawn(joiner.state_transfer._download_from(["donor"]))
+    sim.run(until=task.process)
+    assert task.process.value and joiner.stats.state_downloads == 1
+    torch.testing.assert_close(joiner.powersgd.export_queries(), donor.powersgd.export_queries(), atol=0, rtol=0)
+    assert sim.traffic["get_state"] >= 4 * q_values + donor.compute.export_state().nbytes > 4 * q_values > 0
+
+
+# ---- state averaging --------------------------------------------------------------------------
+
+def test_partition_parts_cover_every_entry_exactly_once_in_both_modes():
+    cfg = AveragingConfig(8, sparta_fraction=0.05)
+    assert cfg.num_partitions == 20 and AveragingConfig(8, sparta_fraction=0.3).num_partitions == 4
+    stage = build_stages(CFG, 2, seed=0)[1]
+    compute = TensorStageCompute(stage, OptimConfig(), DenseCodec())
+    cost = CostStageCompute(CFG, 1, 2, stage.layer_range, DenseCodec(), torch.float32)
+    parts = [compute.partition_index(20, part, seed=7) for part in range(20)]
+    counts = torch.bincount(torch.cat(parts), minlength=compute.num_trainable)
+    assert counts.tolist() == [1] * compute.num_trainable
+    assert [len(p) for p in parts] == [len(cost.partition_index(20, part, seed=7)) for part in range(20)]
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    torch.testing.assert_close(compute.partition_index(20, 23, seed=7), parts[3], atol=0, rtol=0)  # cycled
+    assert cost.state_values(parts[0]).numel() == 3 * len(parts[0])  # parameters, exp_avg, exp_avg_sq
+
+
+def _stepped_pair(cfg: AveragingConfig):
+    sim = make_sim(latency_s=0.01)
+    servers = [_server(add(sim, name).runtime, 1, 2, cfg) for name in ("a", "b")]
+    for i, server in enumerate(servers):
+        server.averager.serve()
+        generator = torch.Generator().manual_seed(i)
+        server.compute.set_parameter_values(torch.randn(server.compute.num_trainable, generator=generator), None)
+        server.compute.step_with(torch.randn(server.compute.num_trainable, generator=generator))
+    return sim, servers
+
+
+def _state_rounds(sim, servers, rounds: int, every: int) -> list[float]:
+    """Run ``rounds`` state-averaging rounds at epochs every, 2 every, ...: after each, the fraction of entries equal on both."""
+    members = sorted(s.rt.peer_id for s in servers)
+    fractions = []
+    for round_ in range(rounds):
+        for server in servers:
+            server.progress.epoch = (round_ + 1) * every
+        tasks = [s.rt.spawn(s._average_parameters(members, [1.0, 1.0])) for s in servers]
+        sim.run(until=sim.env.all_of([t.process for t in tasks]))
+        a, b = (s.compute.parameter_values(None) for s in servers)
+        fractions.append(float((a == b).float().mean()))
+    return fractions
+
+
+def test_partition_averaging_averages_every_entry_exactly_once_per_one_over_p_rounds_optimizer_state_too():
+    cfg = AveragingConfig(8, sparta_fraction=0.25, average_state_every=5, state_averaging="partition")
+    sim, servers = _stepped_pair(cfg)
+    a, b = servers
+    n = a.compute.num_trainable
+    moments = [s.compute._state_tensor("exp_avg") for s in servers]
+    assert not torch.equal(*moments)
+    fractions = _state_rounds(sim, servers, 4, every=5)
+    sizes = [len(a.compute.partition_index(4, part, 0)) for part in range(4)]
+    assert fractions == pytest.approx([sum(sizes[:k + 1]) / n for k in range(4)], abs=1e-9)  # each round a new part
+    assert fractions[-1] == 1.0 and a.stats.state_averaging_rounds == 4
+    for key in ("exp_avg", "exp_avg_sq"):  # the optimizer state was averaged too: the mean of the two peers'
+        torch.testing.assert_close(a.compute._state_tensor(key), b.compute._state_tensor(key), atol=0, rtol=0)
+    torch.testing.assert_close(a.compute._state_tensor("exp_avg"), (moments[0] + moments[1]) / 2, atol=1e-7, rtol=1e-6)
+
+
+def test_random_state_averaging_leaves_entries_never_averaged_after_one_over_p_rounds():
+    sim, servers = _stepped_pair(AveragingConfig(8, sparta_fraction=0.25, average_state_every=5))
+    fractions = _state_rounds(sim, servers, 4, every=5)
+    assert fractions[-1] == pytest.approx(1 - 0.75**4, abs=0.03)  # independent draws: 68% covered, not 100%
+    assert not torch.equal(*(s.compute._state_tensor("exp_avg") for s in servers))  # parameters only
+
+
+# ---- all-reduce part sizes -----------------------------------------------------------------------
+
+class _RecordsParts(GroupAverager):
+    """Records the length of every averaged part it receives, by its owner."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.part_lengths = {}
+
+    async def handle_gather_part(self, caller, msg):
+        self.part_lengths[caller] = msg.values.numel()
+        return await super().handle_gather_part(caller, msg)
+
+
+@pytest.mark.parametrize("part_sizes, expected", [("bandwidth", [100, 200, 300]), ("equal", [200, 200, 200])])
+def test_all_reduce_parts_follow_bandwidth_or_come_out_equal(part_sizes, expected):
+    sim = make_sim(latency_s=0.01)
+    names = ["a", "b", "c"]
+    peers = {n: add(sim, n) for n in names}
+    averagers = {n: _RecordsParts(peers[n].runtime, 0, AveragingConfig(8, part_sizes=part_sizes)) for n in names}
+    for averager in averagers.values():
+        averager.serve()
+    vectors = {n: torch.full((600,), float(i)) for i, n in enumerate(names)}
+    tasks = [peers[n].runtime.spawn(averagers[n].all_reduce("r", names, [10.0, 20.0, 30.0], vectors[n], 1.0)) for n in names]
+    sim.run(until=sim.env.all_of([t.process for t in tasks]))
+    for task in tasks:
+        torch.testing.assert_close(task.process.value[0], torch.full((600,), 1.0))
+    lengths = {owner: length for averager in averagers.values() for owner, length in averager.part_lengths.items()}
+    assert [lengths[n] for n in names] == expected
+
+
+def test_part_sizes_and_state_averaging_reject_unknown_values():
+    with pytest.raises(ValueError, match="averaging.part_sizes"):
+        AveragingConfig(8, part_sizes="fast")
+    with pytest.raises(ValueError, match="averaging.state_averaging"):
+        AveragingConfig(8, state_averaging="all")
+    with pytest.raises(ValueError, match="averaging.watchdog_failed_rounds"):
+        AveragingConfig(8, watchdog_failed_rounds=-1)
+
+
+# ---- the optimizer lock ----------------------------------------------------------------------------
+
+def _backwards_during_all_reduce(tmp_path, monkeypatch, blocks_serving: bool) -> tuple[int, int, int]:
+    """(backwards that completed on a peer while that peer was in a gradient all-reduce, backwards, all-reduces)."""
+    from node0sim.protocol.batching import BatchingQueue
+
+    completed, rounds = [], []
+    submit, all_reduce = BatchingQueue.submit, GroupAverager.all_reduce
+
+    async def recording_submit(self, kind, item, flops):
+        result = await submit(self, kind, item, flops)
+        if kind in ("backward", "tail"):
+            completed.append((self.rt.peer_id, self.rt.now()))
+        return result
+
+    async def recording_all_reduce(self, tag, members, bandwidths, vector, weight):
+        started = self.rt.now()
+        result = await all_reduce(self, tag, members, bandwidths, vector, weight)
+        if tag.startswith("grad/") and len(members) > 1:
+            rounds.append((self.rt.peer_id, started, self.rt.now()))
+        return result
+
+    monkeypatch.setattr(BatchingQueue, "submit", recording_submit)
+    monkeypatch.setattr(GroupAverager, "all_reduce", recording_all_reduce)
+    _run(tmp_path, "topology.num_stages=2", "topology.peers_per_stage=2", "train.steps=60", "network=internet",
+         f"averaging.blocks_serving={str(blocks_serving).lower()}").execute()
+    inside = sum(1 for peer, t in completed for p, start, end in rounds if p == peer and start < t < end)
+    return inside, len(completed), len(rounds)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blocks_serving", [False, True])
+def test_with_blocks_serving_no_backward_completes_on_a_stage_during_its_all_reduce(tmp_path, monkeypatch, blocks_serving):
+    inside, backwards, rounds = _backwards_during_all_reduce(tmp_path, monkeypatch, blocks_serving)
+    assert backwards > 100 and rounds > 10
+    assert (inside == 0) == blocks_serving  # without the lock, backwards do complete while the stage averages
+
+
+# ---- the watchdog -------------------------------------------------------------------------------------
+
+class _NeverAverages(GroupAverager):
+    """An all-reduce that always times out as a whole: no mean."""
+
+    async def all_reduce(self, tag, members, bandwidths, vector, weight):
+        await self.rt.sleep(self.cfg.averaging_timeout_s)
+        self.timeouts += 1
+        return None, 1
+
+
+def _failing_stage(limit: int, seconds: float) -> tuple[list[StageServer], object]:
+    """Two timing-mode servers of one stage whose every all-reduce fails, fed 4 samples each per second for ``seconds``."""
+    sim = make_sim(latency_s=0.01)
+    cfg = AveragingConfig(8, averaging_timeout_s=2.0, watchdog_failed_rounds=limit)
+    servers = []
+    for name in ("a", "b"):
+        rt = add(sim, name).runtime
+        compute = CostStageCompute(CFG, 1, 2, range(2, 4), DenseCodec(), torch.float32)
+        servers.append(StageServer(rt, "run", compute, cfg, throughput=1.0, bandwidth_mbps=50, averager=_NeverAverages))
+        rt.spawn(servers[-1].start())
+
+    async def feed(rt):
+        while True:
+            await rt.sleep(1.0)
+            for server in servers:
+                server.progress.count(4)
+
+    servers[0].rt.spawn(feed(servers[0].rt))
+    sim.run(until=seconds)
+    return servers, sim
+
+
+def test_the_watchdog_exits_after_the_configured_failed_rounds_and_the_counters_show_it():
+    servers, sim = _failing_stage(limit=2, seconds=60.0)
+    for server in servers:
+        assert server.stats.watchdog_exit == "failed_rounds" and server.exited
+        assert server.stats.epochs == 2 and server.stats.failed_rounds_in_a_row == 2
+    totals = ServerTotals.of([server_report(s) for s in servers], 2, [0, 2], 0, 0)
+    assert totals.watchdog_exits == {"failed_rounds": 2, "failed_state_loads": 0, "nan_gradients": 0}
+    assert sim.dht.get("run/stage/1", sim.env.now) in (None, {})  # both withdrew their records
+    with pytest.raises(ValueError, match="exited"):
+        servers[0]._check_stage(1)  # and refuse requests
+
+
+def test_without_a_watchdog_the_peers_keep_failing_rounds():
+    servers, _ = _failing_stage(limit=0, seconds=60.0)
+    for server in servers:
+        assert server.stats.watchdog_exit is None and server.stats.epochs > 5
+        assert server.stats.failed_rounds_in_a_row == server.stats.epochs
+
+
+def test_the_watchdog_exits_on_non_finite_gradients():
+    sim = make_sim()
+    rt = add(sim, "p").runtime
+    server = _server(rt, 1, 2, AveragingConfig(8, watchdog_nan_gradients=True))
+    rt.spawn(server.start())
+    sim.run(until=1.0)
+    server.compute.parameters[0].grad = torch.full_like(server.compute.parameters[0], float("nan"))
+    server.progress.count(8)
+    sim.run(until=3.0)
+    assert server.stats.watchdog_exit == "nan_gradients" and server.stats.epochs == 0
+
+
+def test_the_watchdog_exits_when_a_state_load_fails():
+    sim = make_sim(latency_s=0.01)
+    cfg = AveragingConfig(8, state_timeout_s=1.0, progress_period_s=2.0, watchdog_failed_state_loads=1)
+    donor_peer, joiner_peer = add(sim, "donor"), add(sim, "joiner")
+    donor, joiner = _server(donor_peer.runtime, 1, 2, cfg), _server(joiner_peer.runtime, 1, 2, cfg)
+    donor_peer.runtime.spawn(donor.start())
+    sim.run(until=1.0)
+    donor_peer.crash()  # its record outlives it: the joiner asks it for the state and gets no answer
+    joiner_peer.runtime.spawn(joiner.start(load_state=True))
+    sim.run(until=20.0)
+    assert joiner.stats.failed_state_downloads >= 1 and joiner.stats.state_downloads == 0
+    assert joiner.stats.watchdog_exit == "failed_state_loads" and not joiner.ready
+
+
+@pytest.mark.slow
+def test_watchdog_exits_count_as_churn_in_the_run_summary(tmp_path):
+    # an averaging timeout shorter than one message: every round times out, so every server exits after two
+    sim_run = _run(tmp_path, "topology.num_stages=2", "topology.peers_per_stage=2", "train.steps=100",
+                   "averaging.averaging_timeout_s=0.00001", "averaging.watchdog_failed_rounds=2", "train.max_sim_time_s=20",
+                   "train.request_timeout_s=1")
+    summary = sim_run.execute()
+    assert summary["churn_events"]["watchdog_exit"] == 4 == summary["watchdog_exits"]["failed_rounds"]
+    assert summary["final_peers_per_stage"] == [0, 0] and summary["steps"] < 100

@@ -56,8 +56,8 @@ class SwarmPeer:
 
     @property
     def stage(self) -> int | None:
-        """The stage this peer serves now (None before it starts)."""
-        return None if self.server is None else self.server.stage
+        """The stage this peer serves now (None before it starts, and after its watchdog made it exit)."""
+        return None if self.server is None or self.server.exited else self.server.stage
 
     async def run(self, stage: int | None = None, load_state: bool = True) -> None:
         """Join (at ``stage``, or the weakest one), then keep checking whether to move."""
