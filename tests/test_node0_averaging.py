@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from node0sim.app import compose_run_config
+from node0sim.assembly import server_report
 from node0sim.model import build_stages
 from node0sim.protocol.averaging import AveragingConfig, GroupAverager
 from node0sim.protocol.codecs import DenseCodec
@@ -15,10 +15,9 @@ from node0sim.protocol.powersgd import PowerSGD, phase_lengths
 from node0sim.protocol.stage_compute import CostStageCompute, OptimConfig, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
 from node0sim.summary import ServerTotals
-from node0sim.assembly import server_report
 from tests.simutil import add, make_sim
 from tests.test_pipeline import CFG
-from tests.test_swarm_protocol import _run, _servers_of
+from tests.test_swarm_protocol import _run
 
 
 def _spectrum_matrix(m: int, n: int, singular_values: list[float], seed: int) -> torch.Tensor:
