@@ -137,9 +137,9 @@ def test_a_round_that_fails_half_way_leaves_the_error_feedback_and_q_as_they_wer
     assert bool(queries) == warm_start
 
 
-def _server(rt, stage: int, num_stages: int, averaging: AveragingConfig, averager=GroupAverager) -> StageServer:
+def _server(rt, stage: int, num_stages: int, averaging: AveragingConfig, averager=GroupAverager, bandwidth_mbps=100.0) -> StageServer:
     compute = TensorStageCompute(build_stages(CFG, num_stages, seed=0)[stage], OptimConfig(lr=1e-2, warmup_steps=0), DenseCodec())
-    return StageServer(rt, "run", compute, averaging, throughput=1.0, bandwidth_mbps=50, averager=averager)
+    return StageServer(rt, "run", compute, averaging, throughput=1.0, bandwidth_mbps=bandwidth_mbps, averager=averager)
 
 
 def test_powersgd_skip_tail_leaves_only_the_tail_uncompressed():
@@ -395,3 +395,60 @@ def test_watchdog_exits_count_as_churn_in_the_run_summary(tmp_path):
     summary = sim_run.execute()
     assert summary["churn_events"]["watchdog_exit"] == 4 == summary["watchdog_exits"]["failed_rounds"]
     assert summary["final_peers_per_stage"] == [0, 0] and summary["steps"] < 100
+
+
+# ---- auto-step ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("auto_step_s, expected_gap", [(0.0, 10.0), (3.0, 3.0)])
+def test_an_idle_peer_checks_whether_its_epoch_is_due_every_auto_step_s(auto_step_s, expected_gap):
+    sim = make_sim()
+    rt = add(sim, "p").runtime
+    server = _server(rt, 1, 2, AveragingConfig(8, progress_period_s=10.0, auto_step_s=auto_step_s))
+    checks, refresh = [], server.progress.refresh
+
+    async def counting_refresh():
+        checks.append(rt.now())
+        await refresh()
+
+    server.progress.refresh = counting_refresh
+    rt.spawn(server.start())
+    sim.run(until=60.0)
+    gaps = [later - earlier for earlier, later in zip(checks[1:], checks[2:])]  # after start's own refresh
+    assert gaps and all(gap == pytest.approx(expected_gap) for gap in gaps)
+
+
+# ---- joining ---------------------------------------------------------------------------------------------
+
+def _donor_and_joiner(cfg: AveragingConfig, donor_samples: int):
+    sim = make_sim(latency_s=0.01)
+    donor, joiner = (_server(add(sim, name).runtime, 1, 2, cfg) for name in ("donor", "joiner"))
+    donor.rt.spawn(donor.start())
+    sim.run(until=0.5)
+    donor.progress.count(donor_samples)
+    return sim, donor, joiner
+
+
+@pytest.mark.parametrize("waits", [False, True])
+def test_a_joiner_waits_for_the_start_of_a_round_before_it_loads_the_state(waits):
+    cfg = AveragingConfig(100, progress_period_s=1.0, join_waits_for_round=waits)
+    sim, donor, joiner = _donor_and_joiner(cfg, donor_samples=50)  # the stage's round is half done
+    sim.run(until=2.0)
+    joiner.rt.spawn(joiner.start(load_state=True))
+    sim.run(until=6.0)
+    assert joiner.stats.state_downloads == (0 if waits else 1)
+    donor.progress.samples, donor.progress.epoch = 0, 1  # the donor's round ended: a new one starts
+    sim.run(until=12.0)
+    assert joiner.stats.state_downloads >= 1 and joiner.ready
+
+
+@pytest.mark.parametrize("one_at_a_time", [False, True])
+def test_a_donor_serves_one_state_download_at_a_time(one_at_a_time):
+    sim = make_sim(latency_s=0.01)
+    cfg = AveragingConfig(8, one_download_per_donor=one_at_a_time)
+    donor = _server(add(sim, "donor", up_mbps=1.0).runtime, 1, 2, cfg, bandwidth_mbps=1.0)  # a slow upload: a download lasts seconds
+    donor.rt.serve("get_state", donor.handle_get_state)
+    joiners = [_server(add(sim, f"j{i}").runtime, 1, 2, cfg) for i in range(2)]
+    tasks = [j.rt.spawn(j.state_transfer._download_from(["donor"])) for j in joiners]
+    sim.run(until=sim.env.all_of([t.process for t in tasks]))
+    assert [t.process.value for t in tasks] == ([True, False] if one_at_a_time else [True, True])
+    assert sum(j.stats.failed_state_downloads for j in joiners) == int(one_at_a_time)

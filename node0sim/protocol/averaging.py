@@ -49,6 +49,8 @@ class AveragingConfig:
     # partition: a fixed partition into ceil(1 / sparta_fraction) parts, one per round in turn, optimizer state too
     blocks_serving: bool = False  # no backward runs while the stage averages and steps (Node0's optimizer lock)
     auto_step_s: float = 0.0  # an idle peer checks whether its epoch is due at least this often (0: every progress period)
+    join_waits_for_round: bool = False  # a state load waits until the stage's round is under 10% done; a joiner then waits for <20%
+    one_download_per_donor: bool = False  # a donor refuses a state request while its upload of another one lasts
     # ---- watchdog: the peer exits (and leaves the stage) after ... (0 / false: never) ----
     watchdog_failed_rounds: int = 0  # ... this many failed gradient all-reduces in a row
     watchdog_failed_state_loads: int = 0  # ... this many state loads that got no state

@@ -43,7 +43,7 @@ from node0sim.protocol.powersgd import PowerSGD
 from node0sim.protocol.progress import ProgressTracker
 from node0sim.protocol.stage_compute import StageCompute, Work
 from node0sim.protocol.staleness import StalenessStats, WeightHistory, mean_delay
-from node0sim.protocol.state_transfer import StateRequest, StateResponse, StateTransfer
+from node0sim.protocol.state_transfer import JOIN_RESUME_FRACTION, StateRequest, StateResponse, StateTransfer
 from node0sim.protocol.tensors import all_finite
 from node0sim.runtime import Future, Runtime, Task
 
@@ -212,6 +212,8 @@ class StageServer:
             await self.load_state_from_peers()
             if self.exited:
                 return
+            if self.cfg.join_waits_for_round:
+                await self.state_transfer.wait_for_round_under(JOIN_RESUME_FRACTION)
         progress.ready = True
         self.rt.serve(FORWARD, self.handle_forward)
         if self.compute.is_tail:

@@ -40,6 +40,13 @@ class StateResponse:
         return HEADER_BYTES + payload_bytes(self.state, self.queries)
 
 
+JOIN_START_FRACTION = 0.1
+"""``join_waits_for_round``: a load starts once the stage's round is under this fraction of the target (Node0's
+``n0/server/optim.py``, ``load_state_from_peers``)."""
+JOIN_RESUME_FRACTION = 0.2
+"""... and a joiner starts serving once the stage's round (a new one, as a rule) is under this fraction (same place)."""
+
+
 class StateTransfer:
     """Exports this peer's stage state and loads the stage's newest state into it.
 
@@ -59,12 +66,30 @@ class StateTransfer:
         self.rng = rng
         self.stats = stats
         self.powersgd = powersgd
+        self._uploading_until = -1.0
+        """When this donor's last state upload ends, at its own bandwidth (``one_download_per_donor``)."""
 
     async def export(self) -> StateResponse:
         """This peer's parameters and optimizer state (the answer to a ``get_state`` request)."""
+        if self.cfg.one_download_per_donor and self.rt.now() < self._uploading_until:
+            raise ValueError("this donor is serving another state download")  # Node0's _state_download_lock declines
+        self._uploading_until = float("inf")  # taken before the export, so a request arriving meanwhile is declined too
         state = await self.rt.compute(0.0, self.compute.export_state)
         queries = self.powersgd.export_queries() if self.powersgd is not None else None
-        return StateResponse(self.progress.epoch, state, queries)
+        response = StateResponse(self.progress.epoch, state, queries)
+        self._uploading_until = self.rt.now() + response.wire_bytes() * 8 / (self.progress.bandwidth_mbps * 1e6)
+        return response
+
+    async def wait_for_round_under(self, fraction: float) -> None:
+        """Poll the stage every progress period until its newest round has under ``fraction`` of the target."""
+        progress = self.progress
+        while True:
+            await progress.refresh()
+            newest, now = progress.newest_epoch(), self.rt.now()
+            done = sum(r.samples_at(now) for r in progress.others().values() if r.epoch == newest)
+            if done < fraction * self.cfg.target_batch_size:
+                return
+            await self.rt.sleep(self.cfg.progress_period_s)
 
     async def load_state_from_peers(self, attempts: int = 3) -> bool:
         """Download the state from a peer at the stage's newest epoch (random, so joiners spread); whether one came.
@@ -75,6 +100,8 @@ class StateTransfer:
         """
         progress = self.progress
         loaded = False
+        if self.cfg.join_waits_for_round:
+            await self.wait_for_round_under(JOIN_START_FRACTION)
         for _ in range(attempts):
             await progress.refresh()
             if progress.newest_epoch_is_averaging():
