@@ -4,8 +4,8 @@ The protocol decides *when* a stage averages and *who* is in the group (``StageS
 the DHT, matchmaking by DHT registration); this module only replaces the group all-reduce itself with
 ``hivemind.averaging.allreduce.AllReduceRunner``, the runner inside hivemind's
 ``DecentralizedAverager`` (reduce-scatter + all-gather in parts proportional to each member's
-bandwidth, streaming, senders and reducers that vanish are banned after their timeout and their
-parts keep local values). It implements the protocol's ``Averager``, its rule for bad parts
+bandwidth, or equal with ``averaging.part_sizes=equal``; streaming; senders and reducers that vanish
+are banned after their timeout and their parts keep local values). It implements the protocol's ``Averager``, its rule for bad parts
 included, so ``StageServer`` (and the protocol's PowerSGD, whose two phases are all-reduces) use it
 unchanged.
 """
