@@ -325,3 +325,27 @@ def test_partition_state_averaging_covers_every_entry_and_the_optimizer_state_on
     assert rounds_a == rounds_b == 4
     torch.testing.assert_close(params_a, params_b, atol=0, rtol=0)
     torch.testing.assert_close(moments_a, moments_b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_organizer_names_the_stage_the_joiner_would_pick_itself_on_both_backends(backend):
+    from node0sim.protocol.progress import StageRecord, stage_key
+    from node0sim.protocol.swarm_peer import BalanceConfig, StageOrganizer, SwarmPeer
+
+    async def scenario(runtimes):
+        organizer = StageOrganizer(runtimes["organizer"], "run", 3)
+        organizer.serve()
+        for stage, throughputs in enumerate(([5.0, 5.0], [3.0], [4.0, 1.0])):  # stage 1 is the weakest: 3 < 5 < 10
+            for i, throughput in enumerate(throughputs):
+                record = StageRecord(0, 0, 0.0, 0.0, throughput, 50.0, True, None)
+                await runtimes["organizer"].dht_store(stage_key("run", stage), record.to_dht(), expires_in=60, subkey=f"p{stage}{i}")
+        joiner = runtimes["joiner"]
+
+        def peer(organizer_id):
+            return SwarmPeer(joiner, "run", 3, 2.0, None, BalanceConfig(0.0), organizer_id)
+
+        return (await peer(runtimes["organizer"].peer_id)._assigned_stage(), await peer(None)._assigned_stage(),
+                organizer.assigned)
+
+    central, decentralized, assigned = run_scenario(backend, ["organizer", "joiner"], scenario)
+    assert central == decentralized == 1 and assigned == 1

@@ -452,3 +452,22 @@ def test_a_donor_serves_one_state_download_at_a_time(one_at_a_time):
     sim.run(until=sim.env.all_of([t.process for t in tasks]))
     assert [t.process.value for t in tasks] == ([True, False] if one_at_a_time else [True, True])
     assert sum(j.stats.failed_state_downloads for j in joiners) == int(one_at_a_time)
+
+
+# ---- central stage assignment --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("assignment", ["decentralized", "central"])
+def test_central_assignment_names_the_stage_the_decentralized_rule_picks(tmp_path, assignment):
+    sim_run = _run(tmp_path, "topology.num_stages=2", "topology.peers_per_stage=2", "train.steps=40",
+                   f"topology.stage_assignment={assignment}", "topology.rebalance_period_s=0", "churn=trace",
+                   "churn.trace_file=" + str(_trace_file(tmp_path, "0.5,s1p1,leave", "1.0,late,join")))
+    sim_run.execute()
+    assert sim_run.swarm.members["late"][1].stage == 1  # the stage left with one peer (not the lowest index of a tie)
+    assert (sim_run.swarm.organizer.assigned if sim_run.swarm.organizer else 0) == (assignment == "central")
+
+
+def _trace_file(tmp_path, *rows):
+    path = tmp_path / "trace.csv"
+    path.write_text("time,peer,event\n" + "\n".join(rows) + "\n")
+    return path

@@ -18,7 +18,7 @@ from node0sim.metrics import RunRecorder, StepTracker
 from node0sim.protocol.messages import AVERAGING_METHODS, GET_STATE, STAGE_METHODS
 from node0sim.protocol.stage_compute import StageCompute, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
-from node0sim.protocol.swarm_peer import SwarmPeer
+from node0sim.protocol.swarm_peer import StageOrganizer, SwarmPeer
 from node0sim.protocol.trainer import Trainer
 from node0sim.sim.churn import churn_schedule
 from node0sim.sim.engine import SimPeer, Simulation
@@ -27,6 +27,8 @@ from node0sim.sim.regions import region_preset
 from node0sim.summary import RunSummary, ServerTotals, TrainerTotals, staleness_record
 
 DEFAULT_CHURN_HORIZON_S = 24 * 3600.0
+ORGANIZER = "organizer"
+"""Peer id of the virtual organizer (central stage assignment)."""
 
 
 def build_simulation(run: RunConfig) -> Simulation:
@@ -66,6 +68,11 @@ class VirtualSwarm:
         self.departed: list[SwarmPeer] = []
         self.events = {"join": 0, "leave": 0, "crash": 0}
         self.flops_per_sample = flops_per_sample(run, templates)
+        self.organizer: StageOrganizer | None = None
+        """The virtual organizer peer that names joiners' stages (``topology.stage_assignment=central``)."""
+        if run.topology.stage_assignment == "central":
+            self.organizer = StageOrganizer(self.add_peer(ORGANIZER, 0, None).runtime, run.run_id, run.topology.num_stages)
+            self.organizer.serve()
 
     def add_peer(self, peer_id: str, index: int, gpu_name: str | None) -> SimPeer:
         """A peer on the network with this run's links and a GPU from the mix."""
@@ -86,7 +93,8 @@ class VirtualSwarm:
     def launch(self, peer_id: str, stage: int | None, gpu_name: str | None = None, load_state: bool = True) -> None:
         """Start a server peer (at ``stage``, or wherever the balancing rule puts it)."""
         peer = self.add_peer(peer_id, len(self.members), gpu_name)
-        member = make_swarm_peer(peer.runtime, self.run, self._compute_for, peer.flops_per_s / self.flops_per_sample)
+        member = make_swarm_peer(peer.runtime, self.run, self._compute_for, peer.flops_per_s / self.flops_per_sample,
+                                 organizer=ORGANIZER)
         self.members[peer_id] = (peer, member)
         peer.runtime.spawn(member.run(stage, load_state))
 
