@@ -349,3 +349,24 @@ def test_the_organizer_names_the_stage_the_joiner_would_pick_itself_on_both_back
 
     central, decentralized, assigned = run_scenario(backend, ["organizer", "joiner"], scenario)
     assert central == decentralized == 1 and assigned == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_joiner_receives_the_warm_started_q_with_the_state_on_both_backends(backend):
+    from node0sim.protocol.powersgd import phase_lengths
+
+    def server(rt):
+        compute = TensorStageCompute(build_stages(CFG, 2, seed=0)[1], OptimConfig(lr=1e-2, warmup_steps=0), DenseCodec())
+        cfg = AveragingConfig(8, powersgd_rank=2, powersgd_warm_start=True)
+        return StageServer(rt, "run", compute, cfg, throughput=1.0, bandwidth_mbps=50)
+
+    async def scenario(runtimes):
+        donor, joiner = server(runtimes["donor"]), server(runtimes["joiner"])
+        runtimes["donor"].serve("get_state", donor.handle_get_state)
+        donor.powersgd.import_queries(torch.linspace(-1.0, 1.0, phase_lengths(donor.compute.parameter_shapes, 2)[1]))
+        loaded = await joiner.state_transfer._download_from([runtimes["donor"].peer_id])
+        return loaded, donor.powersgd.export_queries(), joiner.powersgd.export_queries()
+
+    loaded, sent, received = run_scenario(backend, ["donor", "joiner"], scenario)
+    assert loaded
+    torch.testing.assert_close(received, sent, atol=0, rtol=0)
