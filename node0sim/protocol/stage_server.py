@@ -99,17 +99,17 @@ class OptimizerLock:
             self.backwards -= 1
             self._notify()
 
-    @asynccontextmanager
-    async def epoch_end(self) -> AsyncIterator[None]:
-        """Held alone, once the backwards running have finished."""
+    async def hold_for_epoch_end(self) -> None:
+        """Take it alone (release with :meth:`release_epoch_end`), once the backwards running have finished."""
         while self.averaging:
             await self._changed()
         self.averaging = True
-        try:
-            while self.backwards:
-                await self._changed()
-            yield
-        finally:
+        while self.backwards:
+            await self._changed()
+
+    def release_epoch_end(self) -> None:
+        """Let backwards run again (nothing happens if it is not held)."""
+        if self.averaging:
             self.averaging = False
             self._notify()
 
@@ -386,37 +386,42 @@ class StageServer:
                 return
             had_others = bool(progress.others())
             members, bandwidths = await self.matchmaker.form_group(epoch) if had_others else self.matchmaker.alone()
-            async with self.optimizer_lock.epoch_end() if self.optimizer_lock else _unlocked():
-                timeouts = self.averager.timeouts
-                if self.powersgd is not None and len(members) > 1:
-                    mean, contributors = await self.powersgd.average(
-                        self.averager, f"grad/{epoch}", members, bandwidths, gradients, samples,
-                        _stable_hash(self.seed, self.stage, epoch),
-                    )
-                else:
-                    mean, contributors = await self.averager.all_reduce(f"grad/{epoch}", members, bandwidths, gradients, samples)
-                self._watch_round(failed=mean is None or self.averager.timeouts > timeouts or (had_others and len(members) == 1))
-                if mean is not None:
-                    delay = mean_delay(self.stats.staleness.delay_counts)
-                    await self.rt.compute(self.compute.step_flops(), lambda: self.compute.step_with(mean, delay))
-                elif target_epoch > epoch and progress.others():
-                    # nothing to step with while the stage moved on (a joiner whose download raced the donor's
-                    # step): jumping to the stage's epoch would leave this peer an update behind; fetch the state
-                    await self.load_state_from_peers()
-                    target_epoch = max(target_epoch, progress.epoch)
-                self.stats.last_group_size = contributors
-                if contributors > 1:
-                    self.stats.averaging_rounds += 1
-                else:
-                    self.stats.solo_steps += 1
-                progress.epoch = max(epoch + 1, target_epoch)
-                self.stats.epochs += 1
-                if self.cfg.average_state_every and progress.epoch % self.cfg.average_state_every == 0 and len(members) > 1:
-                    await self._average_parameters(members, bandwidths)
+            if self.optimizer_lock:
+                await self.optimizer_lock.hold_for_epoch_end()
+            timeouts = self.averager.timeouts
+            if self.powersgd is not None and len(members) > 1:
+                mean, contributors = await self.powersgd.average(
+                    self.averager, f"grad/{epoch}", members, bandwidths, gradients, samples,
+                    _stable_hash(self.seed, self.stage, epoch),
+                )
+            else:
+                mean, contributors = await self.averager.all_reduce(f"grad/{epoch}", members, bandwidths, gradients, samples)
+            self._watch_round(failed=mean is None or self.averager.timeouts > timeouts or (had_others and len(members) == 1))
+            if mean is not None:
+                delay = mean_delay(self.stats.staleness.delay_counts)
+                await self.rt.compute(self.compute.step_flops(), lambda: self.compute.step_with(mean, delay))
+            elif target_epoch > epoch and progress.others():
+                # nothing to step with while the stage moved on (a joiner whose download raced the donor's
+                # step): jumping to the stage's epoch would leave this peer an update behind; fetch the state
+                await self.load_state_from_peers()
+                target_epoch = max(target_epoch, progress.epoch)
+            self.stats.last_group_size = contributors
+            if contributors > 1:
+                self.stats.averaging_rounds += 1
+            else:
+                self.stats.solo_steps += 1
+            progress.epoch = max(epoch + 1, target_epoch)
+            self.stats.epochs += 1
+            if self.cfg.average_state_every and progress.epoch % self.cfg.average_state_every == 0 and len(members) > 1:
+                await self._average_parameters(members, bandwidths)
+            if self.optimizer_lock:
+                self.optimizer_lock.release_epoch_end()
             if self.history is not None:  # the weights this epoch's forwards will use (state averaging included)
                 self.history.record(progress.epoch, self.compute.parameter_values(None))
             await progress.report()
         finally:
+            if self.optimizer_lock:
+                self.optimizer_lock.release_epoch_end()
             progress.ending_epoch = False
 
     def _watch_round(self, failed: bool) -> None:
