@@ -160,8 +160,8 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
         organizer = run.swarm.initial_peers[0].rsplit("/p2p/", 1)[-1] if run.swarm.initial_peers else None
         member = make_swarm_peer(rt, run, templates.__getitem__, throughput, averager, organizer)
         joining = rt.spawn(member.run(run.swarm.stage, load_state=True))
-        await _report_while_serving(rt, member, run.swarm)
-        await joining.join()
+        await _report_while_serving(rt, member, run.swarm)  # returns when the watchdog (averaging.watchdog_*) exits it
+        joining.cancel()
     finally:
         try:
             if member is not None and member.server is not None:
@@ -173,7 +173,8 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
 
 
 async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: SwarmConfig) -> None:
-    """Node0-style log lines: batches processed per period, every averaging round with its group size."""
+    """Node0-style log lines: batches processed per period, every averaging round with its group size; returns when the
+    watchdog made the server exit."""
     rounds, solo, downloads, failed_downloads, processed, last_log = 0, 0, 0, 0, 0, time.monotonic()
     serving = None
     while True:
@@ -181,6 +182,9 @@ async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: Swarm
         server = member.server
         if server is None:
             continue
+        if server.exited:
+            log.error("Watchdog: %s (stage %d). Exiting run.", server.stats.watchdog_exit, server.stage)
+            return
         if server is not serving:
             serving = server
             layers = server.compute.layer_range
