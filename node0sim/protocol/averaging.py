@@ -52,7 +52,7 @@ class AveragingConfig:
     join_waits_for_round: bool = False  # a state load waits until the stage's round is under 10% done; a joiner then waits for <20%
     one_download_per_donor: bool = False  # a donor refuses a state request while its upload of another one lasts
     # ---- watchdog: the peer exits (and leaves the stage) after ... (0 / false: never) ----
-    watchdog_failed_rounds: int = 0  # ... this many failed gradient all-reduces in a row
+    watchdog_failed_rounds: int = 0  # ... this many failed all-reduces (gradient or state) in a row
     watchdog_failed_state_loads: int = 0  # ... this many state loads that got no state
     watchdog_nan_gradients: bool = False  # ... accumulating gradients that are not finite
 

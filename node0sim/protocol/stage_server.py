@@ -67,7 +67,7 @@ class ServerStats:
     staleness: StalenessStats = field(default_factory=StalenessStats)
     """Delays of the backwards served, and (with a weight history) how far the weights moved meanwhile."""
     failed_rounds_in_a_row: int = 0
-    """Gradient all-reduces in a row that failed (no group though others were there, a timeout, no mean)."""
+    """All-reduces (gradient or state) in a row that failed: a member's part missed its deadline, or no mean."""
     watchdog_exit: str | None = None
     """Why the watchdog made this peer exit (one of ``WATCHDOG_REASONS``); None while it runs."""
 
@@ -384,8 +384,7 @@ class StageServer:
             if self.cfg.watchdog_nan_gradients and not all_finite(gradients):
                 self.exit("nan_gradients")
                 return
-            had_others = bool(progress.others())
-            members, bandwidths = await self.matchmaker.form_group(epoch) if had_others else self.matchmaker.alone()
+            members, bandwidths = await self.matchmaker.form_group(epoch) if progress.others() else self.matchmaker.alone()
             if self.optimizer_lock:
                 await self.optimizer_lock.hold_for_epoch_end()
             timeouts = self.averager.timeouts
@@ -396,7 +395,7 @@ class StageServer:
                 )
             else:
                 mean, contributors = await self.averager.all_reduce(f"grad/{epoch}", members, bandwidths, gradients, samples)
-            self._watch_round(failed=mean is None or self.averager.timeouts > timeouts or (had_others and len(members) == 1))
+            self._watch_round(failed=mean is None or self.averager.timeouts > timeouts)
             if mean is not None:
                 delay = mean_delay(self.stats.staleness.delay_counts)
                 await self.rt.compute(self.compute.step_flops(), lambda: self.compute.step_with(mean, delay))
@@ -425,7 +424,9 @@ class StageServer:
             progress.ending_epoch = False
 
     def _watch_round(self, failed: bool) -> None:
-        """Count failed gradient rounds in a row (Node0's monitor resets its count on a success); exit at the limit."""
+        """Count failed all-reduces in a row, gradient and state rounds alike (Node0's ``n0/utils/monitor.py``: a
+        timeout or no result fails a round, a success resets the count; a group of one is a success, as Node0's
+        matchmaking forms it); exit at the limit."""
         stats = self.stats
         stats.failed_rounds_in_a_row = stats.failed_rounds_in_a_row + 1 if failed else 0
         limit = self.cfg.watchdog_failed_rounds
@@ -449,7 +450,9 @@ class StageServer:
             index = compute.sparta_index(self.cfg.sparta_fraction, _stable_hash(self.seed, self.stage, self.epoch))
             read, write = compute.parameter_values, compute.set_parameter_values
         values = await self.rt.compute(0.0, lambda: read(index))
+        timeouts = self.averager.timeouts
         mean, contributors = await self.averager.all_reduce(f"state/{self.epoch}", members, bandwidths, values, 1.0)
+        self._watch_round(failed=mean is None or self.averager.timeouts > timeouts)
         if mean is not None and contributors > 1:
             await self.rt.compute(0.0, lambda: write(mean, index))
             self.stats.state_averaging_rounds += 1
