@@ -37,10 +37,11 @@ def flops_per_sample(run: RunConfig, templates: Sequence[StageCompute]) -> float
 
 def make_swarm_peer(
     rt: Runtime, run: RunConfig, compute_for: Callable[[int], StageCompute], throughput: float,
-    averager: AveragerFactory = GroupAverager,
+    averager: AveragerFactory = GroupAverager, organizer: str | None = None,
 ) -> SwarmPeer:
     """A server peer of the run: ``compute_for(stage)`` is the compute of the stage it serves (or moves to);
-    ``averager`` builds its in-stage all-reduce (see :class:`StageServer`)."""
+    ``averager`` builds its in-stage all-reduce (see :class:`StageServer`); ``organizer``: the peer that names a
+    joiner's stage with ``topology.stage_assignment=central``."""
 
     def make_server(stage: int) -> StageServer:
         return StageServer(
@@ -51,7 +52,8 @@ def make_swarm_peer(
         )
 
     balance = BalanceConfig(run.topology.rebalance_period_s, run.topology.rebalance_margin)
-    return SwarmPeer(rt, run.run_id, run.topology.num_stages, throughput, make_server, balance)
+    central = run.topology.stage_assignment == "central"
+    return SwarmPeer(rt, run.run_id, run.topology.num_stages, throughput, make_server, balance, organizer if central else None)
 
 
 def micro_batch_share(run: RunConfig, index: int) -> int:
@@ -102,7 +104,7 @@ def server_report(server: StageServer, averaging_bytes: int | None = None, state
         state_download_bytes=state_download_bytes, handled=handled, sent_bytes=sent_bytes,
         delay_counts=list(stats.staleness.delay_counts), weight_gap_sum=stats.staleness.weight_gap_sum,
         weight_gap_count=stats.staleness.weight_gap_count, lookahead_cosine_sum=stats.staleness.lookahead_cosine_sum,
-        lookahead_cosine_count=stats.staleness.lookahead_cosine_count,
+        lookahead_cosine_count=stats.staleness.lookahead_cosine_count, watchdog_exit=stats.watchdog_exit,
     )
 
 

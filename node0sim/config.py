@@ -137,6 +137,8 @@ class TopologyConfig:
     # rebalancing (any peer of a stage could serve a backward otherwise); needs train.delay_history; timing mode: no effect
     tail_calls: str = "fused"  # fused: one tail call (forward + loss + backward: 3F, SWARM-style); separate: a forward
     # call returning the per-token loss, then a backward call that recomputes it (4F), as Node0 serves its tail expert
+    stage_assignment: str = "decentralized"  # decentralized: a joiner picks the weakest stage itself (Petals);
+    # central: the organizer names it (Node0's authorization server; simulator only: a virtual organizer peer)
 
     def __post_init__(self) -> None:
         _require(self.num_stages >= 1, f"topology.num_stages: must be >= 1, got {self.num_stages}")
@@ -146,6 +148,8 @@ class TopologyConfig:
         _require(self.num_trainers >= 1, f"topology.num_trainers: must be >= 1, got {self.num_trainers}")
         _require(self.rebalance_period_s >= 0, f"topology.rebalance_period_s: must be >= 0, got {self.rebalance_period_s}")
         _require(self.rebalance_margin >= 0, f"topology.rebalance_margin: must be >= 0, got {self.rebalance_margin}")
+        _require(self.stage_assignment in ("decentralized", "central"),
+                 f"topology.stage_assignment: must be decentralized or central, got {self.stage_assignment!r}")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any, Sequence, get_type_hints
 
+from node0sim.protocol.stage_server import WATCHDOG_REASONS
 from node0sim.protocol.staleness import mean_delay
 
 
@@ -67,6 +68,8 @@ class ServerReport:
     lookahead_cosine_sum: float = 0.0
     """Sum of cos(w_t - w_{t-1}, w_t - w_{t-tau}) over those backwards with a nonzero gap and a known last update."""
     lookahead_cosine_count: int = 0
+    watchdog_exit: str | None = None
+    """Why the watchdog made this server exit (``averaging.watchdog_*``); None: it did not."""
 
     @classmethod
     def from_dict(cls, content: dict[str, Any]) -> ServerReport:
@@ -91,6 +94,8 @@ class ServerTotals:
     state_downloads: int | None = None
     failed_state_downloads: int | None = None
     averaging_timeouts: int | None = None
+    watchdog_exits: dict[str, int] | None = None
+    """Servers the watchdog made exit, by reason (churn the swarm inflicts on itself)."""
     request_calls: int | None = None
     mean_requests_per_call: float | None = None
     duplicate_requests: int | None = None
@@ -120,6 +125,7 @@ class ServerTotals:
             failed_state_downloads=sum(r.failed_state_downloads for r in reports),
             averaging_timeouts=sum(r.averaging_timeouts for r in reports), request_calls=calls,
             duplicate_requests=sum(r.duplicate_requests for r in reports),
+            watchdog_exits={reason: sum(r.watchdog_exit == reason for r in reports) for reason in WATCHDOG_REASONS},
             mean_requests_per_call=sum(r.batched_requests for r in reports) / calls if calls else None,
             **_staleness_per_stage(reports, len(final_peers_per_stage)),
         )
@@ -186,7 +192,7 @@ class RunSummary:
     trainer_totals: TrainerTotals
     servers: ServerTotals
     churn_events: dict[str, int] | None = None
-    """Joins, leaves and crashes replayed (simulator)."""
+    """Joins, leaves and crashes replayed, and watchdog exits (simulator)."""
     stage_moves: int | None = None
     """Servers that changed stage to rebalance (simulator)."""
     gpu_utilization: dict[str, float] | None = None

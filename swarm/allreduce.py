@@ -4,8 +4,8 @@ The protocol decides *when* a stage averages and *who* is in the group (``StageS
 the DHT, matchmaking by DHT registration); this module only replaces the group all-reduce itself with
 ``hivemind.averaging.allreduce.AllReduceRunner``, the runner inside hivemind's
 ``DecentralizedAverager`` (reduce-scatter + all-gather in parts proportional to each member's
-bandwidth, streaming, senders and reducers that vanish are banned after their timeout and their
-parts keep local values). It implements the protocol's ``Averager``, its rule for bad parts
+bandwidth, or equal with ``averaging.part_sizes=equal``; streaming; senders and reducers that vanish
+are banned after their timeout and their parts keep local values). It implements the protocol's ``Averager``, its rule for bad parts
 included, so ``StageServer`` (and the protocol's PowerSGD, whose two phases are all-reduces) use it
 unchanged.
 """
@@ -156,12 +156,13 @@ class HivemindGroupAverager(Averager):
         router = self.rt.all_reduce_router
         local = vector / weight if weight > 0 else torch.zeros_like(vector)
         group_id = f"{self.stage}/{tag}/{','.join(members)}".encode()
-        total = sum(bandwidths)
+        shares = self.cfg.part_shares(bandwidths)
+        total = sum(shares)
         runner = self._runner_type(
             sent_bytes=self.rt.sent_bytes,
             p2p=self.rt.p2p, servicer_type=AllReduceRouter, prefix=NAMESPACE, group_id=group_id, tensors=[local.clone()],
             weight=float(weight), ordered_peer_ids=[PeerID.from_base58(m) for m in members],
-            peer_fractions=tuple(b / total for b in bandwidths),
+            peer_fractions=tuple(b / total for b in shares),
             sender_timeout=self.cfg.averaging_timeout_s / 2, reducer_timeout=self.cfg.averaging_timeout_s,
             part_size_bytes=_part_size(local, len(members)),
         )

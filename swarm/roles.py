@@ -28,7 +28,7 @@ from node0sim.protocol.progress import read_stage
 from node0sim.protocol.stage_compute import StageCompute
 from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.state_transfer import StateRequest
-from node0sim.protocol.swarm_peer import SwarmPeer
+from node0sim.protocol.swarm_peer import StageOrganizer, SwarmPeer
 from node0sim.protocol.trainer import Trainer
 from node0sim.runtime import RPCError
 from node0sim.summary import ServerReport, ServerTotals, TrainerTotals
@@ -104,6 +104,7 @@ async def bootstrap(config: Mapping[str, Any], run: RunConfig) -> None:
         validator = node.dht.protocol.record_validator
         bandwidth.serve_probe(node.runtime)
         publisher = asyncio.create_task(run_config.keep_publishing(node.dht, validator, config, run.run_id))
+        StageOrganizer(node.runtime, run.run_id, run.topology.num_stages).serve()  # topology.stage_assignment=central
         join = f"swarm.initial_peers=[{','.join(node.visible_maddrs)}] swarm.organizer_key={organizer} run_id={run.run_id}"
         print(f"Bootstrap peer {node.runtime.peer_id} of run {run.run_id!r} is up. Others join with:\n  {join}", flush=True)
         if run.swarm.info_path:
@@ -161,10 +162,11 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
             await allreduce.install(rt)
             averager = allreduce.HivemindGroupAverager
 
-        member = make_swarm_peer(rt, run, templates.__getitem__, throughput, averager)
+        organizer = run.swarm.initial_peers[0].rsplit("/p2p/", 1)[-1] if run.swarm.initial_peers else None
+        member = make_swarm_peer(rt, run, templates.__getitem__, throughput, averager, organizer)
         joining = rt.spawn(member.run(run.swarm.stage, load_state=True))
-        await _report_while_serving(rt, member, run.swarm)
-        await joining.join()
+        await _report_while_serving(rt, member, run.swarm)  # returns when the watchdog (averaging.watchdog_*) exits it
+        joining.cancel()
     finally:
         try:
             if member is not None and member.server is not None:
@@ -176,7 +178,8 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
 
 
 async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: SwarmConfig) -> None:
-    """Node0-style log lines: batches processed per period, every averaging round with its group size."""
+    """Node0-style log lines: batches processed per period, every averaging round with its group size; returns when the
+    watchdog made the server exit."""
     rounds, solo, downloads, failed_downloads, stale_reads, processed, last_log = 0, 0, 0, 0, 0, 0, time.monotonic()
     serving = None
     while True:
@@ -184,6 +187,9 @@ async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: Swarm
         server = member.server
         if server is None:
             continue
+        if server.exited:
+            log.error("Watchdog: %s (stage %d). Exiting run.", server.stats.watchdog_exit, server.stage)
+            return
         if server is not serving:
             serving = server
             layers = server.compute.layer_range

@@ -17,6 +17,7 @@ import torch
 
 import node0sim.protocol.averaging  # noqa: F401 (declares the all-reduce messages)
 import node0sim.protocol.state_transfer  # noqa: F401  (registers the state messages)
+import node0sim.protocol.swarm_peer  # noqa: F401  (registers the stage assignment messages)
 from node0sim.protocol.messages import MESSAGE_TYPES, Packed, TensorSpec
 
 DTYPES: dict[str, torch.dtype] = {

@@ -233,3 +233,141 @@ def test_a_handler_bug_reaches_the_caller_as_a_remote_error_and_is_reported(back
     with pytest.raises(Exception, match="handler bug"):  # the simulation stops with it; a live peer keeps it in errors
         run_scenario(backend, ["client", "server"], scenario)
     assert len(seen) == 1 and "internal error in buggy: LookupError" in seen[0]
+
+
+# ---- Node0's averaging mechanisms (tests/test_node0_averaging.py has them in detail, on virtual time) -------------
+
+@pytest.mark.parametrize("part_sizes", ["bandwidth", "equal"])
+def test_hiveminds_runner_deals_parts_by_bandwidth_or_equally(part_sizes):
+    from swarm.allreduce import HivemindGroupAverager
+
+    names = ["a", "b", "c"]
+
+    async def scenario(runtimes):
+        await _install_routers("swarm/hivemind", runtimes)
+        cfg = AveragingConfig(8, averaging_timeout_s=20.0, part_sizes=part_sizes)
+        averagers = {n: HivemindGroupAverager(runtimes[n], 0, cfg) for n in names}
+        ordered = sorted(names, key=lambda n: runtimes[n].peer_id)  # the members' order: bandwidths 10, 20, 30
+        members = [runtimes[n].peer_id for n in ordered]
+        tasks = [runtimes[n].spawn(averagers[n].all_reduce("r", members, [10.0, 20.0, 30.0], torch.full((6000,), float(i)), 1.0))
+                 for i, n in enumerate(names)]
+        results = await runtimes["a"].gather(tasks)
+        return results, [runtimes[n].sent_bytes.get("gather_part", 0) for n in ordered]
+
+    results, gathered = run_scenario("swarm", names, scenario)
+    for mean, contributors in results:
+        assert contributors == 3
+        torch.testing.assert_close(mean, torch.full((6000,), 1.0))
+    # each member sends the part it averaged to the two others: bytes in proportion to its part (bandwidth 10:20:30)
+    shares = [g / sum(gathered) for g in gathered]
+    expected = [1 / 3] * 3 if part_sizes == "equal" else [1 / 6, 2 / 6, 3 / 6]
+    assert shares == pytest.approx(expected, abs=0.05)
+
+
+class _NeverAverages(GroupAverager):
+    """An all-reduce that always fails as a whole (no mean)."""
+
+    async def all_reduce(self, tag, members, bandwidths, vector, weight):
+        await self.rt.sleep(0.2)
+        self.timeouts += 1
+        return None, 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_watchdog_exits_both_peers_of_a_stage_after_two_failed_rounds_on_both_backends(backend):
+    from node0sim.protocol.stage_compute import CostStageCompute
+
+    async def scenario(runtimes):
+        cfg = AveragingConfig(8, progress_period_s=0.5, matchmaking_time_s=0.5, watchdog_failed_rounds=2)
+        servers = [
+            StageServer(runtimes[n], "run", CostStageCompute(CFG, 1, 2, range(2, 4), DenseCodec(), torch.float32), cfg,
+                        throughput=1.0, bandwidth_mbps=50, averager=_NeverAverages)
+            for n in ("a", "b")
+        ]
+        for server in servers:
+            server.rt.spawn(server.start())
+        rt = runtimes["observer"]
+        for _ in range(60):
+            await rt.sleep(0.5)
+            if all(s.exited for s in servers):
+                break
+            for server in servers:
+                server.progress.count(4)
+        await rt.sleep(1.0)
+        return [(s.stats.watchdog_exit, s.stats.epochs) for s in servers], await rt.dht_get("run/stage/1")
+
+    outcomes, records = run_scenario(backend, ["observer", "a", "b"], scenario)
+    assert outcomes == [("failed_rounds", 2)] * 2
+    assert not records  # both withdrew from the stage
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partition_state_averaging_covers_every_entry_and_the_optimizer_state_on_both_backends(backend):
+    stages = [build_stages(CFG, 2, seed=0)[1] for _ in range(2)]
+
+    async def scenario(runtimes):
+        cfg = AveragingConfig(8, sparta_fraction=0.25, average_state_every=1, state_averaging="partition")
+        servers = []
+        for i, (name, stage) in enumerate(zip(("a", "b"), stages)):
+            compute = TensorStageCompute(stage, OptimConfig(lr=1e-2, warmup_steps=0), DenseCodec())
+            generator = torch.Generator().manual_seed(i)
+            compute.set_parameter_values(torch.randn(compute.num_trainable, generator=generator), None)
+            compute.step_with(torch.randn(compute.num_trainable, generator=generator))
+            servers.append(StageServer(runtimes[name], "run", compute, cfg, throughput=1.0, bandwidth_mbps=50))
+            servers[-1].averager.serve()
+        members = sorted(s.rt.peer_id for s in servers)
+        for epoch in range(1, 5):
+            for server in servers:
+                server.progress.epoch = epoch
+            await runtimes["a"].gather([s.rt.spawn(s._average_parameters(members, [1.0, 1.0])) for s in servers])
+        return [(s.compute.parameter_values(None), s.compute._state_tensor("exp_avg"), s.stats.state_averaging_rounds) for s in servers]
+
+    (params_a, moments_a, rounds_a), (params_b, moments_b, rounds_b) = run_scenario(backend, ["a", "b"], scenario)
+    assert rounds_a == rounds_b == 4
+    torch.testing.assert_close(params_a, params_b, atol=0, rtol=0)
+    torch.testing.assert_close(moments_a, moments_b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_organizer_names_the_stage_the_joiner_would_pick_itself_on_both_backends(backend):
+    from node0sim.protocol.progress import StageRecord, stage_key
+    from node0sim.protocol.swarm_peer import BalanceConfig, StageOrganizer, SwarmPeer
+
+    async def scenario(runtimes):
+        organizer = StageOrganizer(runtimes["organizer"], "run", 3)
+        organizer.serve()
+        for stage, throughputs in enumerate(([5.0, 5.0], [3.0], [4.0, 1.0])):  # stage 1 is the weakest: 3 < 5 < 10
+            for i, throughput in enumerate(throughputs):
+                record = StageRecord(0, 0, 0.0, 0.0, throughput, 50.0, True, None)
+                await runtimes["organizer"].dht_store(stage_key("run", stage), record.to_dht(), expires_in=60, subkey=f"p{stage}{i}")
+        joiner = runtimes["joiner"]
+
+        def peer(organizer_id):
+            return SwarmPeer(joiner, "run", 3, 2.0, None, BalanceConfig(0.0), organizer_id)
+
+        return (await peer(runtimes["organizer"].peer_id)._assigned_stage(), await peer(None)._assigned_stage(),
+                organizer.assigned)
+
+    central, decentralized, assigned = run_scenario(backend, ["organizer", "joiner"], scenario)
+    assert central == decentralized == 1 and assigned == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_joiner_receives_the_warm_started_q_with_the_state_on_both_backends(backend):
+    from node0sim.protocol.powersgd import phase_lengths
+
+    def server(rt):
+        compute = TensorStageCompute(build_stages(CFG, 2, seed=0)[1], OptimConfig(lr=1e-2, warmup_steps=0), DenseCodec())
+        cfg = AveragingConfig(8, powersgd_rank=2, powersgd_warm_start=True)
+        return StageServer(rt, "run", compute, cfg, throughput=1.0, bandwidth_mbps=50)
+
+    async def scenario(runtimes):
+        donor, joiner = server(runtimes["donor"]), server(runtimes["joiner"])
+        runtimes["donor"].serve("get_state", donor.handle_get_state)
+        donor.powersgd.import_queries(torch.linspace(-1.0, 1.0, phase_lengths(donor.compute.parameter_shapes, 2)[1]))
+        loaded = await joiner.state_transfer._download_from([runtimes["donor"].peer_id])
+        return loaded, donor.powersgd.export_queries(), joiner.powersgd.export_queries()
+
+    loaded, sent, received = run_scenario(backend, ["donor", "joiner"], scenario)
+    assert loaded
+    torch.testing.assert_close(received, sent, atol=0, rtol=0)

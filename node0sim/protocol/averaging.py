@@ -4,8 +4,9 @@ Mirrors hivemind's Optimizer/DecentralizedAverager semantics (hivemind docs, "Op
 "DecentralizedAverager"): peers that reach the end of an epoch register in the DHT, the group
 is everyone registered within ``matchmaking_time_s`` of the first, and the group all-reduces by
 reduce-scatter then all-gather, each member owning a part of the vector proportional to its
-bandwidth. A member that vanishes costs the others at most ``averaging_timeout_s``: parts it
-owned fall back to each member's local values, contributions it never sent are left out.
+bandwidth (or, ``part_sizes=equal``, the same part each, as Node0's all-reduces come out). A member
+that vanishes costs the others at most ``averaging_timeout_s``: parts it owned fall back to each
+member's local values, contributions it never sent are left out.
 
 :class:`Averager` is the interface of an in-stage all-reduce; :class:`GroupAverager` is the
 protocol's own, over the runtime's RPC (the live backend may run hivemind's instead).
@@ -13,6 +14,7 @@ protocol's own, over the runtime's RPC (the live backend may run hivemind's inst
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -39,6 +41,20 @@ class AveragingConfig:
     state_timeout_s: float = 600.0  # time allowed for one state download
     powersgd_rank: int = 0  # PowerSGD rank for gradient averaging (0: plain all-reduce)
     max_concurrent_sends: int = 4  # all-reduce parts in flight per member (bounded, like a butterfly schedule)
+    # ---- variants (today's defaults; conf/averaging/node0.yaml selects Node0's) ----
+    part_sizes: str = "bandwidth"  # all-reduce part of each member: bandwidth (proportional to it, hivemind) or equal
+    powersgd_warm_start: bool = False  # keep Q across rounds and ship it to joiners (node0sim/protocol/powersgd.py)
+    powersgd_skip_tail: bool = False  # the tail stage averages its gradients uncompressed
+    state_averaging: str = "random"  # random: a fresh random sparta_fraction each round, parameters only (SPARTA);
+    # partition: a fixed partition into ceil(1 / sparta_fraction) parts, one per round in turn, optimizer state too
+    blocks_serving: bool = False  # no backward runs while the stage averages and steps (Node0's optimizer lock)
+    auto_step_s: float = 0.0  # an idle peer checks whether its epoch is due at least this often (0: every progress period)
+    join_waits_for_round: bool = False  # a state load waits until the stage's round is under 10% done; a joiner then waits for <20%
+    one_download_per_donor: bool = False  # a donor refuses a state request while its upload of another one lasts
+    # ---- watchdog: the peer exits (and leaves the stage) after ... (0 / false: never) ----
+    watchdog_failed_rounds: int = 0  # ... this many failed all-reduces (gradient or state) in a row
+    watchdog_failed_state_loads: int = 0  # ... this many state loads that got no state
+    watchdog_nan_gradients: bool = False  # ... accumulating gradients that are not finite
 
     def __post_init__(self) -> None:
         if self.target_batch_size < 1:
@@ -52,6 +68,25 @@ class AveragingConfig:
             raise ValueError(f"averaging.max_concurrent_sends: must be >= 1, got {self.max_concurrent_sends}")
         if self.average_state_every < 0 or self.max_allowed_stale < 0 or self.powersgd_rank < 0:
             raise ValueError("averaging.average_state_every, max_allowed_stale and powersgd_rank must be >= 0")
+        for name, allowed in (("part_sizes", PART_SIZES), ("state_averaging", STATE_AVERAGING)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"averaging.{name}: must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("auto_step_s", "watchdog_failed_rounds", "watchdog_failed_state_loads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"averaging.{name}: must be >= 0 (0: off), got {getattr(self, name)}")
+
+    def part_shares(self, bandwidths: list[float]) -> list[float]:
+        """What each member's all-reduce part is proportional to: its bandwidth, or 1 (``part_sizes=equal``)."""
+        return list(bandwidths) if self.part_sizes == "bandwidth" else [1.0] * len(bandwidths)
+
+    @property
+    def num_partitions(self) -> int:
+        """Parts of the fixed partition that ``state_averaging=partition`` cycles through (Node0: ceil(1 / p))."""
+        return math.ceil(1 / self.sparta_fraction - 1e-9)
+
+
+PART_SIZES = ("bandwidth", "equal")
+STATE_AVERAGING = ("random", "partition")
 
 
 def group_key(run_id: str, stage: int, epoch: int) -> str:
@@ -221,7 +256,7 @@ class GroupAverager(Averager):
         self, tag: str, members: list[str], bandwidths: list[float], vector: Tensor, weight: float
     ) -> tuple[Tensor | None, int]:
         me = members.index(self.rt.peer_id)
-        bounds = part_bounds(vector.numel(), bandwidths)
+        bounds = part_bounds(vector.numel(), self.cfg.part_shares(bandwidths))
         # reduce-scatter gets the first half of the time budget, so that owners' averaged parts
         # still reach everyone before the all-gather deadline when some member is missing
         started = self.rt.now()

@@ -212,8 +212,22 @@ class StageCompute(ABC):
         """The ``fraction`` of parameter entries averaged this round: the same for every peer given ``seed``."""
 
     @abstractmethod
+    def partition_index(self, num_parts: int, part: int, seed: int) -> Any:
+        """Entries of part ``part`` of a fixed random partition of the flat vector into ``num_parts`` parts of
+        (nearly) equal size, the same for every peer given ``seed`` (Node0's SPARTA partition)."""
+
+    @abstractmethod
     def parameter_values(self, index: torch.Tensor | None) -> Payload:
         """The flat parameter vector, or its entries at ``index`` (SPARTA's partial averaging)."""
+
+    @abstractmethod
+    def state_values(self, index: Any) -> Payload:
+        """The parameters at ``index`` followed by each optimizer state tensor (``state_layout.tensors``) at
+        ``index``: what ``averaging.state_averaging=partition`` averages."""
+
+    @abstractmethod
+    def set_state_values(self, values: Payload, index: Any) -> None:
+        """Overwrite what :meth:`state_values` returned (optimizer state only where the optimizer has stepped)."""
 
     @abstractmethod
     def set_parameter_values(self, values: Payload, index: torch.Tensor | None) -> None:
@@ -265,6 +279,8 @@ class TensorStageCompute(StageCompute):
         self.parameter_shapes = [tuple(p.shape) for p in self.parameters]
         self.optimizer = build_optimizer(self.parameters, optim, self.index, self.num_stages)
         self.state_layout = STATE_LAYOUTS[optim.name]
+        self._partition: tuple[tuple[int, int], list[torch.Tensor]] | None = None
+        """The fixed partition of :meth:`partition_index`, by (parts, seed): made once."""
 
     def _stage_input(self, work: Work) -> torch.Tensor:
         """The decoded input of one request, checked: [B, T] token ids on the head, finite [B, T, dim] elsewhere."""
@@ -453,6 +469,32 @@ class TensorStageCompute(StageCompute):
         if self.basis is not None:
             project_onto_subspace_(self.module, self.basis)
 
+    def partition_index(self, num_parts: int, part: int, seed: int) -> Any:
+        if self._partition is None or self._partition[0] != (num_parts, seed):
+            generator = torch.Generator().manual_seed(seed % 2**63)
+            order = torch.randperm(self.num_trainable, generator=generator)
+            self._partition = ((num_parts, seed), [order[j::num_parts].sort().values for j in range(num_parts)])
+        return self._partition[1][part % num_parts]
+
+    def state_values(self, index: Any) -> Payload:
+        return torch.cat([self.parameter_values(index), *(self._state_tensor(key)[index] for key in self.state_layout.tensors)])
+
+    @torch.no_grad()
+    def set_state_values(self, values: Payload, index: Any) -> None:
+        keys = self.state_layout.tensors
+        if not isinstance(values, torch.Tensor) or values.shape != ((1 + len(keys)) * len(index),):
+            raise ValueError(f"stage {self.index}: state values must be {(1 + len(keys)) * len(index)} values, got {describe(values)}")
+        chunks = values.split(len(index))
+        self.set_parameter_values(chunks[0], index)
+        if not all(self.optimizer.state.get(p) for p in self.parameters):
+            return  # no optimizer state yet: the moments start from the averaged parameters' first step
+        sizes = [p.numel() for p in self.parameters]
+        for key, chunk in zip(keys, chunks[1:]):
+            flat = self._state_tensor(key)
+            flat[index] = chunk
+            for param, piece in zip(self.parameters, flat.split(sizes)):
+                self.optimizer.state[param][key].copy_(piece.view_as(param))
+
     def _state_tensor(self, key: str) -> torch.Tensor:
         """The optimizer's ``key`` tensors of every parameter as one flat vector (zeros before the first step)."""
         return torch.cat([
@@ -542,8 +584,17 @@ class CostStageCompute(StageCompute):
     def sparta_index(self, fraction: float, seed: int) -> Any:
         return range(max(1, int(self.num_params * fraction)))
 
+    def partition_index(self, num_parts: int, part: int, seed: int) -> Any:
+        return range(len(range(part % num_parts, self.num_params, num_parts)))
+
     def parameter_values(self, index: torch.Tensor | None) -> Payload:
         return self._flat_spec(index)
+
+    def state_values(self, index: Any) -> Payload:
+        return TensorSpec(((1 + len(self.state_layout.tensors)) * len(index),), torch.float32)
+
+    def set_state_values(self, values: Payload, index: Any) -> None:
+        """Nothing to overwrite in timing mode."""
 
     def set_parameter_values(self, values: Payload, index: torch.Tensor | None) -> None:
         """Nothing to overwrite in timing mode."""

@@ -7,16 +7,20 @@ in-stage all-reduce), and :class:`StateTransfer` (joiners download the stage's s
 
 Per epoch (``averaging.target_batch_size`` samples across the stage's peers) the peers that are
 ready average their gradients (sample-weighted) and step; every ``average_state_every`` epochs
-they also average a random fraction of their parameters (SPARTA); a peer that falls more than
-``max_allowed_stale`` epochs behind, or joins, downloads the stage's state from a peer.
+they also average a fraction of their parameters (SPARTA: random entries each time, or Node0's
+fixed partition cycled, optimizer state too); a peer that falls more than ``max_allowed_stale``
+epochs behind, or joins, downloads the stage's state from a peer. With ``blocks_serving`` no
+backward runs while the stage averages and steps (:class:`OptimizerLock`); the watchdog keys make
+the peer exit as Node0's ``n0/utils/monitor.py`` does (:meth:`StageServer.exit`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import random
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 from node0sim.protocol.averaging import AveragerFactory, AveragingConfig, GroupAverager
 from node0sim.protocol.batching import BatchingQueue
@@ -40,8 +44,9 @@ from node0sim.protocol.powersgd import PowerSGD
 from node0sim.protocol.progress import ProgressTracker
 from node0sim.protocol.stage_compute import StageCompute, Work
 from node0sim.protocol.staleness import StalenessStats, WeightHistory, mean_delay
-from node0sim.protocol.state_transfer import StateRequest, StateResponse, StateTransfer
-from node0sim.runtime import Runtime, Task
+from node0sim.protocol.state_transfer import JOIN_RESUME_FRACTION, StateRequest, StateResponse, StateTransfer
+from node0sim.protocol.tensors import all_finite
+from node0sim.runtime import Future, Runtime, Task
 
 
 @dataclass
@@ -62,6 +67,67 @@ class ServerStats:
     """Requests served by those calls (rejected ones included)."""
     staleness: StalenessStats = field(default_factory=StalenessStats)
     """Delays of the backwards served, and (with a weight history) how far the weights moved meanwhile."""
+    failed_rounds_in_a_row: int = 0
+    """All-reduces (gradient or state) in a row that failed: a member's part missed its deadline, or no mean."""
+    watchdog_exit: str | None = None
+    """Why the watchdog made this peer exit (one of ``WATCHDOG_REASONS``); None while it runs."""
+
+
+WATCHDOG_REASONS = ("failed_rounds", "failed_state_loads", "nan_gradients")
+"""Why a watchdog exits a peer (the ``averaging.watchdog_*`` keys)."""
+
+
+class OptimizerLock:
+    """Node0's optimizer lock (``n0/server/module_collab.py``, ``n0/server/optim.py``): backwards hold it together,
+    the end of an epoch (all-reduce, step, state averaging) holds it alone; an epoch end that waits for it goes
+    before backwards that arrive later."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.backwards = 0
+        self.averaging = False
+        self._waiters: list[Future] = []
+
+    @asynccontextmanager
+    async def backward(self) -> AsyncIterator[None]:
+        """Held while one backward runs."""
+        while self.averaging:
+            await self._changed()
+        self.backwards += 1
+        try:
+            yield
+        finally:
+            self.backwards -= 1
+            self._notify()
+
+    async def hold_for_epoch_end(self) -> None:
+        """Take it alone (release with :meth:`release_epoch_end`), once the backwards running have finished."""
+        while self.averaging:
+            await self._changed()
+        self.averaging = True
+        while self.backwards:
+            await self._changed()
+
+    def release_epoch_end(self) -> None:
+        """Let backwards run again (nothing happens if it is not held)."""
+        if self.averaging:
+            self.averaging = False
+            self._notify()
+
+    async def _changed(self) -> None:
+        waiter = self.rt.future()
+        self._waiters.append(waiter)
+        await waiter.wait()
+
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.set_result(None)
+
+
+@asynccontextmanager
+async def _unlocked() -> AsyncIterator[None]:
+    yield
 
 
 @dataclass(frozen=True)
@@ -106,9 +172,13 @@ class StageServer:
         self.progress = ProgressTracker(rt, run_id, self.stage, averaging, throughput=throughput, bandwidth_mbps=bandwidth_mbps)
         self.matchmaker = Matchmaker(rt, run_id, self.stage, averaging, bandwidth_mbps)
         self.averager = averager(rt, self.stage, averaging)
-        self.powersgd = PowerSGD(compute.parameter_shapes, averaging.powersgd_rank) if averaging.powersgd_rank else None
+        compress = averaging.powersgd_rank and not (averaging.powersgd_skip_tail and compute.is_tail)
+        self.powersgd = PowerSGD(
+            compute.parameter_shapes, averaging.powersgd_rank, averaging.powersgd_warm_start, _stable_hash(seed, self.stage, "Q")
+        ) if compress else None
         rng = random.Random(_stable_hash(seed, rt.peer_id))
-        self.state_transfer = StateTransfer(rt, compute, self.progress, averaging, rng, self.stats)
+        self.state_transfer = StateTransfer(rt, compute, self.progress, averaging, rng, self.stats, self.powersgd)
+        self.optimizer_lock = OptimizerLock(rt) if averaging.blocks_serving else None
         self._loops: list[Task] = []
         self.history = WeightHistory(delay_history) if delay_history else None
         self.weight_stashing = weight_stashing and self.history is not None
@@ -141,6 +211,10 @@ class StageServer:
         if load_state and progress.others():
             await progress.report()
             await self.load_state_from_peers()
+            if self.exited:
+                return
+            if self.cfg.join_waits_for_round:
+                await self.state_transfer.wait_for_round_under(JOIN_RESUME_FRACTION)
         progress.ready = True
         self.rt.serve(FORWARD, self.handle_forward)
         self.rt.serve(BACKWARD, self.handle_backward)
@@ -159,7 +233,22 @@ class StageServer:
 
     async def load_state_from_peers(self, attempts: int = 3) -> bool:
         """Download the stage's newest state from a peer (see :meth:`StateTransfer.load_state_from_peers`)."""
-        return await self.state_transfer.load_state_from_peers(attempts)
+        loaded = await self.state_transfer.load_state_from_peers(attempts)
+        limit = self.cfg.watchdog_failed_state_loads
+        if limit and self.stats.failed_state_downloads >= limit:
+            self.exit("failed_state_loads")
+        return loaded
+
+    @property
+    def exited(self) -> bool:
+        """Whether the watchdog made this peer exit."""
+        return self.stats.watchdog_exit is not None
+
+    def exit(self, reason: str) -> None:
+        """The watchdog's exit (Node0 kills its process): leave the stage and refuse every request from now on."""
+        if not self.exited:
+            self.stats.watchdog_exit = reason
+            self.rt.spawn(self.leave())
 
     # ---- serving ---------------------------------------------------------------------------
     def _token_ids(self, request: ForwardRequest | BackwardRequest | TailRequest) -> Any:
@@ -167,8 +256,11 @@ class StageServer:
         return request.inputs if self.compute.is_head else request.token_ids
 
     def _check_request(self, request: Any, cls: type) -> None:
-        """Refuse, naming the problem, a request of another class, with mistyped fields, or for another stage."""
+        """Refuse, naming the problem, a request of another class, with mistyped fields, or for another stage, and
+        every request once the watchdog made this server exit."""
         check_message(request, cls)
+        if self.exited:
+            raise ValueError(f"the server of stage {self.stage} exited ({self.stats.watchdog_exit})")
         if request.stage != self.stage:
             raise ValueError(f"request for stage {request.stage} sent to a server of stage {self.stage}")
 
@@ -187,7 +279,8 @@ class StageServer:
                     accumulate=request.accumulate)
         work = _StampedWork(work, request.epoch)
         cost = self.compute.backward_cost(request.inputs)
-        grad_inputs = await self.requests.submit(BACKWARD, work, cost, _once_key(caller, request.request_id))
+        async with self._backward_lock():
+            grad_inputs = await self.requests.submit(BACKWARD, work, cost, _once_key(caller, request.request_id))
         await self._end_epoch_if_alone_and_due()
         return BackwardResponse(grad_inputs)
 
@@ -196,7 +289,8 @@ class StageServer:
         self._check_request(request, TailRequest)
         work = Work(request.inputs, self._token_ids(request), targets=request.targets, accumulate=request.accumulate)
         cost = self.compute.backward_cost(request.inputs)
-        loss, grad_inputs = await self.requests.submit(TAIL, work, cost, _once_key(caller, request.request_id))
+        async with self._backward_lock():
+            loss, grad_inputs = await self.requests.submit(TAIL, work, cost, _once_key(caller, request.request_id))
         await self._end_epoch_if_alone_and_due()
         return TailResponse(loss, grad_inputs)
 
@@ -204,6 +298,10 @@ class StageServer:
         """Send this peer's parameters and optimizer state to a joiner."""
         self._check_request(request, StateRequest)
         return await self.state_transfer.export()
+
+    def _backward_lock(self) -> Any:
+        """The optimizer lock's shared side with ``blocks_serving``; nothing to wait for without."""
+        return self.optimizer_lock.backward() if self.optimizer_lock else _unlocked()
 
     def _run_batch(self, kind: str, items: list[Any]) -> list[Any]:
         """Results (or ValueErrors) of one call; samples whose gradients were accumulated are counted in the same slot.
@@ -273,14 +371,14 @@ class StageServer:
 
     async def _epoch_loop(self) -> None:
         progress = self.progress
-        while True:
+        while not self.exited:
             await progress.refresh()
             if progress.global_epoch() - progress.epoch > self.cfg.max_allowed_stale:
                 await self.load_state_from_peers()
             elif not progress.ending_epoch and progress.epoch_due():
                 await self._end_epoch()
             else:
-                await self.rt.sleep(progress.next_check_in())
+                await self.rt.sleep(min(progress.next_check_in(), self.cfg.auto_step_s or self.cfg.progress_period_s))
 
     async def _end_epoch(self) -> None:
         progress = self.progress
@@ -290,7 +388,13 @@ class StageServer:
             if not progress.alone():
                 await progress.report()  # tell the stage: peers at this epoch join the round now
             gradients, samples = await self.rt.compute(0.0, self._take_gradients)
+            if self.cfg.watchdog_nan_gradients and not all_finite(gradients):
+                self.exit("nan_gradients")
+                return
             members, bandwidths = self.matchmaker.alone() if progress.alone() else await self.matchmaker.form_group(epoch)
+            if self.optimizer_lock:
+                await self.optimizer_lock.hold_for_epoch_end()
+            timeouts = self.averager.timeouts
             if self.powersgd is not None and len(members) > 1:
                 mean, contributors = await self.powersgd.average(
                     self.averager, f"grad/{epoch}", members, bandwidths, gradients, samples,
@@ -298,6 +402,7 @@ class StageServer:
                 )
             else:
                 mean, contributors = await self.averager.all_reduce(f"grad/{epoch}", members, bandwidths, gradients, samples)
+            self._watch_round(failed=mean is None or self.averager.timeouts > timeouts)
             if mean is not None:
                 delay = mean_delay(self.stats.staleness.delay_counts)
                 await self.rt.compute(self.compute.step_cost(), lambda: self.compute.step_with(mean, delay))
@@ -316,23 +421,48 @@ class StageServer:
             self.stats.epochs += 1
             if self.cfg.average_state_every and progress.epoch % self.cfg.average_state_every == 0 and len(members) > 1:
                 await self._average_parameters(members, bandwidths)
+            if self.optimizer_lock:
+                self.optimizer_lock.release_epoch_end()
             if self.history is not None:  # the weights this epoch's forwards will use (state averaging included)
                 self.history.record(progress.epoch, self.compute.parameter_values(None))
             await progress.report()
         finally:
+            if self.optimizer_lock:
+                self.optimizer_lock.release_epoch_end()
             progress.ending_epoch = False
+
+    def _watch_round(self, failed: bool) -> None:
+        """Count failed all-reduces in a row, gradient and state rounds alike (Node0's ``n0/utils/monitor.py``: a
+        timeout or no result fails a round, a success resets the count; a group of one is a success, as Node0's
+        matchmaking forms it); exit at the limit."""
+        stats = self.stats
+        stats.failed_rounds_in_a_row = stats.failed_rounds_in_a_row + 1 if failed else 0
+        limit = self.cfg.watchdog_failed_rounds
+        if limit and stats.failed_rounds_in_a_row >= limit:
+            self.exit("failed_rounds")
 
     def _take_gradients(self) -> tuple[Payload, int]:
         samples, self.progress.samples = self.progress.samples, 0
         return self.compute.take_gradients(), samples
 
     async def _average_parameters(self, members: list[str], bandwidths: list[float]) -> None:
-        """SPARTA: average a random fraction of the parameters, the same entries on every member."""
-        index = self.compute.sparta_index(self.cfg.sparta_fraction, _stable_hash(self.seed, self.stage, self.epoch))
-        values = await self.rt.compute(0.0, lambda: self.compute.parameter_values(index))
+        """SPARTA: average a fraction of the parameters, the same entries on every member: random ones
+        (``state_averaging=random``), or the next part of a fixed partition together with the optimizer state
+        at those entries (``partition``: Node0's ``n0/server/state_averager_wrap.py``, part epoch / every)."""
+        compute = self.compute
+        if self.cfg.state_averaging == "partition":
+            part = self.epoch // self.cfg.average_state_every
+            index = compute.partition_index(self.cfg.num_partitions, part, _stable_hash(self.seed, self.stage))
+            read, write = compute.state_values, compute.set_state_values
+        else:
+            index = compute.sparta_index(self.cfg.sparta_fraction, _stable_hash(self.seed, self.stage, self.epoch))
+            read, write = compute.parameter_values, compute.set_parameter_values
+        values = await self.rt.compute(0.0, lambda: read(index))
+        timeouts = self.averager.timeouts
         mean, contributors = await self.averager.all_reduce(f"state/{self.epoch}", members, bandwidths, values, 1.0)
+        self._watch_round(failed=mean is None or self.averager.timeouts > timeouts)
         if mean is not None and contributors > 1:
-            await self.rt.compute(0.0, lambda: self.compute.set_parameter_values(mean, index))
+            await self.rt.compute(0.0, lambda: write(mean, index))
             self.stats.state_averaging_rounds += 1
 
 

@@ -1,4 +1,5 @@
-"""A volunteer peer's life in the swarm: pick the weakest stage, serve it, move when it pays off."""
+"""A volunteer peer's life in the swarm: pick the weakest stage (or be told it by the organizer, as in Node0), serve it,
+move when it pays off."""
 
 from __future__ import annotations
 
@@ -7,9 +8,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 from node0sim.protocol.balancing import choose_stage, should_move, stage_throughputs
+from node0sim.protocol.messages import HEADER_BYTES, message
 from node0sim.protocol.progress import read_stages
 from node0sim.protocol.stage_server import StageServer
-from node0sim.runtime import Runtime
+from node0sim.runtime import RPCError, Runtime
+
+ASSIGN_STAGE = "assign_stage"
+ASSIGNMENT_TIMEOUT_S = 30.0
+"""How long a joiner waits for the organizer's answer before it picks its stage itself."""
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,51 @@ class BalanceConfig:
     def __post_init__(self) -> None:
         if self.rebalance_period_s < 0 or self.rebalance_margin < 0:
             raise ValueError("topology.rebalance_period_s and topology.rebalance_margin must be >= 0")
+
+
+@message
+class StageRequest:
+    """A joiner asks the organizer which stage to serve."""
+
+    throughput: float
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES
+
+
+@message
+class StageAssignment:
+    """The organizer's answer: the stage to serve."""
+
+    stage: int
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES
+
+
+class StageOrganizer:
+    """Central stage assignment (``topology.stage_assignment=central``): Node0's authorization server names a
+    joiner's stage (``n0/security/authorization.py``: ``stage_type`` in its reply). Its rule is not public; here it
+    is the decentralized one (the weakest stage by announced throughput), applied by one peer to the DHT's
+    records, so both give the same stage for the same swarm state."""
+
+    def __init__(self, rt: Runtime, run_id: str, num_stages: int):
+        self.rt = rt
+        self.run_id = run_id
+        self.num_stages = num_stages
+        self.assigned = 0
+
+    def serve(self) -> None:
+        """Answer joiners' stage requests."""
+        self.rt.serve(ASSIGN_STAGE, self.handle_assign_stage)
+
+    async def handle_assign_stage(self, caller: str, request: StageRequest) -> StageAssignment:
+        """The stage ``caller`` should serve."""
+        if not request.throughput > 0:
+            raise ValueError(f"a stage request needs a throughput > 0, got {request.throughput}")
+        stage = choose_stage(await stage_throughputs_from_dht(self.rt, self.run_id, self.num_stages), request.throughput)
+        self.assigned += 1
+        return StageAssignment(stage)
 
 
 async def stage_throughputs_from_dht(rt: Runtime, run_id: str, num_stages: int) -> list[float]:
@@ -43,38 +94,54 @@ class SwarmPeer:
         throughput: float,
         make_server: Callable[[int], StageServer],
         balance: BalanceConfig,
+        organizer: str | None = None,
     ):
+        """``organizer``: the peer that names this peer's stage when it joins (central assignment); None: it picks."""
         self.rt = rt
         self.run_id = run_id
         self.num_stages = num_stages
         self.throughput = throughput
         self.make_server = make_server
         self.balance = balance
+        self.organizer = organizer
         self.server: StageServer | None = None
         self.moves = 0
         self._rng = random.Random(rt.peer_id)
 
     @property
     def stage(self) -> int | None:
-        """The stage this peer serves now (None before it starts)."""
-        return None if self.server is None else self.server.stage
+        """The stage this peer serves now (None before it starts, and after its watchdog made it exit)."""
+        return None if self.server is None or self.server.exited else self.server.stage
 
     async def run(self, stage: int | None = None, load_state: bool = True) -> None:
-        """Join (at ``stage``, or the weakest one), then keep checking whether to move."""
+        """Join (at ``stage``, or the one the organizer names, or the weakest one), then keep checking whether to move."""
         if stage is None:
-            stage = choose_stage(await stage_throughputs_from_dht(self.rt, self.run_id, self.num_stages), self.throughput)
+            stage = await self._assigned_stage()
         await self._serve(stage, load_state)
         if not self.balance.rebalance_period_s:
             return
         while True:
             # jittered, so peers of a stage do not all decide at the same moment
             await self.rt.sleep(self.balance.rebalance_period_s * self._rng.uniform(0.5, 1.5))
+            if self.server.exited:
+                return  # the watchdog ended this peer
             throughputs = await stage_throughputs_from_dht(self.rt, self.run_id, self.num_stages)
             target = should_move(throughputs, self.server.stage, self.throughput, self.balance.rebalance_margin)
             if target is not None:
                 await self.server.leave()
                 self.moves += 1
                 await self._serve(target, load_state=True)
+
+    async def _assigned_stage(self) -> int:
+        """The organizer's choice; the own choice without an organizer, or when the organizer does not answer."""
+        if self.organizer is not None:
+            try:
+                answer = await self.rt.call(self.organizer, ASSIGN_STAGE, StageRequest(self.throughput), ASSIGNMENT_TIMEOUT_S)
+                if isinstance(answer, StageAssignment) and 0 <= answer.stage < self.num_stages:
+                    return answer.stage
+            except RPCError:
+                pass
+        return choose_stage(await stage_throughputs_from_dht(self.rt, self.run_id, self.num_stages), self.throughput)
 
     async def _serve(self, stage: int, load_state: bool) -> None:
         self.server = self.make_server(stage)

@@ -22,7 +22,7 @@ from node0sim.protocol.messages import AVERAGING_METHODS, GET_STATE, STAGE_METHO
 from node0sim.protocol.optimizers import STATE_LAYOUTS
 from node0sim.protocol.stage_compute import StageCompute, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
-from node0sim.protocol.swarm_peer import SwarmPeer
+from node0sim.protocol.swarm_peer import StageOrganizer, SwarmPeer
 from node0sim.protocol.trainer import Trainer
 from node0sim.sim.churn import churn_schedule
 from node0sim.sim.engine import SimPeer, Simulation
@@ -32,6 +32,8 @@ from node0sim.sim.regions import region_preset
 from node0sim.summary import RunSummary, ServerTotals, TrainerTotals, staleness_record
 
 DEFAULT_CHURN_HORIZON_S = 24 * 3600.0
+ORGANIZER = "organizer"
+"""Peer id of the virtual organizer (central stage assignment)."""
 
 
 def build_simulation(run: RunConfig) -> Simulation:
@@ -128,6 +130,11 @@ class VirtualSwarm:
         self.departed: list[SwarmPeer] = []
         self.events = {"join": 0, "leave": 0, "crash": 0}
         self.flops_per_sample = flops_per_sample(run, templates)
+        self.organizer: StageOrganizer | None = None
+        """The virtual organizer peer that names joiners' stages (``topology.stage_assignment=central``)."""
+        if run.topology.stage_assignment == "central":
+            self.organizer = StageOrganizer(self.add_peer(ORGANIZER, 0, None).runtime, run.run_id, run.topology.num_stages)
+            self.organizer.serve()
 
     def add_peer(self, peer_id: str, index: int, gpu_name: str | None) -> SimPeer:
         """A peer on the network with this run's links and a GPU from the mix."""
@@ -152,7 +159,8 @@ class VirtualSwarm:
     def launch(self, peer_id: str, stage: int | None, gpu_name: str | None = None, load_state: bool = True) -> None:
         """Start a server peer (at ``stage``, or wherever the balancing rule puts it)."""
         peer = self.add_peer(peer_id, len(self.members), gpu_name)
-        member = make_swarm_peer(peer.runtime, self.run, self._compute_for, peer.flops_per_s / self.flops_per_sample)
+        member = make_swarm_peer(peer.runtime, self.run, self._compute_for, peer.flops_per_s / self.flops_per_sample,
+                                 organizer=ORGANIZER)
         self.members[peer_id] = (peer, member)
         peer.runtime.spawn(member.run(stage, load_state))
 
@@ -256,7 +264,8 @@ class SimulatedRun:
             run, backend="sim", numerics=run.sim.numerics, model=self.model_cfg.name, churn=run.churn.name, trainers=stats,
             tracker=self.tracker, records=self.recorder.records, elapsed_s=sim_time, wall_s=time.perf_counter() - self.wall_start,
             val_loss=evaluate(_replica(swarm, self.templates), self.validation),
-            stage_bytes=method_bytes(sim.traffic, STAGE_METHODS), totals=self.totals(), servers=servers, churn_events=swarm.events,
+            stage_bytes=method_bytes(sim.traffic, STAGE_METHODS), totals=self.totals(), servers=servers,
+            churn_events={**swarm.events, "watchdog_exit": sum(servers.watchdog_exits.values())},
             stage_moves=sum(m.moves for _, m in swarm.members.values()) + sum(m.moves for m in swarm.departed),
             gpu_utilization={p.peer_id: round(p.busy_s / sim_time, 4) if sim_time else 0.0 for p in sim.peers.values()},
         )
