@@ -165,7 +165,8 @@ def test_the_node0_preset_selects_node0s_behaviour_and_the_headline_keeps_todays
     node0, headline = compose_run_config("experiment=node0"), compose_run_config("experiment=headline")
     assert (node0.topology.tail_calls, headline.topology.tail_calls) == ("separate", "fused")
     assert (node0.topology.stage_assignment, headline.topology.stage_assignment) == ("central", "decentralized")
-    assert (node0.averaging.part_sizes, node0.averaging.state_averaging, node0.averaging.watchdog_failed_rounds) == ("equal", "partition", 2)
+    averaging = node0.averaging
+    assert (averaging.part_sizes, averaging.state_averaging, averaging.watchdog_failed_rounds) == ("equal", "partition", 2)
     assert (node0.sim.timing_dtype, headline.sim.timing_dtype) == ("float32", "bfloat16")
     assert (node0.compression.project_gradients, headline.compression.project_gradients) == (False, True)
     assert (node0.optim.beta1, node0.optim.beta2, headline.optim.beta2) == (0.9, 0.999, 0.95)
