@@ -284,7 +284,8 @@ class StageServer:
             if not progress.alone():
                 await progress.report()  # tell the stage: peers at this epoch join the round now
             gradients, samples = await self.rt.compute(0.0, self._take_gradients)
-            members, bandwidths = self.matchmaker.alone() if progress.alone() else await self.matchmaker.form_group(epoch)
+            announced = {peer: r.time for peer, r in progress.others().items() if r.averaging == epoch}
+            members, bandwidths = self.matchmaker.alone() if progress.alone() else await self.matchmaker.form_group(epoch, announced)
             if self.powersgd is not None and len(members) > 1:
                 mean, contributors = await self.powersgd.average(
                     self.averager, f"grad/{epoch}", members, bandwidths, gradients, samples,
