@@ -51,3 +51,37 @@ def test_parse_group_keeps_only_well_formed_registrations():
              "d": {"time": 1.0, "bandwidth": 5.0, "x": 1}, "e": None}
     assert parse_group(value) == {"a": (1.0, 5.0)}
     assert parse_group(None) == {} and parse_group([1]) == {}
+
+
+def _with_a_late_registration(announced_to_a: dict[str, float] | None) -> dict[str, tuple[list[str], list[float]]]:
+    """``a`` registers at 0.1 s, ``slow`` at 0.2 s, but the store of ``slow`` lands 2.5 s later (a lagging DHT), after
+    ``a``'s window and slack; ``announced_to_a``: what ``a`` saw in the stage records."""
+    sim = make_sim(latency_s=0.01, dht_latency_s=0.02)
+    peers = {name: add(sim, name) for name in ("a", "slow")}
+    slow_rt = peers["slow"].runtime
+    store = slow_rt.dht_store
+
+    async def late_store(key, value, expires_in, subkey=None):
+        await slow_rt.sleep(2.5)
+        await store(key, value, expires_in, subkey=subkey)
+
+    slow_rt.dht_store = late_store
+    results = {}
+
+    async def join(name: str, start: float, announced: dict[str, float] | None):
+        rt = peers[name].runtime
+        await rt.sleep(start)
+        results[name] = await Matchmaker(rt, "run", 0, CFG, bandwidth_mbps=10.0).form_group(0, announced)
+
+    tasks = [peers["a"].runtime.spawn(join("a", 0.1, announced_to_a)), slow_rt.spawn(join("slow", 0.2, {"a": 0.1}))]
+    sim.run()
+    assert all(not task.process.is_alive for task in tasks)
+    return results
+
+
+def test_a_peer_that_announced_the_round_is_waited_for_when_its_registration_lands_late():
+    # without the announcement "a" cannot know, and averages alone while "slow" counts it in
+    assert _with_a_late_registration(None) == {"a": (["a"], [10.0]), "slow": (["a", "slow"], [10.0, 10.0])}
+    # "slow"'s stage record said at 0.2 s that it ends epoch 0 (averaging == 0): "a" waits for its registration
+    both = (["a", "slow"], [10.0, 10.0])
+    assert _with_a_late_registration({"slow": 0.2}) == {"a": both, "slow": both}

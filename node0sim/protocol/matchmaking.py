@@ -7,7 +7,7 @@ As in hivemind's matchmaking, a group forms in the DHT: peers that ended ``epoch
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from node0sim.protocol.averaging import AveragingConfig, group_key
 from node0sim.protocol.progress import is_finite_number
@@ -44,8 +44,15 @@ class Matchmaker:
         """A group of this peer only."""
         return [self.rt.peer_id], [self.bandwidth_mbps]
 
-    async def form_group(self, epoch: int) -> tuple[list[str], list[float]]:
-        """The members of this peer's group for ``epoch`` and their bandwidths (Mb/s)."""
+    async def form_group(self, epoch: int, announced: Mapping[str, float] | None = None) -> tuple[list[str], list[float]]:
+        """The members of this peer's group for ``epoch`` and their bandwidths (Mb/s).
+
+        ``announced``: peers whose stage record says they are ending ``epoch``, with the record's time. One that
+        announced within the window but whose registration is not visible yet (a lagging DHT: seen on a loaded
+        live swarm) is waited for, re-reading every ``matchmaking_slack_s`` for up to ``averaging_timeout_s`` (what a
+        member's all-reduce waits for another anyway); without the wait this peer would average alone while that
+        one counts it in.
+        """
         me = self.rt.peer_id
         key = group_key(self.run_id, self.stage, epoch)
         ttl = self.cfg.matchmaking_time_s + self.cfg.averaging_timeout_s
@@ -59,6 +66,11 @@ class Matchmaker:
         deadline = min(times + [registered]) + self.cfg.matchmaking_time_s
         await self.rt.sleep(max(0.0, deadline + self.cfg.matchmaking_slack_s - self.rt.now()))
         group = parse_group(await self.rt.dht_get(key))
+        expected = {peer for peer, time in (announced or {}).items() if oldest <= time <= deadline}
+        give_up = self.rt.now() + self.cfg.averaging_timeout_s
+        while expected - group.keys() and self.rt.now() < give_up:
+            await self.rt.sleep(self.cfg.matchmaking_slack_s)
+            group = parse_group(await self.rt.dht_get(key))
         members = sorted(peer for peer, (time, _) in group.items() if oldest <= time <= deadline)
         if me not in members:
             return self.alone()

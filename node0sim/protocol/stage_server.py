@@ -391,7 +391,8 @@ class StageServer:
             if self.cfg.watchdog_nan_gradients and not all_finite(gradients):
                 self.exit("nan_gradients")
                 return
-            members, bandwidths = self.matchmaker.alone() if progress.alone() else await self.matchmaker.form_group(epoch)
+            announced = {peer: r.time for peer, r in progress.others().items() if r.averaging == epoch}
+            members, bandwidths = self.matchmaker.alone() if progress.alone() else await self.matchmaker.form_group(epoch, announced)
             if self.optimizer_lock:
                 await self.optimizer_lock.hold_for_epoch_end()
             timeouts = self.averager.timeouts
