@@ -106,9 +106,10 @@ def summarize(
     tracker: StepTracker, records: list[dict[str, Any]], elapsed_s: float, wall_s: float, val_loss: float | None,
     stage_bytes: int, totals: TrainerTotals, servers: ServerTotals, churn_events: dict[str, int] | None = None,
     stage_moves: int | None = None, gpu_utilization: dict[str, float] | None = None,
+    dense_activation_bytes_per_token: float | None = None,
 ) -> RunSummary:
     """The run's summary from its trainers' counters and step records over ``elapsed_s``; ``stage_bytes``: bytes of
-    ``STAGE_METHODS`` traffic; the last three only the simulator measures."""
+    ``STAGE_METHODS`` traffic; the last four only the simulator measures."""
     done = sum(t.micro_batches_done for t in trainers)
     losses = [r["loss"] for r in records if r.get("loss") is not None]
     return RunSummary(
@@ -122,5 +123,5 @@ def summarize(
         micro_batches_started=sum(t.micro_batches_started for t in trainers), micro_batches_done=done,
         rpc_bytes_per_stage=[sum(t.stage_bytes.get(i, 0) for t in trainers) for i in range(run.topology.num_stages)],
         trainer_totals=totals, servers=servers, churn_events=churn_events, stage_moves=stage_moves,
-        gpu_utilization=gpu_utilization,
+        gpu_utilization=gpu_utilization, dense_activation_bytes_per_token=dense_activation_bytes_per_token,
     )
