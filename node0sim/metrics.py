@@ -213,13 +213,26 @@ def _throughput(steps: list[dict[str, Any]]) -> tuple[list[float], list[float], 
     return [t for t, _ in points], [v for _, v in points], window
 
 
-def _churn_marks(ax: Any, records: list[dict[str, Any]]) -> None:
+MAX_NAMED_CHURN = 6
+"""Up to this many churn events each get a legend entry naming the peer; more get one entry per kind, with its count."""
+
+
+def mark_churn(ax: Any, records: list[dict[str, Any]]) -> None:
     """A dotted vertical line at every churn event (red: crash, grey: leave, green: join)."""
     colors = {"crash": "tab:red", "leave": "tab:gray", "join": "tab:green"}
-    for r in records:
-        if r.get("event") == "churn":
-            ax.axvline(r["time_s"], color=colors[r["action"]], linestyle=":", linewidth=1.2,
-                       label=f"{r['peer']} {r['action']}s at {r['time_s']:g} s")
+    plurals = {"crash": "crashes", "leave": "leaves", "join": "joins"}
+    events = [r for r in records if r.get("event") == "churn"]
+    totals = {action: sum(r["action"] == action for r in events) for action in colors}
+    labelled: set[str] = set()
+    for r in events:
+        if len(events) <= MAX_NAMED_CHURN:
+            label = f"{r['peer']} {plurals[r['action']]} at {r['time_s']:g} s"
+        elif r["action"] not in labelled:
+            label = count(totals[r["action"]], r["action"], plurals[r["action"]])
+            labelled.add(r["action"])
+        else:
+            label = None
+        ax.axvline(r["time_s"], color=colors[r["action"]], linestyle=":", linewidth=1.2, label=label)
 
 
 def _draw_loss(ax: Any, points: list[dict[str, Any]], x_key: str, xlabel: str, summary: dict[str, Any] | None) -> None:
@@ -298,7 +311,7 @@ def plot_swarm(records: list[dict[str, Any]], path: Path, summary: dict[str, Any
     _draw_throughput(throughput, records)
     _draw_peers(peers, snapshots)
     for ax in (throughput, peers):
-        _churn_marks(ax, records)
+        mark_churn(ax, records)
     _legend(peers)
     return _save(fig, (throughput, peers), path, summary)
 
@@ -321,7 +334,7 @@ def plot_overview(records: list[dict[str, Any]], path: Path, summary: dict[str, 
         _draw_peers(peers, snapshots)
     _draw_bytes(sent, records, summary)
     for ax in axes.flat:
-        _churn_marks(ax, records)
+        mark_churn(ax, records)
     for ax in (loss, peers, sent):
         _legend(ax)
     return _save(fig, axes.flat, path, summary)

@@ -14,7 +14,7 @@ import pytest
 
 from node0sim.app import compose_run_config
 from node0sim.config import CompressionConfig, TopologyConfig, TrainConfig
-from node0sim.metrics import RunRecorder, plot_overview, run_title
+from node0sim.metrics import RunRecorder, mark_churn, plot_overview, run_title
 from node0sim.reporting import MIN_RELATIVE_SPAN, pyplot, readable_ylim
 from node0sim.sim.churn import load_trace
 from node0sim.sim.runner import dense_activation_bytes_per_token
@@ -151,3 +151,15 @@ def test_the_default_run_shows_averaging_a_crash_and_a_state_download(tmp_path):
     assert "1 crash, 1 join" in result.stdout and "state download" in result.stdout and "MB saved" in result.stdout
     for png in ("overview.png", "loss.png", "swarm.png"):
         assert (tmp_path / png).stat().st_size > 1000, png
+
+
+def test_many_churn_events_get_one_legend_entry_per_kind(tmp_path):
+    records = [{"step": s, "time_s": float(s), "loss": 3.0, "tokens": 100 * s, "tokens_per_s": 100.0, "bytes_sent": 10 * s}
+               for s in range(1, 11)]
+    records += [{"event": "churn", "time_s": t / 10, "action": "crash" if t % 2 else "join", "peer": f"p{t}", "stage": None,
+                 "peers": 3} for t in range(40)]
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    mark_churn(ax, records)
+    assert len(ax.get_lines()) == 40 and sorted(ax.get_legend_handles_labels()[1]) == ["20 crashes", "20 joins"]
+    plt.close(fig)
