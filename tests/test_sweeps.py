@@ -51,7 +51,7 @@ def test_parallel_sweep_report_and_resume(tmp_path):
     assert "[job 3] step     4/4" in first.stdout
     runs = [read_run(path) for path in offline_runs(sweep_dir)]  # wandb, offline: one run per job, grouped
     assert sorted(r["name"] for r in runs) == [p.name for p in jobs]
-    assert {(r["group"], r["job_type"], r["exit_code"]) for r in runs} == {("sweep", "run", 0)}
+    assert {(r["group"], r["job_type"], r["exit_code"]) for r in runs} == {("sweep", "minimal", 0)}
 
     report = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "report.py"), str(sweep_dir), "--html"],

@@ -43,7 +43,7 @@ def test_offline_run_logs_config_metrics_and_summary(tmp_path):
     assert path.is_relative_to(tmp_path / "wandb")
     assert f"wandb (offline): {path.parent}" in result.stdout
     run = read_run(path)
-    assert run["project"] == "node0sim" and run["job_type"] == "run" and run["exit_code"] == 0
+    assert run["project"] == "node0sim" and run["job_type"] == "minimal" and run["exit_code"] == 0  # the experiment
     assert run["config"]["train"]["steps"] == 3 and run["config"]["model"]["name"] == "tiny"
     assert "train.steps=3" in run["config"]["overrides"]
 
