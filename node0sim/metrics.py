@@ -245,14 +245,13 @@ def _draw_loss(ax: Any, points: list[dict[str, Any]], x_key: str, xlabel: str, s
     ax.set(xlabel=xlabel, ylabel="loss (nats/token)")
 
 
-def _draw_throughput(ax: Any, records: list[dict[str, Any]]) -> bool:
+def _draw_throughput(ax: Any, records: list[dict[str, Any]]) -> None:
     times, rates, window = _throughput(_steps(records))
     if not rates:
-        return False
+        return
     ax.plot(times, rates)
     readable_ylim(ax, rates, floor=0.0)
     ax.set(xlabel="virtual time (s)", ylabel=f"tokens/s (over {window} step{'s' if window > 1 else ''})", title="throughput")
-    return True
 
 
 def _draw_peers(ax: Any, snapshots: list[dict[str, Any]]) -> None:
@@ -269,10 +268,10 @@ def _draw_peers(ax: Any, snapshots: list[dict[str, Any]]) -> None:
     ax.set(xlabel="virtual time (s)", ylabel="peers serving the stage", title="peers per stage")
 
 
-def _draw_bytes(ax: Any, records: list[dict[str, Any]], summary: dict[str, Any] | None) -> bool:
+def _draw_bytes(ax: Any, records: list[dict[str, Any]], summary: dict[str, Any] | None) -> None:
     steps = [r for r in _steps(records) if "bytes_sent" in r and "tokens" in r]
     if not steps:
-        return False
+        return
     times = [r["time_s"] for r in steps]
     ax.plot(times, [r["bytes_sent"] / 1e6 for r in steps], label="sent (all messages)")
     measured = summary.get("activation_bytes_per_token") if summary else None
@@ -283,7 +282,6 @@ def _draw_bytes(ax: Any, records: list[dict[str, Any]], summary: dict[str, Any] 
                 label=f"with dense activations ({dense / measured:.1f}x their bytes)")
     ax.set_ylim(bottom=0)
     ax.set(xlabel="virtual time (s)", ylabel="MB sent over the network (cumulative)", title="bytes on the wire")
-    return True
 
 
 def plot_loss(records: list[dict[str, Any]], path: Path, summary: dict[str, Any] | None = None) -> Path | None:
