@@ -187,7 +187,7 @@ def run_title(summary: dict[str, Any] | None) -> str:
     if not summary:
         return ""
     peers = summary.get("num_peers")
-    swarm = f"{summary['num_stages']} stages" + (f" x {peers // summary['num_stages']} peers" if peers else "")
+    swarm = f"{summary['num_stages']} stages" + (f" x {count(peers // summary['num_stages'], 'peer')}" if peers else "")
     codec = "dense" if summary["compression"] == "none" else f"{summary['compression']} x{summary['compression_rate']:g}"
     churn = summary["churn"] if summary.get("churn_events") is None else churn_events(summary["churn_events"])
     clock = "virtual" if summary["backend"] == "sim" else "wall-clock"

@@ -85,8 +85,8 @@ def test_the_outcome_lines_name_what_happened():
 def test_the_title_says_what_the_run_was():
     assert run_title(_summary()) == ("sim: tiny, 4 stages x 3 peers, 3 trainers, async, subspace x8, 1 crash, 1 join; "
                                      "200 steps in 80.0 s virtual")
-    assert "1 trainer, sync, dense, no churn" in run_title(_summary(num_trainers=1, schedule="sync", compression="none",
-                                                                    churn_events={"join": 0, "leave": 0, "crash": 0}))
+    assert "4 stages x 1 peer, 1 trainer, sync, dense, no churn" in run_title(_summary(
+        num_peers=4, num_trainers=1, schedule="sync", compression="none", churn_events={"join": 0, "leave": 0, "crash": 0}))
 
 
 def test_the_progress_line_shows_the_swarm_and_churn_gets_its_own_line(tmp_path):
