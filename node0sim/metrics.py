@@ -45,6 +45,10 @@ def read_complete_summary(out_dir: Path) -> dict[str, Any] | None:
     return summary
 
 
+MAX_ANNOUNCED_CHURN = 10
+"""Churn events printed on lines of their own; a Node0-scale run has thousands (all are in ``metrics.jsonl``)."""
+
+
 class RunRecorder:
     """Appends metric records to ``metrics.jsonl``, passes them to ``sinks`` and shows progress.
 
@@ -52,7 +56,7 @@ class RunRecorder:
     otherwise one line every ``every`` steps (default: every ~10% of ``total_steps``), at least every
     ``every_s`` seconds of wall time, and the final step. ``label`` starts every progress line. Once a swarm
     snapshot was logged, the line also shows peers per stage, averaging rounds, retried requests and state
-    downloads; every churn record gets a line of its own.
+    downloads; the first ``MAX_ANNOUNCED_CHURN`` churn records get a line of their own.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class RunRecorder:
         self._last_print = time.monotonic()
         self._last_step: dict[str, Any] | None = None
         self._swarm: dict[str, Any] | None = None  # the last swarm snapshot
+        self._announced = 0  # churn records printed
         self._printed_step: int | None = None
         self._open_line = 0  # length of the live line on screen (0: none)
 
@@ -115,10 +120,16 @@ class RunRecorder:
                 f"retried {record.get('retried_requests', 0)} | state loads {self._swarm.get('state_downloads', 0)}")
 
     def _announce(self, churn: dict[str, Any]) -> None:
-        """A line of its own for a join, leave or crash (ending a live progress line first)."""
+        """A line of its own for a join, leave or crash (ending a live progress line first), up to MAX_ANNOUNCED_CHURN."""
+        self._announced += 1
+        if self._announced > MAX_ANNOUNCED_CHURN + 1:
+            return
         if self._open_line:
             self.stream.write("\n")
             self._open_line = 0
+        if self._announced > MAX_ANNOUNCED_CHURN:
+            print(f"{self.label}  (more joins, leaves and crashes: the churn records of {self.metrics_path})", file=self.stream, flush=True)
+            return
         action = {"join": "joins", "leave": "leaves", "crash": "crashes"}[churn["action"]]
         stage = "" if churn.get("stage") is None else f" (stage {churn['stage']})"
         print(f"{self.label}  at {churn['time_s']:.2f} s: peer {churn['peer']}{stage} {action}; {churn['peers']} peers now",

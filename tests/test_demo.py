@@ -14,7 +14,7 @@ import pytest
 
 from node0sim.app import compose_run_config
 from node0sim.config import CompressionConfig, TopologyConfig, TrainConfig
-from node0sim.metrics import RunRecorder, mark_churn, plot_overview, run_title
+from node0sim.metrics import MAX_ANNOUNCED_CHURN, RunRecorder, mark_churn, plot_overview, run_title
 from node0sim.reporting import MIN_RELATIVE_SPAN, pyplot, readable_ylim
 from node0sim.sim.churn import load_trace
 from node0sim.sim.runner import dense_activation_bytes_per_token
@@ -163,3 +163,13 @@ def test_many_churn_events_get_one_legend_entry_per_kind(tmp_path):
     mark_churn(ax, records)
     assert len(ax.get_lines()) == 40 and sorted(ax.get_legend_handles_labels()[1]) == ["20 crashes", "20 joins"]
     plt.close(fig)
+
+
+def test_only_the_first_churn_events_get_lines_of_their_own(tmp_path):
+    out = io.StringIO()
+    recorder = RunRecorder(tmp_path, 10, stream=out)
+    for k in range(MAX_ANNOUNCED_CHURN + 5):
+        recorder.log({"event": "churn", "time_s": float(k), "action": "join", "peer": f"j{k}", "stage": None, "peers": k})
+    lines = out.getvalue().splitlines()
+    assert len(lines) == MAX_ANNOUNCED_CHURN + 1 and "metrics.jsonl" in lines[-1]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == MAX_ANNOUNCED_CHURN + 5
