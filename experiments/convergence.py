@@ -2,12 +2,13 @@
 
     .venv/bin/python experiments/convergence.py [--out DIR] [--steps N] [extra Hydra overrides...]
 
-Trains the tiny model (d=128, 4 stages) on the embedded corpus with: dense boundaries; dense
-boundaries plus the frozen N(0, 1) token table of the subspace model (subspace at k = d, where the
-constraint is vacuous: the control that separates the table's effect from the compression's); subspace
-compression at rates 32, 16, 8 (k = d/32, d/16, d/8); and, at rate 8, random projection without
-the weight constraint and top-k (values + int16 indices). Writes ``convergence.md`` (table),
-``convergence.json`` and ``convergence.png`` (loss vs tokens) into the output folder.
+Trains the tiny model (d=128, 4 stages; ``experiment=minimal``: one peer per stage, no churn) on the
+embedded corpus with: dense boundaries; dense boundaries plus the frozen N(0, 1) token table of the
+subspace model (subspace at k = d, where the constraint is vacuous: the control that separates the
+table's effect from the compression's); subspace compression at rates 32, 16, 8 (k = d/32, d/16, d/8);
+and, at rate 8, random projection without the weight constraint and top-k (values + int16 indices).
+Writes ``convergence.md`` (table), ``convergence.json`` and ``convergence.png`` (loss vs tokens) into
+the output folder.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ def main() -> None:
         runs = {}
         for label, overrides in CELLS:
             slug = "".join(c if c.isalnum() else "_" for c in label)
-            summary, records = run_cell(args.out / "cells" / slug, f"train.steps={args.steps}", *overrides, *args.overrides)
+            cell = args.out / "cells" / slug
+            summary, records = run_cell(cell, "experiment=minimal", f"train.steps={args.steps}", *overrides, *args.overrides)
             runs[label] = {"summary": summary, "curve": [(r["tokens"], r["loss"]) for r in records if "step" in r]}
 
     def tail_loss(label: str) -> float:

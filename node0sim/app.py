@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from node0sim.config import ConfigError, RunConfig, load_run_config, schema
 from node0sim.metrics import RunRecorder, read_complete_summary
-from node0sim.summary import INCOMPLETE_EXIT, IncompleteRun
+from node0sim.summary import INCOMPLETE_EXIT, IncompleteRun, outcome_lines
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 MAX_DIRNAME = 160
@@ -36,6 +36,8 @@ def safe_dirname(text: str) -> str:
 
 # conf/config.yaml names sweep job folders with it: ${hydra.job.num}_${node0sim_safe_dirname:...}
 OmegaConf.register_new_resolver("node0sim_safe_dirname", safe_dirname, replace=True)
+# conf/experiment/demo.yaml finds its churn trace with it, wherever node0sim runs from
+OmegaConf.register_new_resolver("node0sim_conf_dir", lambda: CONF_DIR, replace=True)
 # conf/config.yaml composes everything onto it: the schema and its defaults (node0sim/config.py)
 ConfigStore.instance().store(name="node0sim_schema", node=schema())
 
@@ -148,11 +150,17 @@ def _check_complete(run: RunConfig, summary: dict) -> None:
 
 def _print_done(summary: dict, out_dir: Path, sinks: list) -> None:
     clock = "virtual time" if summary["backend"] == "sim" else "wall-clock training time"
+
+    def loss(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
     print(
         f"done: {summary['steps']} steps, {summary['tokens']} tokens in {summary['sim_time_s']:.1f} s of {clock} "
         f"({summary['wall_time_s']:.1f} s wall), {summary['tokens_per_s']:.1f} tok/s, "
-        f"loss {summary['loss_first']} -> {summary['loss_last']}, val loss {summary['val_loss']}"
+        f"loss {loss(summary['loss_first'])} -> {loss(summary['loss_last'])}, val loss {loss(summary['val_loss'])}"
     )
+    for line in outcome_lines(summary):
+        print(line)
     print(f"outputs in {out_dir}:")
     for path in summary["outputs"].values():
         print(f"  {path}")

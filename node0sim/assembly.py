@@ -113,10 +113,11 @@ def summarize(
     tracker: StepTracker, records: list[dict[str, Any]], elapsed_s: float, wall_s: float, val_loss: float | None,
     stage_bytes: int, totals: TrainerTotals, servers: ServerTotals, churn_events: dict[str, int] | None = None,
     stage_moves: int | None = None, gpu_utilization: dict[str, float] | None = None, time_origin_s: float = 0.0,
+    dense_activation_bytes_per_token: float | None = None,
 ) -> RunSummary:
     """The run's summary from its trainers' counters and step records over ``elapsed_s``; ``stage_bytes``: bytes of
-    ``STAGE_METHODS`` traffic; churn events, stage moves and GPU utilization only the simulator measures.
-    ``time_origin_s``: where the records' clock starts on the trainers' runtime clock."""
+    ``STAGE_METHODS`` traffic; churn events, stage moves, GPU utilization and the dense activation bytes only the
+    simulator measures. ``time_origin_s``: where the records' clock starts on the trainers' runtime clock."""
     done = sum(t.micro_batches_done for t in trainers)
     last_starts = [t.last_start_s for t in trainers if t.last_start_s is not None]
     drain_start_s = min(last_starts) - time_origin_s if last_starts else None
@@ -133,5 +134,5 @@ def summarize(
         micro_batches_in_flight=sum(t.micro_batches_in_flight for t in trainers),
         rpc_bytes_per_stage=[sum(t.stage_bytes.get(i, 0) for t in trainers) for i in range(run.topology.num_stages)],
         trainer_totals=totals, servers=servers, churn_events=churn_events, stage_moves=stage_moves,
-        gpu_utilization=gpu_utilization,
+        gpu_utilization=gpu_utilization, dense_activation_bytes_per_token=dense_activation_bytes_per_token,
     )

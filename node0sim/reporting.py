@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -32,3 +32,21 @@ def save_figure(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     pyplot().close(fig)
     return path
+
+
+MIN_RELATIVE_SPAN = 0.05
+"""A y-axis spans at least this fraction of its values' magnitude (5%), so a constant series plots as a flat line
+instead of magnified floating-point noise."""
+
+
+def readable_ylim(ax: Any, values: Sequence[float], floor: float | None = None) -> None:
+    """Y-limits of ``ax`` for ``values``: their range plus a margin, widened to at least ``MIN_RELATIVE_SPAN`` of their
+    largest magnitude (1.0 when all are 0), never below ``floor``; plain tick labels (no offset, no scientific)."""
+    low, high = min(values), max(values)
+    span = max((high - low) * 1.1, MIN_RELATIVE_SPAN * max(abs(low), abs(high))) or 1.0
+    middle = (low + high) / 2
+    bottom, top = middle - span / 2, middle + span / 2
+    if floor is not None and bottom < floor:
+        bottom, top = floor, max(top, floor + span)
+    ax.set_ylim(bottom, top)
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)

@@ -197,6 +197,9 @@ class RunSummary:
     """Servers that changed stage to rebalance (simulator)."""
     gpu_utilization: dict[str, float] | None = None
     """Busy fraction of each peer's accelerator (simulator)."""
+    dense_activation_bytes_per_token: float | None = None
+    """``activation_bytes_per_token`` of the same pipeline without compression (simulator, compressed runs: measured on
+    a one-step dense twin, ``node0sim.sim.runner.dense_activation_bytes_per_token``)."""
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON object: every key of ``SUMMARY_KEYS``."""
@@ -261,3 +264,52 @@ STALENESS_KEYS = ("delay_per_stage", "delay_histogram_per_stage", "weight_gap_pe
 def staleness_record(summary: dict[str, Any]) -> dict[str, Any]:
     """The ``{"event": "staleness", ...}`` record of ``metrics.jsonl``: the summary's per-stage staleness keys."""
     return {"event": "staleness", "time_s": summary["sim_time_s"], **{key: summary[key] for key in STALENESS_KEYS}}
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: ``count(2, "crash", "crashes")`` is ``"2 crashes"``."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def churn_events(events: dict[str, int] | None) -> str:
+    """The churn a run replayed, in words: ``"1 crash, 1 join"``, or ``"no churn"``."""
+    if not events or not any(events.values()):
+        return "no churn"
+    nouns = (("crash", "crash", "crashes"), ("leave", "leave", "leaves"), ("join", "join", "joins"))
+    return ", ".join(count(events[key], noun, plural) for key, noun, plural in nouns if events.get(key))
+
+
+def outcome_lines(summary: dict[str, Any]) -> list[str]:
+    """What happened in the swarm, in words (printed after a run's ``done:`` line): peers and churn, averaging and
+    state downloads, failed requests, the bytes compression saved. Counters a backend did not measure are left out."""
+    lines = []
+    peers = summary.get("num_peers")
+    churn = summary.get("churn_events")
+    if peers is not None:
+        per_stage = "/".join(str(n) for n in summary["final_peers_per_stage"])
+        lines.append(f"swarm: {summary['num_stages']} stages, {peers} peers at the start, {count(summary['num_trainers'], 'trainer')}; "
+                     f"{churn_events(churn)}; peers per stage at the end {per_stage}")
+    if summary.get("averaging_rounds") is not None:
+        lines.append(
+            f"averaging: {count(summary['averaging_rounds'], 'gradient round')} with the stage's peers, "
+            f"{count(summary['solo_steps'], 'solo step')}, {count(summary['averaging_timeouts'], 'timeout')}; "
+            f"{count(summary['state_averaging_rounds'], 'parameter round')} (SPARTA); "
+            f"{count(summary['state_downloads'], 'state download')} ({_megabytes(summary['state_download_bytes'] or 0)})"
+            + (f", {summary['failed_state_downloads']} failed" if summary["failed_state_downloads"] else "")
+        )
+    lines.append(f"requests: {summary['failed_requests']} failed, {summary['retried_requests']} retried on another peer, "
+                 f"{count(summary['dropped_micro_batches'], 'micro-batch', 'micro-batches')} dropped")
+    measured, dense = summary.get("activation_bytes_per_token"), summary.get("dense_activation_bytes_per_token")
+    if measured is not None and dense is not None:
+        lines.append(
+            f"compression: {summary['compression']} (rate {summary['compression_rate']:g}): {measured:,.0f} activation bytes "
+            f"per token instead of {dense:,.0f} dense ({dense / measured:.1f}x fewer), "
+            f"{_megabytes((dense - measured) * summary['tokens'])} saved"
+        )
+    elif measured is not None:
+        lines.append(f"compression: {summary['compression']}: {measured:,.0f} activation bytes per token")
+    return lines

@@ -40,7 +40,8 @@ def run_local(run: RunConfig, out_dir: Path, overrides: Sequence[str]) -> dict[s
     (averaging rounds, state downloads, ...) are added to the summary when they have stopped.
     """
     if run.topology.num_trainers != 1:
-        raise ConfigError("swarm.role=local runs one trainer: set topology.num_trainers=1 (start more with swarm.role=trainer)")
+        raise ConfigError("swarm.role=local runs one trainer: set topology.num_trainers=1 (start more with swarm.role=trainer); "
+                          "experiment=minimal starts from one trainer and one server per stage")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below on SIGTERM too
     swarm = LocalSwarm(overrides, out_dir / "swarm")
     try:

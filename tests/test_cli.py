@@ -8,9 +8,9 @@ import pytest
 
 from node0sim.config import ConfigError
 from node0sim.metrics import SUMMARY_KEYS
-from tests.runs import comparable, run_config, simulate
+from tests.runs import MINIMAL, comparable, run_config, simulate
 
-SMALL = ("train.steps=12", "train.batch_size=8", "train.micro_batch_size=4", "train.seq_len=64", "train.eval_batches=1")
+SMALL = (MINIMAL, "train.steps=12", "train.batch_size=8", "train.micro_batch_size=4", "train.seq_len=64", "train.eval_batches=1")
 
 
 def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:

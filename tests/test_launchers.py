@@ -28,7 +28,7 @@ from tests.runs import comparable
 
 ROOT = Path(__file__).resolve().parent.parent
 # two steps of the tiny model, no wandb (tested with joblib in test_sweeps.py): job start-up is most of the time
-TINY = ("train.steps=2", "train.seq_len=32", "train.batch_size=4", "train.micro_batch_size=2", "train.eval_batches=1",
+TINY = ("experiment=minimal", "train.steps=2", "train.seq_len=32", "train.batch_size=4", "train.micro_batch_size=2", "train.eval_batches=1",
         "seed=7", "wandb.enabled=false")
 GRID = ("network.up_mbps=10,80",)
 PLUGINS_MISSING = "the sweeps extra is not installed (pip install -e '.[sweeps]'; `make setup` does)"

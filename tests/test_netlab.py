@@ -152,7 +152,7 @@ def test_a_live_bootstrap_listens_on_its_namespace_address(tmp_path):
     with NetLab(PREFIX, [LinkShape(50, 50)]) as lab:
         info = tmp_path / "bootstrap.json"
         peer = subprocess.Popen(lab.command(0, [
-            sys.executable, "-m", "node0sim", "backend=swarm", "swarm.role=bootstrap", f"swarm.host={lab.address(0)}",
+            sys.executable, "-m", "node0sim", "experiment=minimal", "backend=swarm", "swarm.role=bootstrap", f"swarm.host={lab.address(0)}",
             f"swarm.identity_path={tmp_path}/b.key", f"swarm.info_path={info}", f"hydra.run.dir={tmp_path}/b", "wandb.enabled=false",
         ]), env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

@@ -12,6 +12,7 @@ from node0sim.model import build_stages
 from node0sim.protocol.codecs import DenseCodec
 from node0sim.protocol.optimizers import NagDelay, build_optimizer, stage_lr_scale, stage_momentum
 from node0sim.protocol.stage_compute import CostStageCompute, OptimConfig, TensorStageCompute
+from tests.runs import MINIMAL
 from tests.test_pipeline import CFG
 
 
@@ -155,7 +156,7 @@ def test_presets_compose_and_differ_from_the_schema_only_where_the_paper_does():
 
 @pytest.mark.parametrize("preset", ["nesterov_async", "nag_delay"])
 def test_the_cli_runs_a_few_steps_with_each_optimizer(tmp_path, preset):
-    args = [f"optim={preset}", "train.steps=3", "train.batch_size=8", "train.micro_batch_size=4", "train.seq_len=32",
+    args = [MINIMAL, f"optim={preset}", "train.steps=3", "train.batch_size=8", "train.micro_batch_size=4", "train.seq_len=32",
             "train.eval_batches=1", f"hydra.run.dir={tmp_path}"]
     result = subprocess.run([sys.executable, "-m", "node0sim", *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from node0sim.app import compose_run_config, incomplete_run
+from node0sim.app import incomplete_run
+from tests.runs import MINIMAL, run_config
 from node0sim.assembly import make_trainer
 from node0sim.metrics import RunRecorder
 from node0sim.model import build_stages
@@ -133,7 +134,7 @@ def test_a_keyed_request_runs_once_its_duplicates_share_the_result_or_are_refuse
 
 def _slow_server_run(tmp_path, *extra):
     """Two servers per stage, s1p0 on 10 Mb/s links (the others on 80 Mb/s): its backwards time out at 4 s."""
-    run = compose_run_config(
+    run = run_config(
         "train.request_timeout_s=4", "train.max_inflight=8", "train.schedule=async", "train.steps=12",
         "train.eval_batches=0", "topology.peers_per_stage=2", *extra,
     )
@@ -156,7 +157,7 @@ def test_a_retried_backward_is_accumulated_once_per_stage(tmp_path):
 
 
 def test_a_stopped_run_counts_its_micro_batches_in_flight(tmp_path):
-    run = compose_run_config("train.steps=50", "train.eval_batches=0", "train.max_sim_time_s=3", "train.schedule=async",
+    run = run_config("train.steps=50", "train.eval_batches=0", "train.max_sim_time_s=3", "train.schedule=async",
                              "topology.num_stages=2", "train.seq_len=32")
     summary = SimulatedRun(run, tmp_path, RunRecorder(tmp_path, run.train.steps, stream=None)).execute()
     assert summary["micro_batches_in_flight"] == run.train.max_inflight  # async keeps max_inflight going until the stop
@@ -168,7 +169,7 @@ def test_a_stopped_run_counts_its_micro_batches_in_flight(tmp_path):
 # ---- bans ---------------------------------------------------------------------------------------
 
 def test_the_trainer_takes_its_bans_from_the_config():
-    run = compose_run_config("train.ban_s=5", "train.max_ban_s=40")
+    run = run_config("train.ban_s=5", "train.max_ban_s=40")
     trainer = make_trainer(SimpleNamespace(peer_id="t"), run, [SimpleNamespace(codec=DenseCodec())] * 4, None, 0, print)
     assert (trainer.router.ban_s, trainer.router.max_ban_s) == (5.0, 40.0)
 
@@ -211,7 +212,7 @@ SLOW_LINKS = ("network.up_mbps=0.2", "network.down_mbps=0.2", "train.steps=2", "
 
 
 def test_a_run_at_0_2_mbps_says_every_request_timed_out_and_why(tmp_path):
-    run = compose_run_config(*SLOW_LINKS)
+    run = run_config(*SLOW_LINKS)
     summary = SimulatedRun(run, tmp_path, RunRecorder(tmp_path, run.train.steps, stream=None)).execute()
     activation = 4 * 128 * 128 * 4 + 64  # a [4, 128, 128] fp32 forward response and its header
     seconds = activation * 8 / 0.2e6
@@ -225,7 +226,7 @@ def test_a_run_at_0_2_mbps_says_every_request_timed_out_and_why(tmp_path):
 
 @pytest.mark.slow
 def test_the_command_exits_non_zero_on_a_partial_run_unless_allowed(tmp_path):
-    command = [sys.executable, "-m", "node0sim", *SLOW_LINKS, "wandb.enabled=false"]
+    command = [sys.executable, "-m", "node0sim", MINIMAL, *SLOW_LINKS, "wandb.enabled=false"]
     refused = subprocess.run([*command, f"hydra.run.dir={tmp_path / 'a'}"], capture_output=True, text=True, timeout=600)
     assert refused.returncode == 3, refused.stderr[-2000:]
     last = refused.stderr.strip().splitlines()[-1]
@@ -238,7 +239,7 @@ def test_the_command_exits_non_zero_on_a_partial_run_unless_allowed(tmp_path):
 
 
 def test_the_final_swarm_snapshot_is_written_once(tmp_path):
-    run = compose_run_config("train.steps=50", "train.eval_batches=0", "train.max_sim_time_s=2", "sim.snapshot_period_s=1",
+    run = run_config("train.steps=50", "train.eval_batches=0", "train.max_sim_time_s=2", "sim.snapshot_period_s=1",
                              "topology.num_stages=2", "train.seq_len=32")
     SimulatedRun(run, tmp_path, RunRecorder(tmp_path, run.train.steps, stream=None)).execute()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

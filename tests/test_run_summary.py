@@ -5,13 +5,13 @@ import json
 import pytest
 import torch
 
-from node0sim.app import compose_run_config
 from node0sim.assembly import method_bytes, micro_batch_share
 from node0sim.metrics import SUMMARY_KEYS
 from node0sim.protocol.averaging import AveragingConfig, GroupAverager
 from node0sim.protocol.messages import AVERAGING_METHODS
 from node0sim.summary import RunSummary, ServerReport, ServerTotals, TrainerTotals, with_server_reports
 from tests.backends import run_scenario
+from tests.runs import run_config
 
 
 def _report(name: str, stage: int, **counters) -> ServerReport:
@@ -51,7 +51,7 @@ def test_server_totals_sum_the_reports_and_the_local_role_keeps_them_by_name():
 
 
 def test_the_micro_batches_are_split_across_trainers_without_loss():
-    run = compose_run_config("train.steps=5", "train.batch_size=12", "train.micro_batch_size=4", "topology.num_trainers=2",
+    run = run_config("train.steps=5", "train.batch_size=12", "train.micro_batch_size=4", "topology.num_trainers=2",
                              "train.schedule=async")
     shares = [micro_batch_share(run, i) for i in range(2)]
     assert shares == [8, 7] and sum(shares) == 5 * run.train.micro_batches_per_step

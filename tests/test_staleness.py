@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from node0sim.app import compose_run_config
 from node0sim.config import ConfigError
 from node0sim.model import ModelConfig, build_stages
 from node0sim.protocol.averaging import AveragingConfig
@@ -17,6 +16,7 @@ from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.staleness import StalenessStats, WeightHistory, mean_delay
 from node0sim.protocol.trainer import Trainer, TrainerConfig
 from node0sim.sim.runner import run_simulation
+from tests.runs import run_config
 from tests.simutil import add, make_sim
 
 CFG = ModelConfig(
@@ -182,16 +182,16 @@ def test_staleness_stats_measure_the_gap_and_the_lookahead_cosine():
 )
 def test_stashing_is_refused_where_any_peer_of_a_stage_may_serve_the_backward(overrides, reason):
     permitted = ["topology.weight_stashing=true", "topology.rebalance_period_s=0", "train.delay_history=4"]
-    assert compose_run_config(*permitted).topology.weight_stashing
+    assert run_config(*permitted).topology.weight_stashing
     with pytest.raises(ConfigError, match="topology.weight_stashing: any peer of a stage may serve the backward") as error:
-        compose_run_config(*permitted, *overrides)
+        run_config(*permitted, *overrides)
     assert reason in str(error.value)
     with pytest.raises(ConfigError, match="topology.weight_stashing: needs train.delay_history"):
-        compose_run_config("topology.weight_stashing=true", "topology.rebalance_period_s=0")
+        run_config("topology.weight_stashing=true", "topology.rebalance_period_s=0")
 
 
 def test_a_run_reports_its_staleness_in_the_summary_and_the_metrics(tmp_path):
-    run = compose_run_config(
+    run = run_config(
         "topology.num_stages=3", "train.schedule=async", "train.steps=8", "train.batch_size=2", "train.micro_batch_size=2",
         "train.seq_len=16", "train.eval_batches=0", "train.delay_history=8", "wandb.enabled=false",
     )

@@ -28,6 +28,7 @@ from node0sim.protocol.state_transfer import StateRequest
 from node0sim.sim.runner import run_simulation
 from swarm.local import LocalSwarm
 from swarm.node import LiveNode, NodeSettings
+from tests.runs import MINIMAL
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +38,7 @@ OVERRIDES = [
     # (records live 3 progress periods; group registrations are read matchmaking_slack_s after the window)
     "averaging.averaging_timeout_s=10", "averaging.matchmaking_time_s=2.5", "averaging.matchmaking_slack_s=1.0",
     "averaging.progress_period_s=1.0", "averaging.average_state_every=0", "wandb.enabled=false", "run_id=livetest",
+    MINIMAL,
 ]
 STEPS_A, STEPS_B, KILL_AFTER_STEP = 8, 800, 20
 

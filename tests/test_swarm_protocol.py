@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from node0sim.app import compose_run_config
 from node0sim.metrics import RunRecorder
 from node0sim.model import build_stages
 from node0sim.protocol.averaging import AveragingConfig, GroupAverager
@@ -13,7 +12,7 @@ from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.trainer import Trainer, TrainerConfig
 from node0sim.sim.gpus import gpu_profile
 from node0sim.sim.runner import SimulatedRun
-from tests.runs import comparable
+from tests.runs import comparable, run_config
 from tests.simutil import add, make_sim
 from tests.test_pipeline import CFG
 
@@ -27,7 +26,7 @@ SMALL = (
 
 
 def _run(tmp_path, *overrides):
-    run = compose_run_config(*SMALL, *overrides)
+    run = run_config(*SMALL, *overrides)
     return SimulatedRun(run, tmp_path, RunRecorder(tmp_path, run.train.steps, stream=None))
 
 
@@ -242,7 +241,7 @@ def test_powersgd_recovers_the_exact_mean_of_low_rank_gradients_with_fewer_bytes
 
 def test_node0_averaging_uses_powersgd_in_timing_mode(tmp_path):
     summary = SimulatedRun(
-        compose_run_config("model=node0_8b", "sim.numerics=false", "topology.num_stages=32", "topology.peers_per_stage=2",
+        run_config("model=node0_8b", "sim.numerics=false", "topology.num_stages=32", "topology.peers_per_stage=2",
                            "topology.num_trainers=4", "train.schedule=async", "train.steps=20", "train.batch_size=8",
                            "train.micro_batch_size=1", "train.seq_len=4096", "averaging=node0", "averaging.target_batch_size=4",
                            "averaging.matchmaking_time_s=1", "averaging.progress_period_s=0.5",

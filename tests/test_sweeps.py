@@ -15,10 +15,11 @@ from omegaconf import OmegaConf
 
 from node0sim.app import CONF_DIR, MAX_DIRNAME, compose_run_config, safe_dirname
 from node0sim.config import ConfigError, load_run_config
+from tests.runs import MINIMAL
 from tests.wandb_offline import offline_runs, read_run
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ("train.steps=4", "train.seq_len=32", "train.batch_size=4", "train.micro_batch_size=2", "train.eval_batches=1")
+TINY = (MINIMAL, "train.steps=4", "train.seq_len=32", "train.batch_size=4", "train.micro_batch_size=2", "train.eval_batches=1")
 GRID = ("network.up_mbps=10,80", "compression=none,subspace")
 EXPERIMENTS = ("bandwidth_sweep", "churn_sweep", "staleness_sweep", "scaling_sweep")
 
@@ -44,14 +45,14 @@ def test_parallel_sweep_report_and_resume(tmp_path):
     first = _sweep(sweep_dir)
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     assert [p.name.split("_", 1)[0] for p in jobs] == ["0", "1", "2", "3"]
-    assert jobs[0].name.startswith("0_compression=none,network.up_mbps=10,")
+    assert jobs[0].name.startswith("0_compression=none,experiment=minimal,network.up_mbps=10,")
     assert all((p / "summary.json").is_file() and (p / "metrics.jsonl").is_file() for p in jobs)
     assert "Joblib.Parallel(n_jobs=2" in first.stdout + first.stderr
     assert "[job 3] step     4/4" in first.stdout
     assert "sweep: 4/4 done, 0 failed, 0 running, 0 waiting" in first.stdout  # progress (node0sim/sweep_progress.py)
     runs = [read_run(path) for path in offline_runs(sweep_dir)]  # wandb, offline: one run per job, grouped
     assert sorted(r["name"] for r in runs) == [p.name for p in jobs]
-    assert {(r["group"], r["job_type"], r["exit_code"]) for r in runs} == {("sweep", "run", 0)}
+    assert {(r["group"], r["job_type"], r["exit_code"]) for r in runs} == {("sweep", "minimal", 0)}
 
     report = subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "report.py"), str(sweep_dir), "--html"],

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 
 from node0sim.app import compose_run_config
+from tests.runs import run_config
 from tools.bench_scale import scale_overrides
 
-# What tools/bench_scale.py set by hand before the preset existed (the README's scale numbers were measured with it).
+# What tools/bench_scale.py set by hand before the preset existed (the README's scale numbers were measured with it),
+# on top of the default run of then: the minimal pipeline.
 EXPLICIT = [
     "model=node0_8b", "sim.numerics=false", "topology.num_stages=32", "topology.num_trainers=32", "train.schedule=async",
     "train.steps=10000000", "train.batch_size=1024", "train.micro_batch_size=1", "train.seq_len=4096", "averaging=node0",
@@ -22,4 +24,4 @@ def test_scale_bench_preset_is_the_hand_written_configuration(peers: int, virtua
         f"sim.link_sharing={link_sharing or 'equal'}",
         "train.allow_partial=true",  # the preset is time-limited: stopping at max_sim_time_s is its expected outcome
     ]
-    assert compose_run_config(*scale_overrides(peers, virtual_s, link_sharing)) == compose_run_config(*explicit)
+    assert compose_run_config(*scale_overrides(peers, virtual_s, link_sharing)) == run_config(*explicit)

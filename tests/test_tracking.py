@@ -14,11 +14,11 @@ import pytest
 
 from node0sim.metrics import RunRecorder
 from node0sim.tracking import WandbSink, flatten_record, sweep_group
-from tests.runs import run_config
+from tests.runs import MINIMAL, run_config
 from tests.wandb_offline import offline_runs, read_run
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ("train.steps=3", "train.seq_len=32", "train.batch_size=4", "train.micro_batch_size=2", "train.eval_batches=1")
+TINY = (MINIMAL, "train.steps=3", "train.seq_len=32", "train.batch_size=4", "train.micro_batch_size=2", "train.eval_batches=1")
 
 
 def _cli(run_dir: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -43,7 +43,7 @@ def test_offline_run_logs_config_metrics_and_summary(tmp_path):
     assert path.is_relative_to(tmp_path / "wandb")
     assert f"wandb (offline): {path.parent}" in result.stdout
     run = read_run(path)
-    assert run["project"] == "node0sim" and run["job_type"] == "run" and run["exit_code"] == 0
+    assert run["project"] == "node0sim" and run["job_type"] == "minimal" and run["exit_code"] == 0  # the experiment
     assert run["config"]["train"]["steps"] == 3 and run["config"]["model"]["name"] == "tiny"
     assert "train.steps=3" in run["config"]["overrides"]
 

@@ -115,7 +115,7 @@ def bench_throughput(steps: int) -> None:
     from node0sim.sim.runner import run_simulation
     from swarm.roles import measured_flops
 
-    common = ["topology.num_stages=2", "train.batch_size=8", "train.micro_batch_size=4", "train.seq_len=128",
+    common = ["experiment=minimal", "topology.num_stages=2", "train.batch_size=8", "train.micro_batch_size=4", "train.seq_len=128",
               "train.eval_batches=0", "wandb.enabled=false", f"train.steps={steps}"]
     with tempfile.TemporaryDirectory() as out:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "NODE0SIM_RUNTIME_DIR": tempfile.mkdtemp(prefix="n0-")}

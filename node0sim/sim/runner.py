@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Generator
+from typing import Any, Callable, Generator
 
 import simpy
 import torch
 
 from node0sim.assembly import flops_per_sample, make_swarm_peer, make_trainer, method_bytes, server_report, summarize, trainer_totals
-from node0sim.config import ConfigError, RunConfig, SimConfig
+from node0sim.config import CompressionConfig, ConfigError, RunConfig, SimConfig
 from node0sim.experiment import evaluate, micro_batch_sources, model_config, stage_computes
 from node0sim.metrics import RunRecorder, StepTracker
 from node0sim.model import ModelConfig
@@ -24,7 +26,7 @@ from node0sim.protocol.stage_compute import StageCompute, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.swarm_peer import StageOrganizer, SwarmPeer
 from node0sim.protocol.trainer import Trainer
-from node0sim.sim.churn import churn_schedule
+from node0sim.sim.churn import ChurnConfig, churn_schedule
 from node0sim.sim.engine import SimPeer, Simulation
 from node0sim.sim.gpus import ELEMENT_BYTES, compute_model, gpu_profile
 from node0sim.sim.network import TcpModel
@@ -118,10 +120,12 @@ def transport_model(sim: SimConfig) -> TcpModel | None:
 
 
 class VirtualSwarm:
-    """The stage servers of a simulated run: initial peers, joiners and departures."""
+    """The stage servers of a simulated run: initial peers, joiners and departures (each one passed to ``log`` as a
+    ``{"event": "churn"}`` record)."""
 
-    def __init__(self, run: RunConfig, sim: Simulation, templates: list[StageCompute]):
+    def __init__(self, run: RunConfig, sim: Simulation, templates: list[StageCompute], log: Callable[[dict[str, Any]], None]):
         self.run = run
+        self.log = log
         self.sim = sim
         self.templates = templates
         self.regions = region_preset(run.network.regions).regions if run.network.latency_ms is None else ("local",)
@@ -172,17 +176,23 @@ class VirtualSwarm:
             if event.action == "join":
                 self.events["join"] += 1
                 self.launch(event.peer, None, event.gpu)
+                self._log_churn(event.action, event.peer, None)
                 continue
             if event.peer not in self.members:
                 continue
             peer, member = self.members.pop(event.peer)
             self.departed.append(member)
             self.events[event.action] += 1
+            self._log_churn(event.action, event.peer, member.stage)
             if event.action == "crash":
                 peer.crash()
             else:
                 goodbye = self.sim.start(peer, member.leave())
                 goodbye.callbacks.append(lambda _event, peer=peer: peer.crash())
+
+    def _log_churn(self, action: str, peer: str, stage: int | None) -> None:
+        self.log({"event": "churn", "time_s": self.sim.env.now, "action": action, "peer": peer, "stage": stage,
+                  "peers": len(self.members)})
 
     def snapshot(self) -> dict[str, Any]:
         """Peers per stage and averaging progress right now."""
@@ -194,6 +204,7 @@ class VirtualSwarm:
         return {
             "event": "swarm", "time_s": self.sim.env.now, "peers_per_stage": per_stage, "peers": len(self.members),
             "averaging_rounds": sum(s.stats.averaging_rounds for s in servers),
+            "state_downloads": sum(s.stats.state_downloads for s in servers),
             "max_epoch_per_stage": [max((s.epoch for s in servers if s.stage == i), default=0) for i in range(len(per_stage))],
         }
 
@@ -216,7 +227,7 @@ class SimulatedRun:
             check_memory(run, self.model_cfg)
         self.templates = stage_computes(run, self.model_cfg)
         self.sim = build_simulation(run)
-        self.swarm = VirtualSwarm(run, self.sim, self.templates)
+        self.swarm = VirtualSwarm(run, self.sim, self.templates, self.recorder.log)
         for stage in range(len(self.templates)):
             for k in range(run.topology.peers_per_stage):
                 self.swarm.launch(f"s{stage}p{k}", stage, load_state=False)
@@ -238,7 +249,7 @@ class SimulatedRun:
         run, sim, swarm = self.run, self.sim, self.swarm
         sim.env.process(swarm.churn(run.train.max_sim_time_s or DEFAULT_CHURN_HORIZON_S))
         sim.env.process(_snapshots(sim, swarm, self.recorder, run.sim.snapshot_period_s))
-        stop = sim.env.all_of(self.tasks)
+        stop = self.trainers_done()
         if run.train.max_sim_time_s is not None:
             stop = sim.env.any_of([stop, sim.env.timeout(run.train.max_sim_time_s)])
         sim.run(until=stop)
@@ -249,6 +260,10 @@ class SimulatedRun:
         self.recorder.log(staleness_record(summary))
         summary["outputs"] = {k: str(v) for k, v in self.recorder.finish(summary).items()}
         return summary
+
+    def trainers_done(self) -> simpy.Event:
+        """The event of every trainer having pushed all its micro-batches."""
+        return self.sim.env.all_of(self.tasks)
 
     def summary(self) -> RunSummary:
         """The run's ``summary.json`` content."""
@@ -268,12 +283,29 @@ class SimulatedRun:
             churn_events={**swarm.events, "watchdog_exit": sum(servers.watchdog_exits.values())},
             stage_moves=sum(m.moves for _, m in swarm.members.values()) + sum(m.moves for m in swarm.departed),
             gpu_utilization={p.peer_id: round(p.busy_s / sim_time, 4) if sim_time else 0.0 for p in sim.peers.values()},
+            dense_activation_bytes_per_token=dense_activation_bytes_per_token(run) if run.compression.name != "none" else None,
         )
 
 
 def run_simulation(run: RunConfig, out_dir: Path, recorder: RunRecorder | None = None) -> dict[str, Any]:
     """Train ``run`` in virtual time; write metrics, summary and plots into ``out_dir``; return the summary."""
     return SimulatedRun(run, out_dir, recorder).execute()
+
+
+def dense_activation_bytes_per_token(run: RunConfig) -> float:
+    """Activation bytes per token the same pipeline sends with ``compression=none``, measured: one step of a dense twin
+    (the same model, sequence and micro-batch sizes, numerics or timing mode; one peer per stage, one trainer, no
+    churn) through the same trainer and messages. Message sizes depend only on those shapes, so the twin's bytes per
+    token are the run's own without compression."""
+    twin = dataclasses.replace(
+        run, compression=CompressionConfig(seed=run.compression.seed), churn=ChurnConfig(name="none"),
+        topology=dataclasses.replace(run.topology, peers_per_stage=1, num_trainers=1, rebalance_period_s=0.0),
+        train=dataclasses.replace(run.train, steps=1, schedule="sync", max_sim_time_s=None, eval_batches=0),
+    )
+    with tempfile.TemporaryDirectory() as out:
+        measured = SimulatedRun(twin, Path(out), RunRecorder(Path(out), 1, stream=None))
+        measured.sim.run(until=measured.trainers_done())
+    return method_bytes(measured.sim.traffic, STAGE_METHODS) / measured.tracker.tokens
 
 
 def _replica(swarm: VirtualSwarm, templates: list[StageCompute]) -> list[StageCompute]:
