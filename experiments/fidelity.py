@@ -41,7 +41,8 @@ from experiments.common import RESULTS, run_cell, save_json  # noqa: E402
 
 OUT = RESULTS / "fidelity"
 BASE = [
-    "experiment=minimal", "train.batch_size=8", "train.micro_batch_size=4", "train.seq_len=128", "train.eval_batches=0", "wandb.enabled=false",
+    "experiment=minimal", "train.batch_size=8", "train.micro_batch_size=4", "train.seq_len=128", "train.eval_batches=0",
+    "wandb.enabled=false",
     "averaging.average_state_every=0", "run_id=fidelity", "network.jitter_ms=0",
     # several processes share 2 cores: the live tests' wider averaging windows keep DHT views consistent
     "averaging.averaging_timeout_s=10", "averaging.matchmaking_time_s=2.5", "averaging.matchmaking_slack_s=1.0",

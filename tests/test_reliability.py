@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from node0sim.app import incomplete_run
-from tests.runs import MINIMAL, run_config
 from node0sim.assembly import make_trainer
 from node0sim.metrics import RunRecorder
 from node0sim.model import build_stages
@@ -34,6 +33,7 @@ from node0sim.protocol.trainer import Trainer, TrainerConfig
 from node0sim.runtime import RemoteError
 from node0sim.sim.runner import SimulatedRun
 from tests.backends import run_scenario
+from tests.runs import MINIMAL, run_config
 from tests.simutil import add, make_sim
 from tests.test_pipeline import CFG, FixedBatch
 

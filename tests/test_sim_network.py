@@ -312,7 +312,6 @@ def test_an_rpc_pays_the_transport_models_fixed_overhead_once():
 
 def test_transport_keys_are_validated_naming_the_key():
     from node0sim.app import compose_run_config
-    from tests.runs import MINIMAL
     from node0sim.config import ConfigError
 
     with pytest.raises(ConfigError, match="sim.transport"):
@@ -325,8 +324,8 @@ def test_transport_keys_are_validated_naming_the_key():
 
 def test_fluid_runs_build_no_transport_model_and_tcp_runs_take_the_configured_constants():
     from node0sim.app import compose_run_config
-    from tests.runs import MINIMAL
     from node0sim.sim.runner import build_simulation
+    from tests.runs import MINIMAL
 
     assert build_simulation(compose_run_config(MINIMAL)).network.transport is None
     sim = build_simulation(compose_run_config(MINIMAL, "sim.transport=tcp", "sim.tcp_window_kib=64", "sim.tcp_rpc_overhead_ms=5"))

@@ -348,7 +348,8 @@ def test_every_stage_of_a_run_and_of_its_joiners_gets_compression_project_gradie
     from node0sim.sim.runner import VirtualSwarm, build_simulation
 
     for setting in (True, False):
-        run = compose_run_config("experiment=minimal", "compression=subspace", "compression.rate=4", f"compression.project_gradients={setting}")
+        run = compose_run_config(
+            "experiment=minimal", "compression=subspace", "compression.rate=4", f"compression.project_gradients={setting}")
         templates = stage_computes(run, model_config(run, vocabulary_size(run)))
         swarm = VirtualSwarm(run, build_simulation(run), templates)
         joiners = [swarm._compute_for(stage) for stage in range(run.topology.num_stages)]  # what a joining peer serves
