@@ -351,6 +351,6 @@ def test_every_stage_of_a_run_and_of_its_joiners_gets_compression_project_gradie
         run = compose_run_config(
             "experiment=minimal", "compression=subspace", "compression.rate=4", f"compression.project_gradients={setting}")
         templates = stage_computes(run, model_config(run, vocabulary_size(run)))
-        swarm = VirtualSwarm(run, build_simulation(run), templates)
+        swarm = VirtualSwarm(run, build_simulation(run), templates, log=lambda record: None)
         joiners = [swarm._compute_for(stage) for stage in range(run.topology.num_stages)]  # what a joining peer serves
         assert [c.project_gradients for c in templates + joiners] == [setting] * 2 * run.topology.num_stages
