@@ -280,8 +280,8 @@ def _backwards_during_all_reduce(tmp_path, monkeypatch, blocks_serving: bool) ->
     completed, rounds = [], []
     submit, all_reduce = BatchingQueue.submit, GroupAverager.all_reduce
 
-    async def recording_submit(self, kind, item, flops):
-        result = await submit(self, kind, item, flops)
+    async def recording_submit(self, kind, item, cost, key=None):
+        result = await submit(self, kind, item, cost, key)
         if kind in ("backward", "tail"):
             completed.append((self.rt.peer_id, self.rt.now()))
         return result
