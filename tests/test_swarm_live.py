@@ -112,7 +112,10 @@ def scenario(tmp_path_factory):
 
         swarm.start_server("s1p2", 1)
         _wait(lambda: _ready_counts(info) == [2, 3], 180, "the late joiner to be ready")
-        trainer_b = swarm.start("trainer_b", "trainer", f"hydra.run.dir={result['out_b']}", f"train.steps={STEPS_B}")
+        # a request whose retries all fail around the kill drops its micro-batch (counted: the kill test checks the
+        # accounting), so trainer B may end a few steps short without that being an error
+        trainer_b = swarm.start("trainer_b", "trainer", f"hydra.run.dir={result['out_b']}", f"train.steps={STEPS_B}",
+                                "train.allow_partial=true")
         _wait(lambda: _steps(result["out_b"] / "metrics.jsonl") >= KILL_AFTER_STEP, 300, "trainer B's first steps")
         swarm.kill("s1p1")
         result["killed_at"] = time.time()
