@@ -181,6 +181,7 @@ async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: Swarm
     """Node0-style log lines: batches processed per period, every averaging round with its group size; returns when the
     watchdog made the server exit."""
     rounds, solo, downloads, failed_downloads, stale_reads, processed, last_log = 0, 0, 0, 0, 0, 0, time.monotonic()
+    seen_peers = None
     serving = None
     while True:
         await asyncio.sleep(0.5)
@@ -200,6 +201,9 @@ async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: Swarm
         if server.stats.failed_state_downloads > failed_downloads:
             failed_downloads = server.stats.failed_state_downloads
             log.warning("State download failed (%d so far, stage %d): retrying with another peer", failed_downloads, server.stage)
+        if len(server.progress.others()) != seen_peers:
+            seen_peers = len(server.progress.others())
+            log.info("Sees %d other ready peer(s) in stage %d", seen_peers, server.stage)
         if server.progress.stale_reads > stale_reads:
             stale_reads = server.progress.stale_reads
             log.warning("A DHT read of stage %d missed this peer's own record (a lagging DHT): kept the last view of the "

@@ -84,6 +84,12 @@ def _ready_counts(info: dict) -> list[int]:
     return asyncio.run(count())
 
 
+def _sees(swarm: LocalSwarm, name: str) -> int | None:
+    """How many other ready peers of its stage server ``name`` last logged seeing (None: not logged yet)."""
+    lines = _log_lines(swarm, name, "other ready peer(s) in stage")
+    return int(lines[-1].split("Sees ")[1].split()[0]) if lines else None
+
+
 def _wait(condition, timeout_s, what):
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -105,6 +111,10 @@ def scenario(tmp_path_factory):
         # as with hivemind, a server that trains before it sees its stage's other peers steps alone (and
         # diverges until state averaging): start training once every server is up
         _wait(lambda: _ready_counts(info) == [2, 2], 180, "4 ready servers")
+        # ... and every server sees its stage's other one (its own view, not only an outside reader's: a server that has
+        # not read its partner's record yet takes itself for alone)
+        servers = [f"s{stage}p{k}" for stage in (0, 1) for k in (0, 1)]
+        _wait(lambda: all(_sees(swarm, name) == 1 for name in servers), 180, "every server to see its stage's other one")
         trainer_a = swarm.start("trainer_a", "trainer", f"hydra.run.dir={result['out_a']}", f"train.steps={STEPS_A}")
         assert trainer_a.wait(timeout=300) == 0, swarm.log_tail("trainer_a")
         time.sleep(4)  # let the last averaging rounds finish
@@ -112,6 +122,7 @@ def scenario(tmp_path_factory):
 
         swarm.start_server("s1p2", 1)
         _wait(lambda: _ready_counts(info) == [2, 3], 180, "the late joiner to be ready")
+        _wait(lambda: all(_sees(swarm, name) == 2 for name in ("s1p0", "s1p1", "s1p2")), 180, "stage 1's peers to see each other")
         # a request whose retries all fail around the kill drops its micro-batch (counted: the kill test checks the
         # accounting), so trainer B may end a few steps short without that being an error
         trainer_b = swarm.start("trainer_b", "trainer", f"hydra.run.dir={result['out_b']}", f"train.steps={STEPS_B}",
