@@ -17,7 +17,7 @@ from node0sim.protocol.averaging import AveragerFactory, GroupAverager
 from node0sim.protocol.messages import TensorSpec
 from node0sim.protocol.stage_compute import StageCompute
 from node0sim.protocol.stage_server import StageServer
-from node0sim.protocol.swarm_peer import BalanceConfig, SwarmPeer
+from node0sim.protocol.swarm_peer import BalanceConfig, StageOrganizer, SwarmPeer
 from node0sim.protocol.trainer import MicroBatchSource, Trainer, TrainerConfig, TrainerStats
 from node0sim.runtime import Runtime
 from node0sim.summary import RunSummary, ServerReport, ServerTotals, TrainerTotals, steady_throughput
@@ -54,6 +54,12 @@ def make_swarm_peer(
     balance = BalanceConfig(run.topology.rebalance_period_s, run.topology.rebalance_margin)
     central = run.topology.stage_assignment == "central"
     return SwarmPeer(rt, run.run_id, run.topology.num_stages, throughput, make_server, balance, organizer if central else None)
+
+
+def make_organizer(rt: Runtime, run: RunConfig) -> StageOrganizer:
+    """The organizer that names joiners' stages (``topology.stage_assignment=central``). A joiner it assigned
+    announces once it has loaded its stage's state, so it counts as pending for up to the state timeout."""
+    return StageOrganizer(rt, run.run_id, run.topology.num_stages, pending_s=run.averaging.state_timeout_s)
 
 
 def micro_batch_share(run: RunConfig, index: int) -> int:

@@ -36,6 +36,8 @@ def run_swarm(
 def run_local(run: RunConfig, out_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
     """Bootstrap, ``num_stages x peers_per_stage`` servers and one trainer on 127.0.0.1, then a clean stop.
 
+    Server ``s<i>p<k>`` serves stage i, or (``topology.stage_assignment=central``) the stage the organizer names.
+
     The trainer writes ``metrics.jsonl`` and ``summary.json`` into ``out_dir``; the servers' counters
     (averaging rounds, state downloads, ...) are added to the summary when they have stopped.
     """
@@ -47,9 +49,10 @@ def run_local(run: RunConfig, out_dir: Path, overrides: Sequence[str]) -> dict[s
     try:
         info = swarm.start_bootstrap(run.swarm.startup_timeout_s)
         print(f"local swarm: bootstrap {info['maddrs'][0]}, logs in {swarm.folder}", flush=True)
+        central = run.topology.stage_assignment == "central"  # the organizer (the bootstrap peer) names each stage
         for stage in range(run.topology.num_stages):
             for k in range(run.topology.peers_per_stage):
-                swarm.start_server(f"s{stage}p{k}", stage)
+                swarm.start_server(f"s{stage}p{k}", None if central else stage)
         trainer = swarm.start(
             "trainer0", "trainer", f"hydra.run.dir={out_dir}", "hydra.output_subdir=null", "hydra.job.name=trainer",
             log_file=False,

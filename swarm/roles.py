@@ -18,7 +18,16 @@ from typing import Any, Awaitable, Callable, Mapping
 
 import torch
 
-from node0sim.assembly import flops_per_sample, make_swarm_peer, make_trainer, method_bytes, server_report, summarize, trainer_totals
+from node0sim.assembly import (
+    flops_per_sample,
+    make_organizer,
+    make_swarm_peer,
+    make_trainer,
+    method_bytes,
+    server_report,
+    summarize,
+    trainer_totals,
+)
 from node0sim.config import RunConfig, SwarmConfig
 from node0sim.experiment import evaluate, micro_batch_sources, model_config, stage_computes, vocabulary_size
 from node0sim.metrics import RunRecorder, StepTracker
@@ -28,7 +37,7 @@ from node0sim.protocol.progress import read_stage
 from node0sim.protocol.stage_compute import StageCompute
 from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.state_transfer import StateRequest
-from node0sim.protocol.swarm_peer import StageOrganizer, SwarmPeer
+from node0sim.protocol.swarm_peer import SwarmPeer
 from node0sim.protocol.trainer import Trainer
 from node0sim.runtime import RPCError
 from node0sim.summary import ServerReport, ServerTotals, TrainerTotals
@@ -104,7 +113,7 @@ async def bootstrap(config: Mapping[str, Any], run: RunConfig) -> None:
         validator = node.dht.protocol.record_validator
         bandwidth.serve_probe(node.runtime)
         publisher = asyncio.create_task(run_config.keep_publishing(node.dht, validator, config, run.run_id))
-        StageOrganizer(node.runtime, run.run_id, run.topology.num_stages).serve()  # topology.stage_assignment=central
+        make_organizer(node.runtime, run).serve()  # topology.stage_assignment=central
         join = f"swarm.initial_peers=[{','.join(node.visible_maddrs)}] swarm.organizer_key={organizer} run_id={run.run_id}"
         print(f"Bootstrap peer {node.runtime.peer_id} of run {run.run_id!r} is up. Others join with:\n  {join}", flush=True)
         if run.swarm.info_path:
@@ -194,7 +203,8 @@ async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: Swarm
         if server is not serving:
             serving = server
             layers = server.compute.layer_range
-            log.info("Serving stage %d of %d (layers %d-%d)", server.stage, member.num_stages, layers.start, layers.stop - 1)
+            log.info("Serving stage %d of %d (layers %d-%d%s)", server.stage, member.num_stages, layers.start, layers.stop - 1,
+                     ", named by the organizer" if member.named_by_organizer and not member.moves else "")
         if server.stats.state_downloads > downloads:
             downloads = server.stats.state_downloads
             log.info("Downloaded the stage state from a peer (stage %d, now at epoch %d)", server.stage, server.epoch)

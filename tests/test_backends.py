@@ -334,7 +334,7 @@ def test_the_organizer_names_the_stage_the_joiner_would_pick_itself_on_both_back
     from node0sim.protocol.swarm_peer import BalanceConfig, StageOrganizer, SwarmPeer
 
     async def scenario(runtimes):
-        organizer = StageOrganizer(runtimes["organizer"], "run", 3)
+        organizer = StageOrganizer(runtimes["organizer"], "run", 3, pending_s=60.0)
         organizer.serve()
         for stage, throughputs in enumerate(([5.0, 5.0], [3.0], [4.0, 1.0])):  # stage 1 is the weakest: 3 < 5 < 10
             for i, throughput in enumerate(throughputs):
@@ -350,6 +350,35 @@ def test_the_organizer_names_the_stage_the_joiner_would_pick_itself_on_both_back
 
     central, decentralized, assigned = run_scenario(backend, ["organizer", "joiner"], scenario)
     assert central == decentralized == 1 and assigned == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_organizer_spreads_joiners_that_arrive_together_where_their_own_picks_collide_on_both_backends(backend):
+    from node0sim.protocol.progress import StageRecord, stage_key
+    from node0sim.protocol.swarm_peer import BalanceConfig, StageOrganizer, SwarmPeer
+
+    pending_s = 5.0
+
+    async def scenario(runtimes):
+        organizer = StageOrganizer(runtimes["organizer"], "run", 2, pending_s=pending_s)
+        organizer.serve()
+        record = StageRecord(0, 0, 0.0, 0.0, 2.0, 50.0, True, None)
+        await runtimes["organizer"].dht_store(stage_key("run", 0), record.to_dht(), expires_in=60, subkey="p00")
+
+        def peer(name, organizer_id):
+            return SwarmPeer(runtimes[name], "run", 2, 2.0, None, BalanceConfig(0.0), organizer_id)
+
+        # none of the joiners announces: the organizer remembers whom it sent where, a joiner's own pick cannot
+        own = [await peer(name, None)._assigned_stage() for name in ("j1", "j2", "j3")]
+        central = [await peer(name, runtimes["organizer"].peer_id)._assigned_stage() for name in ("j1", "j2", "j3")]
+        await runtimes["organizer"].sleep(pending_s)  # the three never announced: forgotten
+        after_expiry = await peer("j4", runtimes["organizer"].peer_id)._assigned_stage()
+        return own, central, after_expiry
+
+    own, central, after_expiry = run_scenario(backend, ["organizer", "j1", "j2", "j3", "j4"], scenario)
+    assert own == [1, 1, 1]  # stage 1 is empty, so every lone pick goes there
+    assert central == [1, 0, 1]  # 2 in stage 1 after j1 ties stage 0's 2 (the lowest index wins), then stage 1 again
+    assert after_expiry == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

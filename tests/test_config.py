@@ -178,3 +178,15 @@ def test_the_node0_preset_selects_node0s_behaviour_and_the_headline_keeps_todays
     assert node0.averaging.state_timeout_s == 150.0
     # everything else is the headline's setup
     assert (node0.topology.num_stages, node0.compression.rate, node0.sim.numerics) == (32, 100.0, False)
+
+
+def test_node0_tiny_trains_the_tiny_model_by_node0s_rules_at_its_own_scale():
+    tiny, node0, minimal = (compose_run_config(f"experiment={name}") for name in ("node0_tiny", "node0", "minimal"))
+    assert (tiny.optim.lr, tiny.optim.warmup_steps, tiny.optim.total_steps) == (minimal.optim.lr, minimal.optim.warmup_steps, None)
+    rules = ("beta1", "beta2", "min_lr_ratio", "clip_grad_norm", "tail_clip_grad_norm", "weight_decay", "eps")
+    assert [getattr(tiny.optim, key) for key in rules] == [getattr(node0.optim, key) for key in rules]
+    assert (tiny.topology.tail_calls, tiny.topology.stage_assignment) == (node0.topology.tail_calls, node0.topology.stage_assignment)
+    assert (tiny.compression.project_gradients, tiny.sim.timing_dtype) == (False, node0.sim.timing_dtype)
+    assert tiny.averaging == node0.averaging
+    assert tiny.model == {**minimal.model, "embedding_init_std": 1.0}
+    assert (tiny.topology.num_stages, tiny.topology.peers_per_stage) == (minimal.topology.num_stages, 1)

@@ -218,6 +218,32 @@ def test_the_local_role_runs_a_whole_swarm_from_one_command(tmp_path):
         shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
+def test_a_local_swarm_under_node0s_rules_trains_on_the_stages_its_organizer_names(tmp_path):
+    """experiment=node0_tiny live: central assignment (servers start without a stage), separate tail calls, Node0's
+    optimizer rules and averaging=node0 (watchdog on, optimizer lock, warm-started PowerSGD, partition averaging)."""
+    runtime_dir = Path(tempfile.mkdtemp(prefix="n0-"))
+    env = {**os.environ, "NODE0SIM_RUNTIME_DIR": str(runtime_dir), "OMP_NUM_THREADS": "1"}
+    live_timing = [o for o in OVERRIDES if o.startswith(("train.", "averaging.", "wandb.", "run_id="))]
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "node0sim", "backend=swarm", "swarm.role=local", "experiment=node0_tiny", *live_timing,
+             "topology.num_stages=2", "topology.peers_per_stage=2", "averaging.target_batch_size=8", "train.steps=6",
+             f"hydra.run.dir={tmp_path}"],
+            env=env, capture_output=True, text=True, timeout=400,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        summary = _summary(tmp_path)
+        assert summary["steps"] == 6 and summary["final_peers_per_stage"] == [2, 2]
+        servers = [f"s{stage}p{k}" for stage in (0, 1) for k in (0, 1)]
+        logs = {name: (tmp_path / "swarm" / f"{name}.log").read_text() for name in servers}
+        assert all("named by the organizer" in log for log in logs.values()), {n: log[-2000:] for n, log in logs.items()}
+        assert summary["averaging_rounds"] > 0
+        assert summary["watchdog_exits"] == {"failed_rounds": 0, "failed_state_loads": 0, "nan_gradients": 0}
+        assert not list(runtime_dir.glob("*"))
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
 def test_a_generated_start_script_joins_stops_on_ctrl_c_and_rejoins_with_the_same_identity(tmp_path):
     from tools.generate_script import main as generate
 

@@ -55,13 +55,17 @@ class StageOrganizer:
     """Central stage assignment (``topology.stage_assignment=central``): Node0's authorization server names a
     joiner's stage (``n0/security/authorization.py``: ``stage_type`` in its reply). Its rule is not public; here it
     is the decentralized one (the weakest stage by announced throughput), applied by one peer to the DHT's
-    records, so both give the same stage for the same swarm state."""
+    records, so both give the same stage for the same swarm state. Where they differ: the organizer also counts
+    the joiners it assigned that have not announced yet (for up to ``pending_s``), so peers that join at the same
+    moment spread over the stages instead of all picking the one that looked weakest."""
 
-    def __init__(self, rt: Runtime, run_id: str, num_stages: int):
+    def __init__(self, rt: Runtime, run_id: str, num_stages: int, pending_s: float):
         self.rt = rt
         self.run_id = run_id
         self.num_stages = num_stages
+        self.pending_s = pending_s
         self.assigned = 0
+        self._pending: dict[str, tuple[int, float, float]] = {}  # joiner -> (stage, throughput, when assigned)
 
     def serve(self) -> None:
         """Answer joiners' stage requests."""
@@ -71,7 +75,16 @@ class StageOrganizer:
         """The stage ``caller`` should serve."""
         if not request.throughput > 0:
             raise ValueError(f"a stage request needs a throughput > 0, got {request.throughput}")
-        stage = choose_stage(await stage_throughputs_from_dht(self.rt, self.run_id, self.num_stages), request.throughput)
+        announced = {stage: {peer: r.throughput for peer, r in records.items()}
+                     for stage, records in enumerate(await read_stages(self.rt, self.run_id, self.num_stages))}
+        self._pending.pop(caller, None)
+        visible = set().union(*announced.values())
+        self._pending = {peer: pending for peer, pending in self._pending.items()
+                         if peer not in visible and self.rt.now() - pending[2] < self.pending_s}
+        for peer, (stage, throughput, _) in self._pending.items():
+            announced[stage][peer] = throughput
+        stage = choose_stage(stage_throughputs(announced, self.num_stages), request.throughput)
+        self._pending[caller] = (stage, request.throughput, self.rt.now())
         self.assigned += 1
         return StageAssignment(stage)
 
@@ -105,6 +118,8 @@ class SwarmPeer:
         self.balance = balance
         self.organizer = organizer
         self.server: StageServer | None = None
+        self.named_by_organizer = False
+        """Whether the organizer named the stage this peer joined (central assignment that got an answer)."""
         self.moves = 0
         self._rng = random.Random(rt.peer_id)
 
@@ -138,6 +153,7 @@ class SwarmPeer:
             try:
                 answer = await self.rt.call(self.organizer, ASSIGN_STAGE, StageRequest(self.throughput), ASSIGNMENT_TIMEOUT_S)
                 if isinstance(answer, StageAssignment) and 0 <= answer.stage < self.num_stages:
+                    self.named_by_organizer = True
                     return answer.stage
             except RPCError:
                 pass

@@ -14,7 +14,16 @@ from typing import Any, Callable, Generator
 import simpy
 import torch
 
-from node0sim.assembly import flops_per_sample, make_swarm_peer, make_trainer, method_bytes, server_report, summarize, trainer_totals
+from node0sim.assembly import (
+    flops_per_sample,
+    make_organizer,
+    make_swarm_peer,
+    make_trainer,
+    method_bytes,
+    server_report,
+    summarize,
+    trainer_totals,
+)
 from node0sim.config import CompressionConfig, ConfigError, RunConfig, SimConfig
 from node0sim.experiment import evaluate, micro_batch_sources, model_config, stage_computes
 from node0sim.metrics import RunRecorder, StepTracker
@@ -137,7 +146,7 @@ class VirtualSwarm:
         self.organizer: StageOrganizer | None = None
         """The virtual organizer peer that names joiners' stages (``topology.stage_assignment=central``)."""
         if run.topology.stage_assignment == "central":
-            self.organizer = StageOrganizer(self.add_peer(ORGANIZER, 0, None).runtime, run.run_id, run.topology.num_stages)
+            self.organizer = make_organizer(self.add_peer(ORGANIZER, 0, None).runtime, run)
             self.organizer.serve()
 
     def add_peer(self, peer_id: str, index: int, gpu_name: str | None) -> SimPeer:
