@@ -159,6 +159,56 @@ def test_a_peer_whose_own_vector_is_not_finite_never_steps_alone_with_it(backend
     assert mean is None  # a took part with weight 0 and b and c are silent: no weight behind the mean of a's part
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parts_from_outside_the_group_are_refused_and_junk_rounds_are_not_kept_on_both_backends(backend):
+    from node0sim.protocol.averaging import MAX_EARLY_ROUNDS, GatherPart, ReducePart
+    from node0sim.protocol.messages import GATHER_PART, REDUCE_PART
+
+    async def scenario(runtimes):
+        cfg = AveragingConfig(8, averaging_timeout_s=4.0)
+        averagers = {n: GroupAverager(runtimes[n], 0, cfg) for n in ("a", "b")}
+        for averager in averagers.values():
+            averager.serve()
+        intruder = runtimes["x"]
+        poison = torch.full((500,), 1e6)
+        # before the round starts: parts for it (kept until the group is known, then dropped: x is no member) ...
+        await intruder.call(runtimes["a"].peer_id, REDUCE_PART, ReducePart(0, "grad/1", poison, 1e6), 10)
+        await intruder.call(runtimes["a"].peer_id, GATHER_PART, GatherPart(0, "grad/1", 1, poison), 10)
+        # ... and junk rounds: a few are kept (a member may be a round ahead), the rest refused by name
+        refusals = []
+        for k in range(MAX_EARLY_ROUNDS + 3):
+            try:
+                await intruder.call(runtimes["a"].peer_id, REDUCE_PART, ReducePart(0, f"junk/{k}", poison[:10], 1.0), 10)
+            except RPCError as error:
+                refusals.append(str(error))
+        members = sorted(runtimes[n].peer_id for n in ("a", "b"))
+        vectors = {"a": torch.full((1000,), 2.0), "b": torch.full((1000,), 4.0)}
+        results = await runtimes["a"].gather([
+            runtimes[n].spawn(averagers[n].all_reduce("grad/1", members, [1.0, 1.0], vectors[n], 1.0)) for n in ("a", "b")
+        ])
+        # a round later than the averaging timeout drops the junk; during it (b never joins this one), the intruder's
+        # part is refused by name
+        await intruder.sleep(cfg.averaging_timeout_s)
+        lone = runtimes["a"].spawn(averagers["a"].all_reduce("grad/2", members, [1.0, 1.0], vectors["a"], 1.0))
+        await intruder.sleep(0.5)
+        try:
+            await intruder.call(runtimes["a"].peer_id, REDUCE_PART, ReducePart(0, "grad/2", poison, 1.0), 10)
+            late = None
+        except RPCError as error:
+            late = str(error)
+        await runtimes["a"].gather([lone])
+        return results, refusals, late, len(averagers["a"]._rounds)
+
+    results, refusals, late, rounds_kept = run_scenario(backend, ["a", "b", "x"], scenario)
+    for mean, contributors in results:
+        assert contributors == 2
+        torch.testing.assert_close(mean, torch.full((1000,), 3.0))
+    # grad/1 and junk/0-2 are held; the other 4 are refused
+    assert len(refusals) == 4 and all("rounds this peer has not started hold parts already" in r for r in refusals)
+    assert late is not None and "not a member of round 'grad/2'" in late
+    assert rounds_kept == 0
+
+
 # ---- the runtime interface's rules (node0sim/runtime.py), on both backends ----------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -179,22 +179,34 @@ def part_bounds(length: int, bandwidths: list[float]) -> list[tuple[int, int]]:
     return bounds
 
 
+MAX_EARLY_ROUNDS = 4
+"""Rounds this peer keeps parts for before it has started them itself (a member may be ahead by a round or two:
+its gradient and state rounds of the same epoch); parts of further unknown rounds are refused."""
+
+
 @dataclass
 class _Round:
-    """What one all-reduce (identified by its tag) has received so far."""
+    """What one all-reduce (identified by its tag) has received so far; ``members`` once this peer started it."""
 
+    created: float
     contributions: dict[str, tuple[Tensor, float]] = field(default_factory=dict)
-    gathered: dict[int, Tensor] = field(default_factory=dict)
-    expected: int | None = None
+    gathered: dict[int, tuple[str, Tensor]] = field(default_factory=dict)  # part -> (its sender, the averaged values)
+    members: list[str] | None = None
     reduced: Future | None = None
     complete: Future | None = None
 
+    def start(self, members: list[str]) -> None:
+        """Fix the group: what non-members sent before is dropped, and what they send later is refused."""
+        self.members = members
+        self.contributions = {peer: part for peer, part in self.contributions.items() if peer in members}
+        self.gathered = {j: part for j, part in self.gathered.items() if j < len(members) and part[0] == members[j]}
+
     def check(self) -> None:
-        if self.expected is None:
+        if self.members is None:
             return
-        if len(self.contributions) >= self.expected - 1:
+        if len(self.contributions) >= len(self.members) - 1:
             self.reduced.set_result(None)
-        if len(self.gathered) >= self.expected - 1:
+        if len(self.gathered) >= len(self.members) - 1:
             self.complete.set_result(None)
 
 
@@ -216,34 +228,53 @@ class GroupAverager(Averager):
 
     def _round(self, tag: str) -> _Round:
         if tag not in self._rounds:
-            self._rounds[tag] = _Round(reduced=self.rt.future(), complete=self.rt.future())
+            self._rounds[tag] = _Round(self.rt.now(), reduced=self.rt.future(), complete=self.rt.future())
         return self._rounds[tag]
 
-    def _check_part(self, caller: str, stage: int, values: Any) -> None:
+    def _round_for_part(self, caller: str, stage: int, tag: str, values: Any) -> _Round | None:
+        """The round a part from ``caller`` belongs to (None: the round is over); refuses what cannot be one of its parts."""
         if stage != self.stage:
             raise ValueError(f"all-reduce part for stage {stage} sent to a peer of stage {self.stage}")
         if not is_tensor(values) or values.dim() != 1:
             raise ValueError(f"all-reduce part from {caller} is not a flat tensor")
+        if tag in self._finished:
+            return None
+        if tag in self._rounds:
+            round_ = self._rounds[tag]
+            if round_.members is not None and caller not in round_.members:
+                raise ValueError(f"all-reduce part from {caller}, not a member of round {tag!r}")
+            return round_
+        early = [t for t, r in self._rounds.items() if r.members is None]
+        if len(early) >= MAX_EARLY_ROUNDS:
+            raise ValueError(f"all-reduce part from {caller} for round {tag!r}: {len(early)} rounds this peer has not "
+                             f"started hold parts already (at most {MAX_EARLY_ROUNDS})")
+        return self._round(tag)
 
     async def handle_reduce_part(self, caller: str, msg: ReducePart) -> Ack:
         """A group member's contribution to the part this peer owns (refused if not finite)."""
-        self._check_part(caller, msg.stage, msg.values)
+        round_ = self._round_for_part(caller, msg.stage, msg.tag, msg.values)
         if not all_finite(msg.values):
             raise ValueError(f"all-reduce part from {caller} is not finite")
-        if msg.tag not in self._finished:
-            round_ = self._round(msg.tag)
+        if round_ is not None:
             round_.contributions[caller] = (msg.values, msg.weight)
             round_.check()
         return Ack()
 
     async def handle_gather_part(self, caller: str, msg: GatherPart) -> Ack:
-        """An averaged part from its owner."""
-        self._check_part(caller, msg.stage, msg.values)
-        if msg.tag not in self._finished:
-            round_ = self._round(msg.tag)
-            round_.gathered[msg.part] = msg.values
+        """An averaged part from its owner (a part that ``caller`` does not own is refused once the group is known)."""
+        round_ = self._round_for_part(caller, msg.stage, msg.tag, msg.values)
+        if round_ is not None:
+            if round_.members is not None and round_.members.index(caller) != msg.part:
+                raise ValueError(f"all-reduce part {msg.part} of round {msg.tag!r} from {caller}, which does not own it")
+            round_.gathered[msg.part] = (caller, msg.values)
             round_.check()
         return Ack()
+
+    def _drop_stale_rounds(self) -> None:
+        """Forget parts of rounds this peer never started within ``averaging_timeout_s`` (their group went on without it)."""
+        now = self.rt.now()
+        for tag in [t for t, r in self._rounds.items() if r.members is None and now - r.created > self.cfg.averaging_timeout_s]:
+            del self._rounds[tag]
 
     async def all_reduce(
         self, tag: str, members: list[str], bandwidths: list[float], vector: Tensor, weight: float
@@ -262,8 +293,9 @@ class GroupAverager(Averager):
         started = self.rt.now()
         reduce_deadline = started + self.cfg.averaging_timeout_s / 2
         deadline = started + self.cfg.averaging_timeout_s
+        self._drop_stale_rounds()
         round_ = self._round(tag)
-        round_.expected = len(members)
+        round_.start(members)
         self._send_all(me, members, lambda j: (REDUCE_PART, ReducePart(self.stage, tag, vector[slice(*bounds[j])], weight)))
         round_.check()
         await self._wait(round_.reduced, reduce_deadline)
@@ -286,10 +318,11 @@ class GroupAverager(Averager):
         parts = []
         for j, (start, end) in enumerate(bounds):
             local = vector[start:end]
+            gathered = round_.gathered.get(j, (None, None))[1]
             if j == me:
                 parts.append(own)
-            elif same_layout(round_.gathered.get(j), local):
-                parts.append(round_.gathered[j])
+            elif same_layout(gathered, local):
+                parts.append(gathered)
             else:  # the owner vanished (or sent a malformed part): keep this peer's own values for that part
                 parts.append(local / weight if weight > 0 else local)
         return cat(parts)
