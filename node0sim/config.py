@@ -143,7 +143,8 @@ class TopologyConfig:
     pipeline: str = "relayed"  # relayed: the trainer calls every stage (activations go stage -> trainer -> next stage,
     # SWARM/hivemind); direct: each stage server sends its output to a peer of the next stage (node0sim/protocol/direct.py)
     schedule: str = "1f1b"  # with pipeline=direct: 1f1b (at most num_stages micro-batches in flight per trainer, each
-    # backward starts when its forward reaches the tail) or gpipe (all forwards of a step's micro-batches, then all backwards)
+    # backward starts when its forward reaches the tail; train.max_inflight is not used) or gpipe (all forwards of a
+    # step's micro-batches, then all backwards)
 
     def __post_init__(self) -> None:
         _require(self.num_stages >= 1, f"topology.num_stages: must be >= 1, got {self.num_stages}")

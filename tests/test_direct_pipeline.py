@@ -102,9 +102,28 @@ def test_one_micro_batch_takes_each_message_on_its_own_link_once(num_stages, pip
     assert sim.env.now - stats.last_start_s == pytest.approx(_messages_s(sizes, latency_s, mbps) + compute_s, rel=1e-9)
 
 
-def _failing_pipeline(direct_schedule, refuse=False):
-    """Three stages, two peers on stage 1: ``s1a`` announces a higher throughput (so it is routed to first) and crashes
-    before training (or, with ``refuse``, refuses every forward); one step of three micro-batches."""
+def _crash(sim, servers):
+    sim.peers["s1a"].crash()
+
+
+def _refuse_forwards(sim, servers):
+    sim.peers["s1a"].runtime.serve("pipe_forward", _refuse)
+
+
+def _no_next_peer_once(sim, servers):
+    hops = servers["s0"].direct
+    routed = hops._next_peer
+
+    async def next_peer(samples):
+        hops._next_peer = routed
+        return None
+
+    hops._next_peer = next_peer
+
+
+def _failing_pipeline(direct_schedule, sabotage=_crash):
+    """Three stages, two peers on stage 1: ``s1a`` announces a higher throughput (so it is routed to first); at 1 s,
+    before training, ``sabotage(sim, servers)`` (default: ``s1a`` crashes); one step of three micro-batches."""
     sim = make_sim(latency_s=0.02)
     batch = torch.randint(0, CFG.vocab_size, (6, 17), generator=torch.Generator().manual_seed(0))
     stages = build_stages(CFG, 3, seed=3)
@@ -123,16 +142,16 @@ def _failing_pipeline(direct_schedule, refuse=False):
 
     async def train():
         await trainer_peer.runtime.sleep(1.0)
-        if refuse:
-            servers["s1a"].direct.handle_forward = _refuse
-            sim.peers["s1a"].runtime.serve("pipe_forward", _refuse)
-        else:
-            sim.peers["s1a"].crash()
-        return await trainer.run()
+        sabotage(sim, servers)
+        started = trainer_peer.runtime.now()
+        stats = await trainer.run()
+        return trainer_peer.runtime.now() - started, stats
 
     task = trainer_peer.runtime.spawn(train())
     sim.run(until=task.process)
-    return trainer.stats, {name: server.stats.samples for name, server in servers.items()}
+    elapsed_s, stats = task.process.value
+    stats.elapsed_s = elapsed_s
+    return stats, {name: server.stats.samples for name, server in servers.items()}
 
 
 async def _refuse(caller, request):
@@ -157,10 +176,18 @@ def test_a_crashed_hop_fails_the_try_back_to_the_trainer_which_retries_it_on_ano
 
 @pytest.mark.parametrize("direct_schedule", ["1f1b", "gpipe"])
 def test_a_refused_hop_is_retried_and_every_stage_accumulates_the_micro_batch_once(direct_schedule):
-    stats, samples = _failing_pipeline(direct_schedule, refuse=True)
+    stats, samples = _failing_pipeline(direct_schedule, _refuse_forwards)
     assert stats.micro_batches_done == 3 and stats.failed_requests == stats.retried_requests >= 1
     assert stats.timed_out_requests == 0 and stats.unaccumulated_retries == 0
     assert samples == {"s0": 6, "s1a": 0, "s1b": 6, "s2": 6}
+
+
+def test_a_stage_without_a_peer_makes_the_trainer_wait_a_discovery_period_before_the_retry():
+    stats, samples = _failing_pipeline("1f1b", _no_next_peer_once)
+    assert stats.micro_batches_done == 3 and stats.micro_batches_dropped == 0
+    assert stats.failed_requests == stats.no_peer_requests == stats.retried_requests == 1 and stats.unaccumulated_retries == 0
+    assert samples == {"s0": 6, "s1a": 6, "s1b": 0, "s2": 6}
+    assert stats.elapsed_s > TrainerConfig(1, 1).discovery_period_s
 
 
 def test_a_backward_without_its_kept_forward_is_refused_by_name():

@@ -147,7 +147,7 @@ class DirectHops:
     async def handle_forward(self, caller: str, request: PipeForwardRequest) -> PipeResponse:
         """Forward (the tail: forward, loss and backward), keep the input, pass the output on."""
         self.server.check_request(request, PipeForwardRequest)
-        key = (request.origin, request.request_id, request.attempt)
+        key = request_key(request)
         is_tail = self.stage == self.last
         work = Work(request.inputs, self.server.token_ids(request), targets=request.targets if is_tail else None,
                     accumulate=self.stage < request.accumulate_below)
@@ -172,7 +172,7 @@ class DirectHops:
     async def handle_backward(self, caller: str, request: PipeBackwardRequest) -> PipeResponse:
         """Backward of a kept forward (the tail: its kept input gradient), then on to the previous stage."""
         self.server.check_request(request, PipeBackwardRequest)
-        key = (request.origin, request.request_id, request.attempt)
+        key = request_key(request)
         if key not in self._kept:
             raise ValueError(f"stage {self.stage} keeps no forward of micro-batch {key} (expired, or never sent here)")
         if (request.grad_outputs is None) != (self.stage == self.last):
@@ -266,7 +266,8 @@ class DirectPipeline:
 
     async def forward_backward(self, inputs: Payload, targets: Payload, request_id: int, barrier: Barrier | None) -> float | None:
         """The micro-batch's loss; with a ``barrier`` (GPipe) its backward starts once every forward of the step is
-        back. A failed try is retried whole; after ``max_retries`` retries an :class:`RPCError` is raised."""
+        back. A failed try is retried whole (after ``discovery_period_s`` when a stage had no peer, as the relayed
+        trainer waits); after ``max_retries`` retries an :class:`RPCError` is raised."""
         trainer, cfg, stats = self.trainer, self.trainer.cfg, self.trainer.stats
         last = self.num_stages - 1
         accumulate_below = self.num_stages
@@ -289,6 +290,9 @@ class DirectPipeline:
                 stats.failed_requests += 1
                 stats.timed_out_requests += response.failure == "timeout"
                 stats.no_peer_requests += response.failure == "no_peer"
+                if response.failure == "no_peer":  # the pipeline stalls at that stage: look again a while later
+                    await self.rt.sleep(cfg.discovery_period_s)
+                    await trainer.discover()
                 if response.accumulate_below < accumulate_below:
                     accumulate_below = response.accumulate_below
                     stats.unaccumulated_retries += 1
@@ -298,14 +302,14 @@ class DirectPipeline:
         raise RPCError(f"micro-batch {request_id}: the direct pipeline failed after {cfg.max_retries} retries")
 
     async def _call(self, stage: int, method: str, request: PipeForwardRequest | PipeBackwardRequest, peer: str | None) -> PipeResponse:
-        """The trainer's call to stage 0 (forward) or to the tail (GPipe's backward); a failure as a failed response."""
+        """The trainer's call to stage 0 (forward) or to the tail (GPipe's backward); a failure as a failed response. The
+        router learns from a forward's elapsed time, which covers the whole path (as the servers' routers do)."""
         trainer = self.trainer
         backward = method == PIPE_BACKWARD
         backward_now = not backward and request.backward_now
-        if peer is None:  # nobody serves stage 0 right now: the pipeline stalls here
-            await self.rt.sleep(trainer.cfg.discovery_period_s)
-            await trainer.discover()
-            return PipeResponse(failed_stage=stage, failure="no_peer", accumulate_below=self.num_stages)
+        if peer is None:
+            return PipeResponse(failed_stage=stage, failure="no_peer",
+                                accumulate_below=retry_accumulate_below("no_peer", stage, backward, backward_now, self.num_stages))
         started = self.rt.now()
         try:
             timeout = hop_timeout(trainer.cfg.request_timeout_s, self.num_stages, stage, backward, backward_now)
@@ -322,7 +326,7 @@ class DirectPipeline:
         return response
 
 
-def request_key(request: PipeForwardRequest) -> tuple[str, int, int]:
-    """``(origin, request_id, attempt)``: the try a forward request belongs to."""
+def request_key(request: PipeForwardRequest | PipeBackwardRequest) -> tuple[str, int, int]:
+    """``(origin, request_id, attempt)``: the try a request belongs to."""
     return request.origin, request.request_id, request.attempt
 
