@@ -212,7 +212,7 @@ def test_a_backward_without_its_kept_forward_is_refused_by_name():
 
 def test_inner_hops_time_out_before_the_calls_that_wait_for_them():
     timeouts = [hop_timeout(3.0, 4, stage, False, True) for stage in range(4)]
-    assert timeouts == [3.0 * (4 - stage + 4) for stage in range(4)]
+    assert timeouts == [3.0 * (4 - stage + 3) for stage in range(4)]  # 1F1B: the forwards left, then 3 backwards
     assert [hop_timeout(3.0, 4, stage, True, False) for stage in (3, 2, 1, 0)] == [12.0, 9.0, 6.0, 3.0]
     # a refused backward at stage 1 of 4: stages 2 and 3 accumulated; a timed-out one: stage 1 may have too
     assert retry_accumulate_below("refused", 1, True, False, 4) == 2 and retry_accumulate_below("timeout", 1, True, False, 4) == 1

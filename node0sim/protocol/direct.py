@@ -66,10 +66,10 @@ DIRECT_SCHEDULES = ("1f1b", "gpipe")
 
 def hop_timeout(request_timeout_s: float, num_stages: int, stage: int, backward: bool, backward_now: bool) -> float:
     """Timeout of a direct-pipeline call to ``stage``: ``request_timeout_s`` for each stage visit it waits for. A
-    forward call waits for the forwards of ``stage`` .. the tail and, with ``backward_now``, the backward chain
-    (counted as ``num_stages`` visits); a backward call for the backwards of ``stage`` .. 0. Inner calls wait for fewer
-    visits, so they time out first."""
-    visits = stage + 1 if backward else num_stages - stage + (num_stages if backward_now else 0)
+    forward call waits for the forwards of ``stage`` .. the tail (whose visit includes its backward) and, with
+    ``backward_now``, the backwards of the ``num_stages - 1`` stages before the tail; a backward call for the backwards
+    of ``stage`` .. 0. Inner calls wait for fewer visits, so they time out first."""
+    visits = stage + 1 if backward else num_stages - stage + (num_stages - 1 if backward_now else 0)
     return request_timeout_s * visits
 
 
