@@ -123,7 +123,8 @@ def _no_next_peer_once(sim, servers):
 
 def _failing_pipeline(direct_schedule, sabotage=_crash):
     """Three stages, two peers on stage 1: ``s1a`` announces a higher throughput (so it is routed to first); at 1 s,
-    before training, ``sabotage(sim, servers)`` (default: ``s1a`` crashes); one step of three micro-batches."""
+    before training, ``sabotage(sim, servers)`` (default: ``s1a`` crashes); one step of three micro-batches. Returns the
+    trainer's stats, each server's accumulated samples and the training's virtual time."""
     sim = make_sim(latency_s=0.02)
     batch = torch.randint(0, CFG.vocab_size, (6, 17), generator=torch.Generator().manual_seed(0))
     stages = build_stages(CFG, 3, seed=3)
@@ -150,8 +151,7 @@ def _failing_pipeline(direct_schedule, sabotage=_crash):
     task = trainer_peer.runtime.spawn(train())
     sim.run(until=task.process)
     elapsed_s, stats = task.process.value
-    stats.elapsed_s = elapsed_s
-    return stats, {name: server.stats.samples for name, server in servers.items()}
+    return stats, {name: server.stats.samples for name, server in servers.items()}, elapsed_s
 
 
 async def _refuse(caller, request):
@@ -160,7 +160,7 @@ async def _refuse(caller, request):
 
 @pytest.mark.parametrize("direct_schedule", ["1f1b", "gpipe"])
 def test_a_crashed_hop_fails_the_try_back_to_the_trainer_which_retries_it_on_another_path(direct_schedule):
-    stats, samples = _failing_pipeline(direct_schedule)
+    stats, samples, _ = _failing_pipeline(direct_schedule)
     assert stats.micro_batches_done == 3 and stats.micro_batches_dropped == 0 and stats.micro_batches_in_flight == 0
     # s0 routed the first tries to s1a (it announced more), timed out once per try in flight, then banned it
     assert stats.failed_requests == stats.timed_out_requests == stats.retried_requests >= 1
@@ -176,18 +176,18 @@ def test_a_crashed_hop_fails_the_try_back_to_the_trainer_which_retries_it_on_ano
 
 @pytest.mark.parametrize("direct_schedule", ["1f1b", "gpipe"])
 def test_a_refused_hop_is_retried_and_every_stage_accumulates_the_micro_batch_once(direct_schedule):
-    stats, samples = _failing_pipeline(direct_schedule, _refuse_forwards)
+    stats, samples, _ = _failing_pipeline(direct_schedule, _refuse_forwards)
     assert stats.micro_batches_done == 3 and stats.failed_requests == stats.retried_requests >= 1
     assert stats.timed_out_requests == 0 and stats.unaccumulated_retries == 0
     assert samples == {"s0": 6, "s1a": 0, "s1b": 6, "s2": 6}
 
 
 def test_a_stage_without_a_peer_makes_the_trainer_wait_a_discovery_period_before_the_retry():
-    stats, samples = _failing_pipeline("1f1b", _no_next_peer_once)
+    stats, samples, elapsed_s = _failing_pipeline("1f1b", _no_next_peer_once)
     assert stats.micro_batches_done == 3 and stats.micro_batches_dropped == 0
     assert stats.failed_requests == stats.no_peer_requests == stats.retried_requests == 1 and stats.unaccumulated_retries == 0
     assert samples == {"s0": 6, "s1a": 6, "s1b": 0, "s2": 6}
-    assert stats.elapsed_s > TrainerConfig(1, 1).discovery_period_s
+    assert elapsed_s > TrainerConfig(1, 1).discovery_period_s
 
 
 def test_a_backward_without_its_kept_forward_is_refused_by_name():
