@@ -14,6 +14,7 @@ import torch
 from node0sim.config import RunConfig
 from node0sim.metrics import StepTracker
 from node0sim.protocol.averaging import AveragerFactory, GroupAverager
+from node0sim.protocol.direct import DirectConfig
 from node0sim.protocol.messages import TensorSpec
 from node0sim.protocol.stage_compute import StageCompute
 from node0sim.protocol.stage_server import StageServer
@@ -43,12 +44,16 @@ def make_swarm_peer(
     ``averager`` builds its in-stage all-reduce (see :class:`StageServer`); ``organizer``: the peer that names a
     joiner's stage with ``topology.stage_assignment=central``."""
 
+    train = run.train
+    direct = DirectConfig(run.topology.num_stages, train.request_timeout_s, ban_s=train.ban_s, max_ban_s=train.max_ban_s) \
+        if run.topology.pipeline == "direct" else None
+
     def make_server(stage: int) -> StageServer:
         return StageServer(
             rt, run.run_id, compute_for(stage), run.averaging, throughput=throughput, bandwidth_mbps=run.network.up_mbps,
             seed=run.seed, max_batch_requests=run.topology.max_batch_requests, averager=averager,
             delay_history=run.train.delay_history if run.sim.numerics or run.backend == "swarm" else 0,
-            weight_stashing=run.topology.weight_stashing,
+            weight_stashing=run.topology.weight_stashing, direct=direct,
         )
 
     balance = BalanceConfig(run.topology.rebalance_period_s, run.topology.rebalance_margin)
@@ -80,6 +85,7 @@ def make_trainer(
         schedule=run.train.schedule, max_inflight=run.train.max_inflight,
         request_timeout_s=run.train.request_timeout_s, max_retries=run.train.max_retries, ban_s=run.train.ban_s,
         max_ban_s=run.train.max_ban_s, send_token_ids=templates[0].codec.needs_token_ids, tail_calls=run.topology.tail_calls,
+        pipeline=run.topology.pipeline, direct_schedule=run.topology.schedule,
     )
     return Trainer(rt, run.run_id, len(templates), source, cfg, on_micro_batch)
 

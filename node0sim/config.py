@@ -22,6 +22,7 @@ from node0sim.data import DataConfig
 from node0sim.model import ModelConfig
 from node0sim.protocol.averaging import AveragingConfig
 from node0sim.protocol.codecs import max_rate
+from node0sim.protocol.direct import DIRECT_SCHEDULES, PIPELINES
 from node0sim.protocol.stage_compute import OptimConfig
 from node0sim.protocol.trainer import TAIL_CALLS
 from node0sim.sim.churn import ChurnConfig
@@ -139,11 +140,20 @@ class TopologyConfig:
     # call returning the per-token loss, then a backward call that recomputes it (4F), as Node0 serves its tail expert
     stage_assignment: str = "decentralized"  # decentralized: a joiner picks the weakest stage itself (Petals);
     # central: the organizer names it (Node0's authorization server; simulator only: a virtual organizer peer)
+    pipeline: str = "relayed"  # relayed: the trainer calls every stage (activations go stage -> trainer -> next stage,
+    # SWARM/hivemind); direct: each stage server sends its output to a peer of the next stage (node0sim/protocol/direct.py)
+    schedule: str = "1f1b"  # with pipeline=direct: 1f1b (at most num_stages micro-batches in flight per trainer, each
+    # backward starts when its forward reaches the tail; train.max_inflight is not used) or gpipe (all forwards of a
+    # step's micro-batches, then all backwards)
 
     def __post_init__(self) -> None:
         _require(self.num_stages >= 1, f"topology.num_stages: must be >= 1, got {self.num_stages}")
         _require(self.max_batch_requests >= 1, f"topology.max_batch_requests: must be >= 1, got {self.max_batch_requests}")
         _one_of("topology.tail_calls", self.tail_calls, TAIL_CALLS)
+        _one_of("topology.pipeline", self.pipeline, PIPELINES)
+        _one_of("topology.schedule", self.schedule, DIRECT_SCHEDULES)
+        _require(self.pipeline == "relayed" or self.tail_calls == "fused",
+                 "topology.tail_calls: separate needs topology.pipeline=relayed (the direct pipeline's tail is one fused call)")
         _require(self.peers_per_stage >= 1, f"topology.peers_per_stage: must be >= 1, got {self.peers_per_stage}")
         _require(self.num_trainers >= 1, f"topology.num_trainers: must be >= 1, got {self.num_trainers}")
         _require(self.rebalance_period_s >= 0, f"topology.rebalance_period_s: must be >= 0, got {self.rebalance_period_s}")

@@ -6,6 +6,7 @@ import torch
 from node0sim.model import Llama, build_stages
 from node0sim.protocol.averaging import Ack, AveragingConfig, GroupAverager
 from node0sim.protocol.codecs import DenseCodec
+from node0sim.protocol.direct import DirectConfig
 from node0sim.protocol.stage_compute import OptimConfig, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.trainer import Trainer, TrainerConfig
@@ -16,19 +17,22 @@ from tests.test_pipeline import CFG, FixedBatch
 pytestmark = pytest.mark.slow
 
 
-def _pipeline(num_stages: int, batch: torch.Tensor, micro: int, tail_calls: str = "fused"):
+def _pipeline(num_stages: int, batch: torch.Tensor, micro: int, tail_calls: str = "fused", pipeline: str = "relayed",
+              direct_schedule: str = "1f1b"):
     computes = [TensorStageCompute(s, OptimConfig(lr=1e-2, warmup_steps=0), DenseCodec()) for s in build_stages(CFG, num_stages, seed=3)]
 
     async def scenario(runtimes):
         for i, compute in enumerate(computes):
             # a target batch the run never reaches: gradients stay accumulated for the check
             averaging = AveragingConfig(10**6, progress_period_s=5.0)
-            server = StageServer(runtimes[f"s{i}"], "run", compute, averaging, throughput=1.0, bandwidth_mbps=50)
+            direct = DirectConfig(num_stages) if pipeline == "direct" else None
+            server = StageServer(runtimes[f"s{i}"], "run", compute, averaging, throughput=1.0, bandwidth_mbps=50, direct=direct)
             runtimes[f"s{i}"].spawn(server.start())
         micro_batches = batch.shape[0] // micro
         trainer = Trainer(
             runtimes["trainer"], "run", num_stages, FixedBatch(batch, micro),
-            TrainerConfig(micro_batches=micro_batches, micro_batches_per_step=micro_batches, schedule="async", tail_calls=tail_calls),
+            TrainerConfig(micro_batches=micro_batches, micro_batches_per_step=micro_batches, schedule="async", tail_calls=tail_calls,
+                          pipeline=pipeline, direct_schedule=direct_schedule),
             lambda record: None,
         )
         return await trainer.run()
@@ -36,11 +40,13 @@ def _pipeline(num_stages: int, batch: torch.Tensor, micro: int, tail_calls: str 
     return computes, scenario
 
 
-@pytest.mark.parametrize("tail_calls", ["fused", "separate"])
+@pytest.mark.parametrize("tail_calls,pipeline,direct_schedule", [
+    ("fused", "relayed", "1f1b"), ("separate", "relayed", "1f1b"), ("fused", "direct", "1f1b"), ("fused", "direct", "gpipe"),
+])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_one_pipeline_step_equals_the_single_process_model_on_both_backends(backend, tail_calls):
+def test_one_pipeline_step_equals_the_single_process_model_on_both_backends(backend, tail_calls, pipeline, direct_schedule):
     batch = torch.randint(0, CFG.vocab_size, (6, 17), generator=torch.Generator().manual_seed(0))
-    computes, scenario = _pipeline(3, batch, micro=2, tail_calls=tail_calls)
+    computes, scenario = _pipeline(3, batch, micro=2, tail_calls=tail_calls, pipeline=pipeline, direct_schedule=direct_schedule)
     stats = run_scenario(backend, ["trainer", "s0", "s1", "s2"], scenario)
 
     reference = Llama(CFG, seed=3)

@@ -351,7 +351,7 @@ def test_the_watchdog_exits_after_the_configured_failed_rounds_and_the_counters_
     assert totals.watchdog_exits == {"failed_rounds": 2, "failed_state_loads": 0, "nan_gradients": 0}
     assert sim.dht.get("run/stage/1", sim.env.now) in (None, {})  # both withdrew their records
     with pytest.raises(ValueError, match="exited"):
-        servers[0]._check_request(ForwardRequest(1, torch.zeros(1, 2, 3)), ForwardRequest)  # and refuse requests
+        servers[0].check_request(ForwardRequest(1, torch.zeros(1, 2, 3)), ForwardRequest)  # and refuse requests
 
 
 def test_without_a_watchdog_the_peers_keep_failing_rounds():

@@ -9,6 +9,7 @@ from node0sim.model.costs import stage_forward_flops
 from node0sim.model.subspace import make_basis, project_gradients_onto_subspace_, subspace_residual
 from node0sim.protocol.averaging import AveragingConfig
 from node0sim.protocol.codecs import DenseCodec, SubspaceCodec
+from node0sim.protocol.direct import DirectConfig
 from node0sim.protocol.messages import HEADER_BYTES
 from node0sim.protocol.stage_compute import CostStageCompute, OptimConfig, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
@@ -32,20 +33,23 @@ class FixedBatch:
         return window[:, :-1], window[:, 1:]
 
 
-def _run_pipeline(computes, source, micro_batches, schedule, update_every, tail_calls="fused", sim=None):
+def _run_pipeline(computes, source, micro_batches, schedule, update_every, tail_calls="fused", sim=None, pipeline="relayed",
+                  direct_schedule="1f1b", mbps=50):
     """Serve ``computes`` (one peer each, ``s0``...) and push ``micro_batches`` from ``source``: the trainer's stats."""
     sim = sim or make_sim(latency_s=0.02)
+    direct = DirectConfig(len(computes)) if pipeline == "direct" else None
     for i, compute in enumerate(computes):
-        peer = add(sim, f"s{i}", 50, 50)
+        peer = add(sim, f"s{i}", mbps, mbps)
         averaging = AveragingConfig(update_every, progress_period_s=5.0)
-        server = StageServer(peer.runtime, "run", compute, averaging, throughput=1.0, bandwidth_mbps=50)
+        server = StageServer(peer.runtime, "run", compute, averaging, throughput=1.0, bandwidth_mbps=mbps, direct=direct)
         peer.runtime.spawn(server.start())
-    trainer_peer = add(sim, "trainer", 50, 50)
+    trainer_peer = add(sim, "trainer", mbps, mbps)
     trainer = Trainer(
         trainer_peer.runtime, "run", len(computes), source,
         TrainerConfig(
             micro_batches=micro_batches, micro_batches_per_step=micro_batches, schedule=schedule,
-            send_token_ids=computes[0].codec.needs_token_ids, tail_calls=tail_calls,
+            send_token_ids=computes[0].codec.needs_token_ids, tail_calls=tail_calls, pipeline=pipeline,
+            direct_schedule=direct_schedule,
         ),
         lambda record: None,
     )
@@ -54,13 +58,13 @@ def _run_pipeline(computes, source, micro_batches, schedule, update_every, tail_
     return trainer.stats
 
 
-def _pipeline_step(num_stages, batch, micro, schedule, update_every, codec=None, basis=None, tail_calls="fused"):
+def _pipeline_step(num_stages, batch, micro, schedule, update_every, codec=None, basis=None, tail_calls="fused", **direct):
     fixed = basis.fixed_embedding if basis is not None else None
     computes = [
         TensorStageCompute(s, OptimConfig(lr=1e-2, warmup_steps=0), codec or DenseCodec(), basis)
         for s in build_stages(CFG, num_stages, seed=3, fixed_embedding=fixed)
     ]
-    stats = _run_pipeline(computes, FixedBatch(batch, micro), batch.shape[0] // micro, schedule, update_every, tail_calls)
+    stats = _run_pipeline(computes, FixedBatch(batch, micro), batch.shape[0] // micro, schedule, update_every, tail_calls, **direct)
     return computes, stats
 
 

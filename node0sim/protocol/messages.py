@@ -31,8 +31,13 @@ TAIL = "tail"
 GET_STATE = "get_state"
 REDUCE_PART = "reduce_part"
 GATHER_PART = "gather_part"
-STAGE_METHODS = (FORWARD, BACKWARD, TAIL)
-"""The RPC methods of the pipeline (a stage server serves ``forward`` and ``backward``; the last stage also ``tail``)."""
+PIPE_FORWARD = "pipe_forward"
+PIPE_BACKWARD = "pipe_backward"
+PIPE_METHODS = (PIPE_FORWARD, PIPE_BACKWARD)
+"""The RPC methods of the direct pipeline (``topology.pipeline=direct``: stage to stage, see ``direct.py``)."""
+STAGE_METHODS = (FORWARD, BACKWARD, TAIL, *PIPE_METHODS)
+"""The RPC methods of the pipeline (a stage server serves ``forward`` and ``backward``; the last stage also ``tail``;
+with the direct pipeline, ``pipe_forward`` and ``pipe_backward``)."""
 AVERAGING_METHODS = (REDUCE_PART, GATHER_PART)
 """The RPC methods of the protocol's in-stage all-reduce."""
 
@@ -198,3 +203,71 @@ class TailResponse:
 
     def wire_bytes(self) -> int:
         return HEADER_BYTES + 4 + payload_bytes(self.grad_inputs)
+
+
+@message
+class PipeForwardRequest:
+    """Direct pipeline: run stage ``stage`` forward and pass the output on to a peer of the next stage (the tail: forward,
+    loss and backward, keeping the input gradient for :class:`PipeBackwardRequest`).
+
+    ``origin``, ``request_id`` and ``attempt`` name one try of one micro-batch: the servers on its path keep their
+    input under that key until its backward. Stages below ``accumulate_below`` accumulate its gradient (a retry after a
+    failure leaves out the stages that may have accumulated it already). ``backward_now``: the tail starts the backward
+    pass at once (1F1B); otherwise the trainer starts it with a :class:`PipeBackwardRequest` to the tail (GPipe).
+    ``targets`` travel along the path to the tail.
+    """
+
+    stage: int
+    inputs: Payload
+    targets: Payload
+    origin: str
+    request_id: int
+    attempt: int
+    accumulate_below: int
+    backward_now: bool
+    token_ids: Payload | None = None
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES + len(self.origin.encode()) + payload_bytes(self.inputs, self.targets, self.token_ids)
+
+
+@message
+class PipeBackwardRequest:
+    """Direct pipeline: backward through stage ``stage`` of the micro-batch try its forward kept the input of, then on to
+    the peer of the previous stage that sent it. ``grad_outputs``: None in the trainer's request to the tail (which
+    kept its input gradient)."""
+
+    stage: int
+    origin: str
+    request_id: int
+    attempt: int
+    grad_outputs: Payload | None = None
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES + len(self.origin.encode()) + payload_bytes(self.grad_outputs)
+
+
+PIPE_FAILURES = ("timeout", "no_peer", "refused")
+"""Why a hop of the direct pipeline failed: no answer in time, no available peer of the stage, or an error answer."""
+
+
+@message
+class PipeResponse:
+    """What a direct-pipeline call returns along its path: the micro-batch's loss (``None`` in timing mode or from a
+    backward) and the ``tail`` peer that keeps its input gradient; or, when a hop failed, the stage it failed at, why
+    (one of :data:`PIPE_FAILURES`) and ``accumulate_below`` for the retry (stages at or above it may have accumulated
+    this micro-batch already)."""
+
+    loss: float | None = None
+    tail: str = ""
+    failed_stage: int = -1
+    failure: str = ""
+    accumulate_below: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Whether every hop succeeded."""
+        return self.failed_stage < 0
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES + 4 + len(self.tail.encode())

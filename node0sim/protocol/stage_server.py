@@ -20,10 +20,11 @@ import hashlib
 import random
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Hashable
 
 from node0sim.protocol.averaging import AveragerFactory, AveragingConfig, GroupAverager
 from node0sim.protocol.batching import BatchingQueue
+from node0sim.protocol.direct import DirectConfig, DirectHops
 from node0sim.protocol.matchmaking import Matchmaker
 from node0sim.protocol.messages import (
     BACKWARD,
@@ -155,13 +156,15 @@ class StageServer:
         averager: AveragerFactory = GroupAverager,
         delay_history: int = 0,
         weight_stashing: bool = False,
+        direct: DirectConfig | None = None,
     ):
         """``averager(rt, stage, cfg)`` builds the in-stage all-reduce (the protocol's own by default; a
         backend may supply another with the same ``serve``/``all_reduce``/``timeouts`` interface).
 
         ``delay_history`` > 0 keeps the flat weights of that many epochs (numerics mode only: the caller passes 0
         in timing mode), to measure the weight gap and look-ahead cosine of each backward; ``weight_stashing`` runs
-        each backward with its forward's weights from that history (the caller checks the topology permits it)."""
+        each backward with its forward's weights from that history (the caller checks the topology permits it).
+        ``direct``: also serve the direct pipeline (:class:`DirectHops`)."""
         self.rt = rt
         self.compute = compute
         self.stage = compute.index
@@ -182,6 +185,7 @@ class StageServer:
         self._loops: list[Task] = []
         self.history = WeightHistory(delay_history) if delay_history else None
         self.weight_stashing = weight_stashing and self.history is not None
+        self.direct = DirectHops(self, run_id, direct) if direct is not None else None
 
     @property
     def epoch(self) -> int:
@@ -221,6 +225,8 @@ class StageServer:
         if self.compute.is_tail:  # the fused tail call; a trainer may also call the tail's forward and backward
             self.rt.serve(TAIL, self.handle_tail)
         self.rt.serve(GET_STATE, self.handle_get_state)
+        if self.direct is not None:
+            self.direct.serve()
         self.averager.serve()
         await progress.report()
         self._loops.append(self.rt.spawn(self._epoch_loop()))
@@ -251,11 +257,11 @@ class StageServer:
             self.rt.spawn(self.leave())
 
     # ---- serving ---------------------------------------------------------------------------
-    def _token_ids(self, request: ForwardRequest | BackwardRequest | TailRequest) -> Any:
+    def token_ids(self, request: Any) -> Any:
         """The micro-batch's tokens: the head's own input, or the side channel sent with the activations."""
         return request.inputs if self.compute.is_head else request.token_ids
 
-    def _check_request(self, request: Any, cls: type) -> None:
+    def check_request(self, request: Any, cls: type) -> None:
         """Refuse, naming the problem, a request of another class, with mistyped fields, or for another stage, and
         every request once the watchdog made this server exit."""
         check_message(request, cls)
@@ -267,36 +273,46 @@ class StageServer:
     async def handle_forward(self, caller: str, request: ForwardRequest) -> ForwardResponse:
         """Forward pass, stamped with this epoch; nothing of the request is kept for the backward pass (with a weight
         history, this epoch's weights are). The tail given targets returns the per-token loss."""
-        self._check_request(request, ForwardRequest)
-        work = Work(request.inputs, self._token_ids(request), targets=request.targets)
-        outputs, epoch = await self.requests.submit(FORWARD, work, self.compute.forward_cost(request.inputs))
+        self.check_request(request, ForwardRequest)
+        outputs, epoch = await self.run_forward(Work(request.inputs, self.token_ids(request), targets=request.targets))
         return ForwardResponse(outputs, epoch)
 
     async def handle_backward(self, caller: str, request: BackwardRequest) -> BackwardResponse:
         """Recompute the forward pass from the resent input (on the tail, its per-token loss), then backward."""
-        self._check_request(request, BackwardRequest)
-        work = Work(request.inputs, self._token_ids(request), grad_outputs=request.grad_outputs, targets=request.targets,
+        self.check_request(request, BackwardRequest)
+        work = Work(request.inputs, self.token_ids(request), grad_outputs=request.grad_outputs, targets=request.targets,
                     accumulate=request.accumulate)
-        work = _StampedWork(work, request.epoch)
-        cost = self.compute.backward_cost(request.inputs)
-        async with self._backward_lock():
-            grad_inputs = await self.requests.submit(BACKWARD, work, cost, _once_key(caller, request.request_id))
-        await self._end_epoch_if_alone_and_due()
-        return BackwardResponse(grad_inputs)
+        return BackwardResponse(await self.run_backward(work, request.epoch, _once_key(caller, request.request_id)))
 
     async def handle_tail(self, caller: str, request: TailRequest) -> TailResponse:
         """Forward, loss and backward of the last stage."""
-        self._check_request(request, TailRequest)
-        work = Work(request.inputs, self._token_ids(request), targets=request.targets, accumulate=request.accumulate)
-        cost = self.compute.backward_cost(request.inputs)
-        async with self._backward_lock():
-            loss, grad_inputs = await self.requests.submit(TAIL, work, cost, _once_key(caller, request.request_id))
-        await self._end_epoch_if_alone_and_due()
+        self.check_request(request, TailRequest)
+        work = Work(request.inputs, self.token_ids(request), targets=request.targets, accumulate=request.accumulate)
+        loss, grad_inputs = await self.run_tail(work, _once_key(caller, request.request_id))
         return TailResponse(loss, grad_inputs)
+
+    async def run_forward(self, work: Work) -> tuple[Payload, int]:
+        """The forward pass of ``work`` and the epoch of the weights that ran it."""
+        return await self.requests.submit(FORWARD, work, self.compute.forward_cost(work.inputs))
+
+    async def run_backward(self, work: Work, epoch: int, key: Hashable | None) -> Payload | None:
+        """The input gradient of ``work`` (its forward recomputed; ``epoch``: its forward's stamp), accumulated once per
+        ``key``; then the epoch ends if this peer is alone and the target is reached."""
+        async with self._backward_lock():
+            grad_inputs = await self.requests.submit(BACKWARD, _StampedWork(work, epoch), self.compute.backward_cost(work.inputs), key)
+        await self._end_epoch_if_alone_and_due()
+        return grad_inputs
+
+    async def run_tail(self, work: Work, key: Hashable | None) -> tuple[float | None, Payload | None]:
+        """The last stage's forward, loss and backward of ``work`` (accumulated once per ``key``): loss and input gradient."""
+        async with self._backward_lock():
+            result = await self.requests.submit(TAIL, work, self.compute.backward_cost(work.inputs), key)
+        await self._end_epoch_if_alone_and_due()
+        return result
 
     async def handle_get_state(self, caller: str, request: StateRequest) -> StateResponse:
         """Send this peer's parameters and optimizer state to a joiner."""
-        self._check_request(request, StateRequest)
+        self.check_request(request, StateRequest)
         return await self.state_transfer.export()
 
     def _backward_lock(self) -> Any:

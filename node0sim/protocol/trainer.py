@@ -9,6 +9,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from node0sim.protocol.direct import DIRECT_SCHEDULES, PIPELINES, Barrier, DirectPipeline
 from node0sim.protocol.messages import (
     BACKWARD,
     FORWARD,
@@ -43,7 +44,8 @@ class TrainerConfig:
 
     The trainer pushes ``micro_batches`` micro-batches in total; with ``schedule="sync"`` it
     pushes them ``micro_batches_per_step`` at a time and waits for each group to come back.
-    ``tail_calls``: one of :data:`TAIL_CALLS`.
+    ``tail_calls``: one of :data:`TAIL_CALLS`. ``pipeline``: one of :data:`PIPELINES` (``direct``: see ``direct.py``,
+    with ``direct_schedule`` one of :data:`DIRECT_SCHEDULES`).
     """
 
     micro_batches: int
@@ -58,6 +60,8 @@ class TrainerConfig:
     max_ban_s: float = 960.0
     send_token_ids: bool = False
     tail_calls: str = "fused"
+    pipeline: str = "relayed"
+    direct_schedule: str = "1f1b"
 
 
 @dataclass
@@ -101,6 +105,10 @@ class Trainer:
     next step starts when all are back, so every stage updates exactly once per step on fresh
     weights. ``schedule="async"``: up to ``max_inflight`` micro-batches are always in flight and
     stages update whenever they have accumulated a step's worth of samples, so gradients are stale.
+
+    ``pipeline="direct"`` (:class:`DirectPipeline`): the trainer sends each micro-batch to stage 0 only, and the stages
+    pass it on. ``1f1b`` keeps at most ``num_stages`` micro-batches in flight (per step with ``sync``; across steps with
+    ``async``); ``gpipe`` runs each step's forwards, then its backwards (with either schedule).
     """
 
     def __init__(
@@ -116,6 +124,11 @@ class Trainer:
             raise ValueError(f"schedule must be 'sync' or 'async', got {cfg.schedule!r}")
         if cfg.tail_calls not in TAIL_CALLS:
             raise ValueError(f"tail_calls must be one of {list(TAIL_CALLS)}, got {cfg.tail_calls!r}")
+        if cfg.pipeline not in PIPELINES or cfg.direct_schedule not in DIRECT_SCHEDULES:
+            raise ValueError(f"pipeline must be one of {list(PIPELINES)} and direct_schedule one of {list(DIRECT_SCHEDULES)}, "
+                             f"got {cfg.pipeline!r} and {cfg.direct_schedule!r}")
+        if cfg.pipeline == "direct" and cfg.tail_calls != "fused":
+            raise ValueError("the direct pipeline calls its tail fused (tail_calls='fused')")
         self.rt = rt
         self.run_id = run_id
         self.num_stages = num_stages
@@ -125,6 +138,7 @@ class Trainer:
         self.stats = TrainerStats()
         self.router = Router(random.Random(rt.peer_id), ban_s=cfg.ban_s, max_ban_s=cfg.max_ban_s)
         self._micro_batch_ids = itertools.count(1)
+        self.direct = DirectPipeline(self) if cfg.pipeline == "direct" else None
 
     async def run(self) -> TrainerStats:
         """Train until ``cfg.micro_batches`` micro-batches are done (or dropped)."""
@@ -137,21 +151,34 @@ class Trainer:
         return self.stats
 
     async def _train(self) -> None:
-        if self.cfg.schedule == "sync":
-            for first in range(0, self.cfg.micro_batches, self.cfg.micro_batches_per_step):
-                count = min(self.cfg.micro_batches_per_step, self.cfg.micro_batches - first)
-                await self.rt.gather([self.rt.spawn(self._micro_batch()) for _ in range(count)])
+        cfg = self.cfg
+        gpipe = self.direct is not None and cfg.direct_schedule == "gpipe"
+        if cfg.schedule == "sync" or gpipe:
+            for first in range(0, cfg.micro_batches, cfg.micro_batches_per_step):
+                count = min(cfg.micro_batches_per_step, cfg.micro_batches - first)
+                await self._run_window(count, self._window(count), Barrier(self.rt, count) if gpipe else None)
         else:
-            inflight: list[Task] = []
-            for _ in range(self.cfg.micro_batches):
-                if len(inflight) >= self.cfg.max_inflight:
-                    await inflight.pop(0).join()
-                inflight.append(self.rt.spawn(self._micro_batch()))
-            await self.rt.gather(inflight)
+            await self._run_window(cfg.micro_batches, self._window(cfg.micro_batches_per_step))
+
+    def _window(self, step_size: int) -> int:
+        """How many micro-batches may be in flight: a step's (relayed ``sync``, GPipe), ``num_stages`` (1F1B) or
+        ``max_inflight`` (relayed ``async``)."""
+        if self.direct is not None:
+            return step_size if self.cfg.direct_schedule == "gpipe" else self.num_stages
+        return step_size if self.cfg.schedule == "sync" else self.cfg.max_inflight
+
+    async def _run_window(self, count: int, window: int, barrier: Barrier | None = None) -> None:
+        """Run ``count`` micro-batches, starting the next one when the oldest of ``window`` in flight is back."""
+        inflight: list[Task] = []
+        for _ in range(count):
+            if len(inflight) >= window:
+                await inflight.pop(0).join()
+            inflight.append(self.rt.spawn(self._micro_batch(barrier)))
+        await self.rt.gather(inflight)
 
     async def _wait_for_pipeline(self) -> None:
         while True:
-            await self._discover()
+            await self.discover()
             if all(self.router.peers(stage) for stage in range(self.num_stages)):
                 return
             await self.rt.sleep(self.cfg.startup_poll_s)
@@ -159,9 +186,9 @@ class Trainer:
     async def _keep_discovering(self) -> None:
         while True:
             await self.rt.sleep(self.cfg.discovery_period_s)
-            await self._discover()
+            await self.discover()
 
-    async def _discover(self) -> None:
+    async def discover(self) -> None:
         """Refresh every stage's peers and their announced throughputs from the DHT."""
         for stage, records in enumerate(await read_stages(self.rt, self.run_id, self.num_stages)):
             self.router.update_peers(stage, {p: r.throughput for p, r in records.items() if r.ready})
@@ -181,7 +208,7 @@ class Trainer:
                 self.stats.failed_requests += 1
                 self.stats.no_peer_requests += 1
                 await self.rt.sleep(self.cfg.discovery_period_s)
-                await self._discover()
+                await self.discover()
                 continue
             started = self.rt.now()
             try:
@@ -202,12 +229,16 @@ class Trainer:
             return response
         raise NoPeerForStage(f"stage {stage}: {method} failed after {self.cfg.max_retries} retries")
 
-    async def _micro_batch(self) -> None:
+    async def _micro_batch(self, barrier: Barrier | None) -> None:
         self.stats.micro_batches_started += 1
         self.stats.last_start_s = self.rt.now()
         inputs, targets = self.source.next_micro_batch()
+        request_id = next(self._micro_batch_ids)
         try:
-            loss = await self._forward_backward(inputs, targets, next(self._micro_batch_ids))
+            if self.direct is not None:
+                loss = await self.direct.forward_backward(inputs, targets, request_id, barrier)
+            else:
+                loss = await self._forward_backward(inputs, targets, request_id)
         except RPCError:
             self.stats.micro_batches_dropped += 1
             return
