@@ -9,15 +9,13 @@ into ``experiments/results/reproduce/`` (``--out``): a table of published, simul
 term, with the model's terms per cell computed from the config (:func:`model_terms`: compute of the slowest stage,
 bytes of the busiest link over its bandwidth, latency x hops), so the table says which one sets the number.
 
-Stage-to-stage pipelines: where ``TopologyConfig`` has ``pipeline`` and ``schedule`` keys, a reproduction's
-``direct_overrides`` (``topology.pipeline=direct``, ``topology.schedule=1f1b|gpipe``) are added; otherwise it runs
-the relayed pipeline (the trainer relays every call) and the table says "relayed pipeline (direct mode not available)".
+Pipelines: the ProtocolNanoGPT and 8B presets set the stage-to-stage pipeline themselves (``topology.pipeline=direct``,
+1F1B and ``topology.schedule=gpipe``), as their sources ran; ``node0`` runs Node0's relayed pipeline.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any
 from common import RESULTS, run_cell, save_json
 
 from node0sim.app import compose_run_config
-from node0sim.config import RunConfig, TopologyConfig
+from node0sim.config import RunConfig
 from node0sim.experiment import model_config
 from node0sim.model.costs import stage_forward_cost, stage_shapes, stage_training_cost
 from node0sim.protocol.codecs import make_codec
@@ -67,7 +65,6 @@ class Reproduction:
     cells: dict[str, tuple[str, ...]]
     quantities: tuple[Quantity, ...]
     secondary: bool = False
-    direct_overrides: tuple[str, ...] = ()
     meter_serializes_latency: bool = False
     """The source's link meter holds a link for each message's latency too (ProtocolNanoGPT's ``add_delay``:
     ``arrives_at = max(arrives_at, sent_at) + bits / bandwidth + latency``), which the fluid model does not."""
@@ -77,7 +74,6 @@ NANOGPT_SOURCE = (
     "PluralisResearch/ProtocolNanoGPT @0551bc3, records/*/README.md and train_gpt.py (first-party; "
     "../shared/reference/protocol-models-and-async-nesterov.md section 1.5)"
 )
-NANOGPT_DIRECT = ("topology.pipeline=direct", "topology.schedule=1f1b")
 
 REPRODUCTIONS = {
     r.name: r
@@ -85,12 +81,12 @@ REPRODUCTIONS = {
         Reproduction(
             "nanogpt_dense", NANOGPT_SOURCE, {"dense": ("experiment=reproduce_nanogpt_dense",)},
             (Quantity("dense bf16, s/step", 100.475, "s", "step_time", "dense"),),
-            direct_overrides=NANOGPT_DIRECT, meter_serializes_latency=True,
+            meter_serializes_latency=True,
         ),
         Reproduction(
             "nanogpt_ssn", NANOGPT_SOURCE, {"ssn": ("experiment=reproduce_nanogpt_ssn",)},
             (Quantity("ReparamSSN k=160, s/step", 19.889, "s", "step_time", "ssn"),),
-            direct_overrides=NANOGPT_DIRECT, meter_serializes_latency=True,
+            meter_serializes_latency=True,
         ),
         Reproduction(
             "8b_slowdown",
@@ -106,7 +102,7 @@ REPRODUCTIONS = {
                 Quantity("dense slowdown, 60 Mb/s vs datacenter", 13.0, "x", "slowdown", "wan_60", "datacenter"),
                 Quantity("dense slowdown, 350 Mb/s vs datacenter", 13.0, "x", "slowdown", "wan_350", "datacenter"),
             ),
-            secondary=True, direct_overrides=("topology.pipeline=direct", "topology.schedule=gpipe"),
+            secondary=True,
         ),
         Reproduction(
             "node0",
@@ -121,22 +117,6 @@ REPRODUCTIONS = {
         ),
     )
 }
-
-
-def has_direct_pipeline() -> bool:
-    """Whether this checkout's topology schema has the stage-to-stage pipeline keys (``pipeline``, ``schedule``)."""
-    names = {f.name for f in dataclasses.fields(TopologyConfig)}
-    return {"pipeline", "schedule"} <= names
-
-
-def cell_overrides(reproduction: Reproduction, cell: str, direct: bool) -> tuple[str, ...]:
-    """The Hydra overrides of one cell, with the reproduction's direct-pipeline keys when ``direct``."""
-    return reproduction.cells[cell] + (reproduction.direct_overrides if direct else ())
-
-
-def pipeline_mode(run: RunConfig) -> str:
-    """``direct`` or ``relayed`` (the only mode of a checkout without ``topology.pipeline``)."""
-    return getattr(run.topology, "pipeline", "relayed")
 
 
 # ---- the model's terms, from the config ---------------------------------------------------------------------------
@@ -177,36 +157,37 @@ def trainer_link_bytes(run: RunConfig) -> tuple[float, float]:
     return up, down
 
 
-def stage_link_bytes(run: RunConfig, mode: str | None = None) -> tuple[float, float]:
+def stage_link_bytes(run: RunConfig) -> tuple[float, float]:
     """``(up, down)`` bytes one micro-batch puts on a body stage's links. Relayed: it receives the forward input (+ ids)
     and the backward request (the input again, the output gradient, ids) and sends its output and the input gradient.
-    Direct (stage to stage): it receives the activations (+ ids) and the output gradient and sends the same.
-    ``mode``: ``relayed`` or ``direct`` (None: the run's own)."""
+    Direct (``topology.pipeline=direct``): it receives the activations (+ ids), with the targets that travel to the
+    tail (int64, ``PipeForwardRequest.targets``), and the output gradient, and sends the same."""
     a, ids = boundary_bytes(run)
-    if (mode or pipeline_mode(run)) == "direct":
-        return a + ids + a, a + ids + a
+    if run.topology.pipeline == "direct":
+        forward = a + ids + TOKEN_BYTES * run.train.micro_batch_size * run.train.seq_len
+        return forward + a, forward + a
     return 2 * a, 3 * a + 2 * ids
 
 
-def busiest_link(run: RunConfig, mode: str | None = None) -> tuple[str, float]:
+def busiest_link(run: RunConfig) -> tuple[str, float]:
     """``(which link, seconds)``: the link whose bytes per step over its bandwidth take longest (the busier
     direction): a body stage's (all M micro-batches of a step) or, relayed, a trainer's (its M / num_trainers)."""
     up_bps, down_bps = run.network.up_mbps * 1e6 / 8, run.network.down_mbps * 1e6 / 8
     m = run.train.micro_batches_per_step
-    up, down = stage_link_bytes(run, mode)
+    up, down = stage_link_bytes(run)
     links = {"a body stage's links": m * max(up / up_bps, down / down_bps)}
-    if (mode or pipeline_mode(run)) != "direct":
+    if run.topology.pipeline == "relayed":
         up, down = trainer_link_bytes(run)
         links["a trainer's links"] = m / run.topology.num_trainers * max(up / up_bps, down / down_bps)
     name = max(links, key=links.get)
     return name, links[name]
 
 
-def critical_hops(run: RunConfig, mode: str | None = None) -> int:
+def critical_hops(run: RunConfig) -> int:
     """One-way network trips in one micro-batch's chain: relayed, a request and a reply per call (S - 1 forwards, the
     tail's one or two calls, S - 1 backwards); direct, one per boundary each way plus the trainer's hand-off and return."""
     s = run.topology.num_stages
-    if (mode or pipeline_mode(run)) == "direct":
+    if run.topology.pipeline == "direct":
         return 2 * (s - 1) + 2
     tail_calls = 2 if run.topology.tail_calls == "separate" else 1
     return 2 * (2 * (s - 1) + tail_calls)
@@ -235,16 +216,15 @@ def stage_compute_s(run: RunConfig) -> list[float]:
     return seconds
 
 
-def model_terms(run: RunConfig, mode: str | None = None) -> dict[str, float]:
+def model_terms(run: RunConfig) -> dict[str, float]:
     """Seconds per step of each term of the model, from the config alone (M micro-batches per step):
     ``compute``: M x the slowest stage's compute per micro-batch; ``transfer``: the busiest link's bytes per step over
     its bandwidth (:func:`busiest_link`); ``latency``: the critical chain's one-way hops x latency (paid once per step by a
-    flushing schedule whose micro-batches overlap, M times by one that does not). ``mode``: ``relayed`` or ``direct``
-    (None: the run's own), so a relayed run also shows what the direct pipeline's terms would be."""
+    flushing schedule whose micro-batches overlap, M times by one that does not)."""
     return {
         "compute": run.train.micro_batches_per_step * max(stage_compute_s(run)),
-        "transfer": busiest_link(run, mode)[1],
-        "latency": critical_hops(run, mode) * one_way_latency_s(run),
+        "transfer": busiest_link(run)[1],
+        "latency": critical_hops(run) * one_way_latency_s(run),
     }
 
 
@@ -254,6 +234,29 @@ def missing_effects(reproduction: Reproduction, run: RunConfig) -> dict[str, flo
     if not reproduction.meter_serializes_latency:
         return {}
     return {"serialized latency (source's meter)": 2 * run.train.micro_batches_per_step * one_way_latency_s(run)}
+
+
+def chain_s(run: RunConfig) -> float:
+    """Seconds one micro-batch takes through an idle direct pipeline, its forward call back at the trainer: the hand-off
+    to stage 0 (token ids and targets), S - 1 forward hops (activations, ids, targets) and S - 1 gradient hops, each its
+    latency plus bytes / bandwidth, every stage's compute, and the responses that return along the path (S to the
+    trainer's forward call, S - 1 to the backward calls; a latency each, their few bytes left out)."""
+    a, ids = boundary_bytes(run)
+    tokens, s = run.train.micro_batch_size * run.train.seq_len, run.topology.num_stages
+    bandwidth, latency = min(run.network.up_mbps, run.network.down_mbps) * 1e6 / 8, one_way_latency_s(run)
+    hops = latency + 2 * TOKEN_BYTES * tokens / bandwidth
+    hops += (s - 1) * (latency + (a + ids + TOKEN_BYTES * tokens) / bandwidth) + (s - 1) * (latency + a / bandwidth)
+    return hops + sum(stage_compute_s(run)) + (2 * s - 1) * latency
+
+
+def window_bound_s(run: RunConfig) -> float | None:
+    """Least seconds per step of the direct 1F1B pipeline from its window alone: the trainer keeps at most
+    ``num_stages`` micro-batches in flight and frees a place only when a forward call is back, so a step of M takes at
+    least M / min(S, M) x :func:`chain_s`, however fast the links are shared. None for other pipelines."""
+    if run.topology.pipeline != "direct" or run.topology.schedule != "1f1b":
+        return None
+    m = run.train.micro_batches_per_step
+    return m / min(run.topology.num_stages, m) * chain_s(run)
 
 
 def source_meter_busy_s(run: RunConfig) -> float:
@@ -326,10 +329,8 @@ def render(reproduction: Reproduction, rows: list[dict[str, Any]], cells: dict[s
     term_rows = []
     for name, c in cells.items():
         missing = "; ".join(f"{k}: {v:.2f}" for k, v in c["missing"].items()) or "-"
-        for mode, terms, measured in [(c["pipeline_note"], c["terms"], f"{c['step_time_s']:.3f}"),
-                                      *([("direct (terms only, not run)", c["direct_terms"], "-")] if c["direct_terms"] else [])]:
-            term_rows.append([name, mode, measured, *(f"{terms[k]:.3f}" for k in ("compute", "transfer", "latency")),
-                              dominant_term(terms), missing])
+        terms = [f"{c['terms'][k]:.3f}" for k in ("compute", "transfer", "latency")]
+        term_rows.append([name, c["pipeline"], f"{c['step_time_s']:.3f}", *terms, dominant_term(c["terms"]), missing])
     lines.append(markdown_table(
         ["cell", "pipeline", "measured s/step", "compute s", "transfer s", "latency s", "dominant", "not modelled s"],
         term_rows,
@@ -342,6 +343,10 @@ def render(reproduction: Reproduction, rows: list[dict[str, Any]], cells: dict[s
                  "micro-batch's chain x latency. Not modelled: time the source's own timing charges that the simulator's "
                  "model has no term for.")
     for name, c in cells.items():
+        if c["window_bound_s"] is not None:
+            lines.append(f"- `{name}`: the 1F1B window (at most S micro-batches in flight, a place freed when a forward "
+                         f"call is back) bounds a step at M / S x one micro-batch's idle chain = {c['window_bound_s']:.3f} s "
+                         f"(`window_bound_s`).")
         if c["source_meter_busy_s"] is not None:
             lines.append(f"- `{name}`: the source's meter keeps a body stage's inbound wire busy 2 M x (bytes x 8 / bandwidth "
                          f"+ latency) = {c['source_meter_busy_s']:.3f} s per step (`source_meter_busy_s`).")
@@ -358,21 +363,18 @@ def _number(value: float | None) -> str:
 
 def run_reproduction(reproduction: Reproduction, out: Path) -> dict[str, Any]:
     """Run every cell of ``reproduction``, write ``<name>.md`` and ``<name>.json`` into ``out``, return the result."""
-    direct = has_direct_pipeline()
     cells = {}
-    for name in reproduction.cells:
-        overrides = cell_overrides(reproduction, name, direct)
+    for name, overrides in reproduction.cells.items():
         run = compose_run_config(*overrides)
         summary, records = run_cell(out / "cells" / reproduction.name / name, *overrides)
         link, _ = busiest_link(run)
-        mode = pipeline_mode(run)
+        schedule = run.topology.schedule if run.topology.pipeline == "direct" else run.train.schedule
         cells[name] = {
-            "overrides": list(overrides), "pipeline": mode,
-            "pipeline_note": mode if direct else "relayed pipeline (direct mode not available)",
+            "overrides": list(overrides), "pipeline": f"{run.topology.pipeline}, {schedule}",
             "step_time_s": steady_step_time(records), "terms": model_terms(run), "busiest_link": link,
-            "direct_terms": model_terms(run, "direct") if mode != "direct" and reproduction.direct_overrides else None,
             "missing": missing_effects(reproduction, run),
             "source_meter_busy_s": source_meter_busy_s(run) if reproduction.meter_serializes_latency else None,
+            "window_bound_s": window_bound_s(run),
             **{k: summary[k] for k in ("steps", "sim_time_s", "wall_time_s", "tokens_per_s_steady", "activation_bytes_per_token")},
         }
     rows = table_rows(reproduction, cells)

@@ -22,8 +22,17 @@ MB = 8 * 1024  # tokens of one ProtocolNanoGPT micro-batch (mbs 8 x 1024)
 def test_every_cell_of_every_reproduction_composes_and_validates(name):
     reproduction = reproduce.REPRODUCTIONS[name]
     for cell in reproduction.cells:
-        run = compose_run_config(*reproduce.cell_overrides(reproduction, cell, reproduce.has_direct_pipeline()))
+        run = compose_run_config(*reproduction.cells[cell])
         assert run.sim.numerics is False  # every reproduction is a timing run
+
+
+def test_each_preset_runs_its_sources_pipeline():
+    """ProtocolNanoGPT: stage to stage, 1F1B; the 8B run: stage to stage, GPipe; Node0: its relayed pipeline."""
+    pipelines = {name: {(run.topology.pipeline, run.topology.schedule) for run in
+                        (compose_run_config(*overrides) for overrides in r.cells.values())}
+                 for name, r in reproduce.REPRODUCTIONS.items()}
+    assert pipelines == {"nanogpt_dense": {("direct", "1f1b")}, "nanogpt_ssn": {("direct", "1f1b")},
+                         "8b_slowdown": {("direct", "gpipe")}, "node0": {("relayed", "1f1b")}}
 
 
 def test_the_nanogpt_presets_hold_the_records_setting():
@@ -45,19 +54,14 @@ def test_the_8b_cells_run_at_their_own_bandwidths():
     assert (links["datacenter"].regions, links["wan_60"].regions) == ("datacenter", "worldwide")
 
 
-def test_direct_pipeline_keys_are_added_only_when_the_schema_has_them():
-    reproduction = reproduce.REPRODUCTIONS["nanogpt_dense"]
-    assert reproduce.cell_overrides(reproduction, "dense", False) == ("experiment=reproduce_nanogpt_dense",)
-    assert reproduce.cell_overrides(reproduction, "dense", True)[-2:] == ("topology.pipeline=direct", "topology.schedule=1f1b")
-
-
 def test_the_terms_follow_their_formulas():
     run = compose_run_config("experiment=reproduce_nanogpt_dense")
     a, m, bandwidth, s = MB * 1024 * 2, 64, 200e6, 8
-    direct = reproduce.model_terms(run, "direct")
-    assert direct["transfer"] == pytest.approx(m * 8 * 2 * a / bandwidth)  # a body stage: activations in, gradients in
+    direct = reproduce.model_terms(run)
+    assert direct["transfer"] == pytest.approx(m * 8 * (2 * a + 8 * MB) / bandwidth)  # a body stage: activations and
+    # the int64 targets in, gradients in
     assert direct["latency"] == pytest.approx((2 * (s - 1) + 2) * 0.05)
-    relayed = reproduce.model_terms(run, "relayed")
+    relayed = reproduce.model_terms(compose_run_config("experiment=reproduce_nanogpt_dense", "topology.pipeline=relayed"))
     uplink = 2 * 8 * MB + a + (s - 2) * 3 * a + a + 8 * MB  # the trainer's uplink: (3 S - 4) activations plus tokens
     assert relayed["transfer"] == pytest.approx(m * 8 * uplink / bandwidth)
     assert relayed["latency"] == pytest.approx(2 * (2 * (s - 1) + 1) * 0.05)
@@ -66,9 +70,23 @@ def test_the_terms_follow_their_formulas():
     assert missing == {"serialized latency (source's meter)": pytest.approx(2 * m * 0.05)}
 
 
+def test_the_1f1b_window_bounds_a_step_at_m_over_s_chains():
+    ssn = compose_run_config("experiment=reproduce_nanogpt_ssn")
+    (a, ids), s, bandwidth, latency = reproduce.boundary_bytes(ssn), 8, 200e6 / 8, 0.05
+    chain = (latency + 16 * MB / bandwidth) + (s - 1) * (latency + (a + ids + 8 * MB) / bandwidth) \
+        + (s - 1) * (latency + a / bandwidth) + sum(reproduce.stage_compute_s(ssn)) + (2 * s - 1) * latency
+    assert reproduce.chain_s(ssn) == pytest.approx(chain)
+    assert reproduce.window_bound_s(ssn) == pytest.approx(64 / 8 * chain)
+    assert reproduce.window_bound_s(compose_run_config("experiment=reproduce_nanogpt_ssn", "train.batch_size=32")) \
+        == pytest.approx(chain)  # 4 micro-batches: all in flight at once
+    assert reproduce.window_bound_s(compose_run_config("experiment=reproduce_8b_slowdown")) is None  # GPipe
+    assert reproduce.window_bound_s(compose_run_config("experiment=reproduce_nanogpt_ssn", "topology.pipeline=relayed")) is None
+
+
 def test_the_busiest_link_is_a_stages_once_many_trainers_share_the_relaying():
-    one = compose_run_config("experiment=reproduce_nanogpt_dense")
-    many = compose_run_config("experiment=reproduce_nanogpt_dense", "topology.num_trainers=8", "train.schedule=async")
+    one = compose_run_config("experiment=reproduce_nanogpt_dense", "topology.pipeline=relayed")
+    many = compose_run_config("experiment=reproduce_nanogpt_dense", "topology.pipeline=relayed", "topology.num_trainers=8",
+                              "train.schedule=async")
     a, m, bandwidth = MB * 1024 * 2, 64, 200e6
     assert reproduce.busiest_link(one)[0] == "a trainer's links"  # (3 S - 4) = 20 activations per micro-batch
     name, seconds = reproduce.busiest_link(many)  # a trainer's 8 micro-batches x 20 < a body stage's 64 x 3
@@ -111,9 +129,10 @@ def test_steady_step_time_is_the_median_gap_after_the_first_step():
         reproduce.steady_step_time(records[:1])
 
 
-def test_a_short_reproduction_writes_its_table_and_its_relayed_bytes_match_the_simulator(tmp_path):
-    """Two micro-batches of the SSN setting: the report and JSON are written, and the trainer's bytes per micro-batch
-    from the formula (up + down) are what the simulator carried, but for the 64-byte headers of its 30 messages."""
+def test_a_short_reproduction_writes_its_table_and_its_direct_bytes_match_the_simulator(tmp_path):
+    """Two micro-batches of the SSN setting (direct, 1F1B): the report and JSON are written, and the bytes per
+    micro-batch from the formula are what the simulator carried: the trainer's tokens and targets to stage 0, S - 1
+    forward hops (activations, ids, targets), S - 1 gradients, and the messages' framing."""
     small = ("train.batch_size=16", "train.steps=2")
     ssn = reproduce.REPRODUCTIONS["nanogpt_ssn"]
     short = dataclasses.replace(ssn, cells={"ssn": ssn.cells["ssn"] + small})
@@ -123,8 +142,10 @@ def test_a_short_reproduction_writes_its_table_and_its_relayed_bytes_match_the_s
     assert json.loads((tmp_path / "nanogpt_ssn.json").read_text())["rows"][0]["published"] == 19.889
     assert "| ReparamSSN k=160, s/step | 19.889 s |" in (tmp_path / "nanogpt_ssn.md").read_text()
     cell = result["cells"]["ssn"]
-    if cell["pipeline"] == "relayed":
-        run = compose_run_config(*ssn.cells["ssn"], *small)
-        up, down = reproduce.trainer_link_bytes(run)
-        messages = 2 * (2 * (8 - 1) + 1)
-        assert cell["activation_bytes_per_token"] * MB == pytest.approx(up + down + 64 * messages)
+    assert cell["pipeline"] == "direct, 1f1b"
+    run = compose_run_config(*ssn.cells["ssn"], *small)
+    (a, ids), s = reproduce.boundary_bytes(run), 8
+    payload = 2 * 8 * MB + (s - 1) * (a + ids + 8 * MB) + (s - 1) * a
+    requests = (2 * s - 1) * (64 + len("trainer0"))  # header + origin (PipeForwardRequest, PipeBackwardRequest)
+    responses = s * (64 + 4 + len("s7p0")) + (s - 1) * (64 + 4)  # PipeResponse: header, loss, the tail's id on forwards
+    assert cell["activation_bytes_per_token"] * MB == pytest.approx(payload + requests + responses)
