@@ -230,8 +230,9 @@ def model_terms(run: RunConfig) -> dict[str, float]:
 
 def missing_effects(reproduction: Reproduction, run: RunConfig) -> dict[str, float]:
     """Seconds per step the source's timing has and the simulator's model does not: ProtocolNanoGPT's meter holds a
-    stage's inbound wire for the latency of every message, 2 M messages (M forwards in, M gradients in) per step."""
-    if not reproduction.meter_serializes_latency:
+    stage's inbound wire for the latency of every message, 2 M messages (M forwards in, M gradients in) per step
+    (modelled with ``sim.pair_streams=serial``, which holds each direction of a pair for a message's bytes and latency)."""
+    if not reproduction.meter_serializes_latency or run.sim.pair_streams == "serial":
         return {}
     return {"serialized latency (source's meter)": 2 * run.train.micro_batches_per_step * one_way_latency_s(run)}
 

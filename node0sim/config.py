@@ -226,6 +226,9 @@ class SimConfig:
     snapshot_period_s: float = 60.0  # how often the swarm's state (peers per stage, ...) is logged
     link_sharing: str = "maxmin"  # maxmin: exact max-min fair; equal: per-link equal split (fast, huge swarms);
     # per_link: each link its own processor-sharing queue (fastest, slightly optimistic)
+    pair_streams: str = "shared"  # shared: messages between two peers in flight at once share the links (libp2p
+    # multiplexes hivemind's streams over one connection, yamux); serial: one at a time per direction, each holding the
+    # pair for its bytes and latency (ProtocolNanoGPT's meter, train_gpt.py SimPipelineStage.add_delay, which timed its records)
     call_overhead_ms: float = 0.1  # fixed time per accelerator call (kernel launches, dispatch); batching saves it
     compute_model: str = "flat"  # flat: FLOPs / (peak x utilization) | roofline: per operation max(FLOPs / (peak x
     # efficiency(matmul size)), bytes / memory bandwidth), the optimizer step as memory traffic (node0sim/sim/gpus.py)
@@ -240,6 +243,7 @@ class SimConfig:
     tcp_rpc_overhead_ms: float = 2.67  # fixed time per RPC (event loops, p2pd hops): tools/bench_wire.py, measured 2.67 ms
 
     def __post_init__(self) -> None:
+        from node0sim.sim.engine import PAIR_STREAMS
         from node0sim.sim.gpus import COMPUTE_DTYPES, GPU_PROFILES
 
         _one_of("sim.gpu", self.gpu, tuple(GPU_PROFILES))
@@ -249,6 +253,7 @@ class SimConfig:
         _require(self.snapshot_period_s > 0, f"sim.snapshot_period_s: must be > 0, got {self.snapshot_period_s}")
         _one_of("sim.link_sharing", self.link_sharing, ("maxmin", "equal", "per_link"))
         _one_of("sim.transport", self.transport, ("fluid", "tcp"))
+        _one_of("sim.pair_streams", self.pair_streams, PAIR_STREAMS)
         _require(not (self.transport == "tcp" and self.link_sharing == "per_link"),
                  "sim.transport=tcp needs sim.link_sharing=maxmin or equal (per_link has no per-flow rate caps)")
         _require(self.tcp_window_kib > 0, f"sim.tcp_window_kib: must be > 0, got {self.tcp_window_kib}")

@@ -6,9 +6,12 @@ from node0sim.sim.engine import SimPeer, Simulation
 from node0sim.sim.gpus import gpu_profile
 
 
-def make_sim(latency_s: float = 0.0, *, seed: int = 0, jitter_s: float = 0.0, dht_latency_s: float = 0.0) -> Simulation:
+def make_sim(
+    latency_s: float = 0.0, *, seed: int = 0, jitter_s: float = 0.0, dht_latency_s: float = 0.0, pair_streams: str = "shared",
+) -> Simulation:
     """A simulation with the same one-way latency between every pair of peers."""
-    return Simulation(seed=seed, latency_s=lambda a, b: latency_s, jitter_s=jitter_s, dht_latency_s=dht_latency_s)
+    return Simulation(seed=seed, latency_s=lambda a, b: latency_s, jitter_s=jitter_s, dht_latency_s=dht_latency_s,
+                      pair_streams=pair_streams)
 
 
 def add(sim: Simulation, name: str, up_mbps: float = 100.0, down_mbps: float = 100.0) -> SimPeer:

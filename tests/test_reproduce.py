@@ -66,7 +66,9 @@ def test_the_terms_follow_their_formulas():
     assert relayed["transfer"] == pytest.approx(m * 8 * uplink / bandwidth)
     assert relayed["latency"] == pytest.approx(2 * (2 * (s - 1) + 1) * 0.05)
     assert relayed["compute"] == direct["compute"] == pytest.approx(m * max(reproduce.stage_compute_s(run)))
-    missing = reproduce.missing_effects(reproduce.REPRODUCTIONS["nanogpt_dense"], run)
+    assert reproduce.missing_effects(reproduce.REPRODUCTIONS["nanogpt_dense"], run) == {}  # the preset's pair_streams=serial
+    shared = compose_run_config("experiment=reproduce_nanogpt_dense", "sim.pair_streams=shared")
+    missing = reproduce.missing_effects(reproduce.REPRODUCTIONS["nanogpt_dense"], shared)
     assert missing == {"serialized latency (source's meter)": pytest.approx(2 * m * 0.05)}
 
 

@@ -38,6 +38,35 @@ def test_sleep_and_exceptions_reach_protocol_code_in_virtual_time():
     assert _run(sim, peer, protocol()) == pytest.approx(3.5)
 
 
+@pytest.mark.parametrize("pair_streams", ["shared", "serial"])
+def test_messages_sent_together_share_the_links_or_go_one_after_another(pair_streams):
+    latency, mbps, nbytes = 0.05, 80, 1_000_000
+    sim = make_sim(latency_s=latency, pair_streams=pair_streams)
+    client, server = add(sim, "client", mbps, mbps), add(sim, "server", mbps, mbps)
+    server.runtime.serve("put", lambda caller, request: _ack())
+    arrivals = []
+
+    async def send():
+        await client.runtime.call("server", "put", Blob(nbytes), timeout=60)
+        arrivals.append(client.runtime.now())
+
+    async def protocol():
+        await client.runtime.gather([client.runtime.spawn(send()) for _ in range(3)])
+
+    _run(sim, client, protocol())
+    transfer = 8 * nbytes / (mbps * 1e6)
+    reply = latency + 8 * 1 / (mbps * 1e6)  # the 1-byte ack, back on its own direction
+    if pair_streams == "shared":  # fair shares of the uplink: all three finish together
+        expected = [latency + 3 * transfer + reply] * 3
+    else:  # one at a time, each holding the stream for its bytes and latency (ProtocolNanoGPT's meter)
+        expected = [k * (transfer + latency) + reply for k in (1, 2, 3)]
+    assert arrivals == pytest.approx(expected)
+
+
+async def _ack():
+    return Blob(1)
+
+
 def test_rpc_time_is_request_plus_compute_plus_response():
     sim = make_sim(latency_s=0.01)
     client, server = add(sim, "client", 80, 80), add(sim, "server", 80, 80)

@@ -315,6 +315,10 @@ def _interrupt_caller(call: _Call) -> None:
     call.caller.interrupt(call)
 
 
+PAIR_STREAMS = ("shared", "serial")
+"""``sim.pair_streams``: how messages between the same two peers travel (``SimConfig``)."""
+
+
 class Simulation:
     """A SimPy environment with peers, a network, an emulated DHT and a seeded RNG."""
 
@@ -329,11 +333,14 @@ class Simulation:
         link_sharing: str = "maxmin",
         transport: TcpModel | None = None,
         rpc_overhead_s: float = 0.0,
+        pair_streams: str = "shared",
     ):
         self.env = simpy.Environment()
         self.rng = random.Random(seed)
         self.network = Network(self.env, latency_s, jitter_s, random.Random(self.rng.getrandbits(64)), link_sharing, transport)
         self.rpc_overhead_s = rpc_overhead_s
+        self._pair_streams: dict[tuple[str, str], simpy.Resource] | None = {} if pair_streams == "serial" else None
+        """``sim.pair_streams=serial``: one stream per direction of each pair of peers, held by one message at a time."""
         """Fixed time of every RPC outside the links (event loops, daemon hops, stream open): see ``sim.tcp_rpc_overhead_ms``."""
         self.dht = EmulatedDHT(dht_latency_s)
         self.max_message_bytes = max_message_bytes
@@ -420,6 +427,16 @@ class Simulation:
         self._deadlines.arm()
 
     async def _send(self, src: SimPeer, dst: SimPeer, nbytes: int, method: str) -> None:
+        if self._pair_streams is None:
+            return await self._transfer(src, dst, nbytes, method)
+        stream = self._pair_streams.get((src.peer_id, dst.peer_id))
+        if stream is None:
+            stream = self._pair_streams[(src.peer_id, dst.peer_id)] = simpy.Resource(self.env, capacity=1)
+        with stream.request() as turn:  # released (or left) however the send ends: crash, cancel, timeout
+            await wait(turn)
+            await self._transfer(src, dst, nbytes, method)
+
+    async def _transfer(self, src: SimPeer, dst: SimPeer, nbytes: int, method: str) -> None:
         self.traffic[method] = self.traffic.get(method, 0) + nbytes
         flow = self.network.transfer(src.endpoint, dst.endpoint, nbytes)
         try:

@@ -70,6 +70,7 @@ def build_simulation(run: RunConfig) -> Simulation:
         link_sharing=run.sim.link_sharing,
         transport=transport_model(run.sim),
         rpc_overhead_s=run.sim.tcp_rpc_overhead_ms / 1000 if run.sim.transport == "tcp" else 0.0,
+        pair_streams=run.sim.pair_streams,
     )
 
 
