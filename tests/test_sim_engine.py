@@ -4,7 +4,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from node0sim.app import compose_run_config
 from node0sim.runtime import RemoteError, RequestTimeout
+from node0sim.sim.runner import dense_activation_bytes_per_token
+from tests.runs import simulate
 from tests.simutil import add, make_sim
 
 
@@ -308,3 +311,16 @@ def test_many_calls_time_out_exactly_at_their_own_deadlines():
         client.runtime.spawn(one(timeout, delay))
     sim.run()
     assert ends == {case: pytest.approx(case[0], abs=1e-9) for case in cases}
+
+
+def test_the_dense_twin_of_a_node0_size_run_is_one_micro_batch(tmp_path):
+    # experiment=scale_bench (1024-sample steps of 8B activations on 80 Mb/s): one dense step from one trainer failed the
+    # memory check and timed out every request; the twin sends one micro-batch, whose bytes per token are a dense run's
+    run = compose_run_config("experiment=scale_bench", "topology.peers_per_stage=1")
+    dense = simulate(
+        tmp_path, "experiment=scale_bench", "topology.peers_per_stage=1", "compression=none", "churn=none",
+        "topology.num_trainers=1", "train.steps=1", "train.batch_size=1", "train.schedule=sync", "train.max_sim_time_s=null",
+        "train.eval_batches=0",
+    )
+    assert dense["steps"] == 1
+    assert dense_activation_bytes_per_token(run) == dense["activation_bytes_per_token"]
