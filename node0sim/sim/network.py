@@ -98,7 +98,7 @@ def slow_start_delay(nbytes: float, rate: float, rtt_s: float, initial_window: f
 class Link:
     """One direction of a peer's access link, with the flows currently using it."""
 
-    __slots__ = ("capacity", "flows", "name", "served", "served_at", "finishes", "version")
+    __slots__ = ("capacity", "flows", "name", "served", "served_at", "finishes", "version", "left", "unfrozen")
 
     def __init__(self, name: str, capacity_bytes_per_s: float):
         if not capacity_bytes_per_s > 0:
@@ -112,6 +112,9 @@ class Link:
         self.served_at = 0.0
         self.finishes: list[tuple[float, int, Flow]] = []
         self.version = 0
+        # maxmin sharing: capacity not yet given out and flows not yet frozen, during one progressive filling
+        self.left = 0.0
+        self.unfrozen = 0
 
     def advance(self, now: float) -> None:
         """Move the virtual clock to ``now``: each flow received an equal share since the last change."""
@@ -348,31 +351,42 @@ class Network:
         """Progressive filling: repeatedly saturate the link offering the smallest fair share.
 
         A flow's own cap (window / RTT) acts as a private link: once the fair share reaches it, the flow is
-        frozen at its cap and the links it crosses share what is left among their other flows.
+        frozen at its cap and the links it crosses share what is left among their other flows. Each link's
+        capacity left and unfrozen flows are kept on the link itself (``left``, ``unfrozen``: scratch space of
+        this computation), and each level scans only the links that still have unfrozen flows.
         """
-        capacity_left = {link: link.capacity for link in links}
-        unfrozen = {link: len(link.flows) for link in links}
+        if len(flows) == 1:
+            (flow,) = flows
+            return {flow: min(flow.up.capacity, flow.down.capacity, flow.cap)}
+        for link in links:
+            link.left = link.capacity
+            link.unfrozen = len(link.flows)
         rates: dict[Flow, float] = {}
         capped = sorted((f for f in flows if f.cap < math.inf), key=lambda f: f.cap)
+        active = [link for link in links if link.unfrozen]
         while len(rates) < len(flows):
-            share = min(capacity_left[link] / unfrozen[link] for link in links if unfrozen[link])
+            share = min(link.left / link.unfrozen for link in active)
             while capped and capped[0] in rates:
                 capped.pop(0)
             if capped and capped[0].cap <= share:
                 flow = capped.pop(0)
                 rates[flow] = flow.cap
                 for shared in (flow.up, flow.down):
-                    capacity_left[shared] -= flow.cap
-                    unfrozen[shared] -= 1
-                continue
-            for link in links:
-                if unfrozen[link] and capacity_left[link] / unfrozen[link] <= share * (1 + 1e-12):
-                    for flow in link.flows:
-                        if flow not in rates:
-                            rates[flow] = share
-                            for shared in (flow.up, flow.down):
-                                capacity_left[shared] -= share
-                                unfrozen[shared] -= 1
+                    shared.left -= flow.cap
+                    shared.unfrozen -= 1
+            else:
+                bound = share * (1 + 1e-12)
+                for link in active:
+                    if link.unfrozen and link.left / link.unfrozen <= bound:
+                        for flow in link.flows:
+                            if flow not in rates:
+                                rates[flow] = share
+                                up, down = flow.up, flow.down
+                                up.left -= share
+                                up.unfrozen -= 1
+                                down.left -= share
+                                down.unfrozen -= 1
+            active = [link for link in active if link.unfrozen]
         return rates
 
     def _complete(self, item: Flow | Link) -> None:
