@@ -6,6 +6,7 @@ import pytest
 
 from node0sim.app import compose_run_config
 from node0sim.runtime import RemoteError, RequestTimeout
+from node0sim.sim.engine import EmulatedDHT
 from node0sim.sim.runner import dense_activation_bytes_per_token
 from tests.runs import simulate
 from tests.simutil import add, make_sim
@@ -156,6 +157,20 @@ def test_dht_values_expire_and_subkeys_merge():
     assert first == ("v", {"a": 1, "b": 2})
     assert second == (None, {"b": 2})
     assert now == pytest.approx(10.7)  # 7 DHT operations of 0.1 s + 10 s
+
+
+def test_dht_answers_stand_until_a_store_or_the_first_expiry():
+    dht = EmulatedDHT(lookup_latency_s=0.0)
+    dht.store("stage", "a", 1, expires_at=5.0)
+    dht.store("stage", "b", 2, expires_at=50.0)
+    first = dht.get("stage", now=1.0)
+    assert first == {"a": 1, "b": 2} and dht.get("stage", now=4.9) is first  # nothing changed: the same answer
+    assert dht.get("stage", now=5.0) == {"b": 2}  # "a" expired
+    dht.store("stage", "c", 3, expires_at=60.0)
+    assert dht.get("stage", now=6.0) == {"b": 2, "c": 3}  # a store is seen at once
+    dht.store("stage", "b", None, expires_at=0.0)
+    assert dht.get("stage", now=6.0) == {"c": 3}  # so is a withdrawal
+    assert dht.get("stage", now=60.0) is None
 
 
 def test_compute_is_serialized_on_one_gpu_and_runs_the_function():

@@ -351,42 +351,61 @@ class Network:
         """Progressive filling: repeatedly saturate the link offering the smallest fair share.
 
         A flow's own cap (window / RTT) acts as a private link: once the fair share reaches it, the flow is
-        frozen at its cap and the links it crosses share what is left among their other flows. Each link's
-        capacity left and unfrozen flows are kept on the link itself (``left``, ``unfrozen``: scratch space of
-        this computation), and each level scans only the links that still have unfrozen flows.
+        frozen at its cap and the links it crosses share what is left among their other flows.
+
+        Each level freezes, in the order of ``links``, every link whose fair share (capacity left / unfrozen
+        flows, kept on the link in ``left`` and ``unfrozen``) is within a relative 1e-12 of the smallest. The
+        smallest comes from a heap of ``(share, position, link)`` entries, one pushed whenever a link's share
+        changes (older ones are skipped), so a level costs the links it touches, not every link of the component.
         """
         if len(flows) == 1:
             (flow,) = flows
             return {flow: min(flow.up.capacity, flow.down.capacity, flow.cap)}
+        position: dict[Link, int] = {}
+        heap: list[tuple[float, int, Link]] = []
         for link in links:
-            link.left = link.capacity
-            link.unfrozen = len(link.flows)
+            if link.flows:
+                link.left = link.capacity
+                link.unfrozen = len(link.flows)
+                position[link] = len(position)
+                heap.append((link.left / link.unfrozen, position[link], link))
+        heapq.heapify(heap)
+
+        def is_current(entry: tuple[float, int, Link]) -> bool:
+            link = entry[2]
+            return link.unfrozen > 0 and link.left / link.unfrozen == entry[0]
+
+        def freeze(flow: Flow, rate: float) -> None:
+            rates[flow] = rate
+            for shared in (flow.up, flow.down):
+                shared.left -= rate
+                shared.unfrozen -= 1
+                if shared.unfrozen:
+                    heapq.heappush(heap, (shared.left / shared.unfrozen, position[shared], shared))
+
         rates: dict[Flow, float] = {}
         capped = sorted((f for f in flows if f.cap < math.inf), key=lambda f: f.cap)
-        active = [link for link in links if link.unfrozen]
         while len(rates) < len(flows):
-            share = min(link.left / link.unfrozen for link in active)
+            while not is_current(heap[0]):
+                heapq.heappop(heap)
+            share = heap[0][0]
             while capped and capped[0] in rates:
                 capped.pop(0)
             if capped and capped[0].cap <= share:
                 flow = capped.pop(0)
-                rates[flow] = flow.cap
-                for shared in (flow.up, flow.down):
-                    shared.left -= flow.cap
-                    shared.unfrozen -= 1
-            else:
-                bound = share * (1 + 1e-12)
-                for link in active:
-                    if link.unfrozen and link.left / link.unfrozen <= bound:
-                        for flow in link.flows:
-                            if flow not in rates:
-                                rates[flow] = share
-                                up, down = flow.up, flow.down
-                                up.left -= share
-                                up.unfrozen -= 1
-                                down.left -= share
-                                down.unfrozen -= 1
-            active = [link for link in active if link.unfrozen]
+                freeze(flow, flow.cap)
+                continue
+            bound = share * (1 + 1e-12)
+            level: dict[Link, None] = {}
+            while heap and heap[0][0] <= bound:
+                entry = heapq.heappop(heap)
+                if is_current(entry):
+                    level[entry[2]] = None
+            for link in sorted(level, key=position.__getitem__):
+                if link.unfrozen and link.left / link.unfrozen <= bound:
+                    for flow in link.flows:
+                        if flow not in rates:
+                            freeze(flow, share)
         return rates
 
     def _complete(self, item: Flow | Link) -> None:
