@@ -12,8 +12,8 @@ wall ~ peers^b from a least-squares fit in log-log space (b = 1 is linear), with
 before and after (the wall times of a shared machine mean little without it).
 
 ``--baseline DIR`` (a checkout of another commit, e.g. ``git worktree add /tmp/base HEAD~1``) times the same
-runs on that code too, each size there and then here, each run in a fresh process, and prints the ratio of
-wall times and whether the two summaries are identical (every key but ``wall_time_s`` and ``outputs``).
+runs on that code too, each size there and then here, each run in a fresh process, and prints the ratios of
+wall and CPU times and whether the two summaries are identical (every key but ``wall_time_s`` and ``outputs``).
 """
 
 from __future__ import annotations
@@ -37,11 +37,13 @@ VOLATILE_SUMMARY_KEYS = ("wall_time_s", "outputs")
 """Summary keys that differ between two runs of the same config."""
 
 _MEASURE_IN_CHECKOUT = """
-import json, sys
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from tools.bench_scale import measure
+cpu = time.process_time()
 wall, events, virtual_s, summary = measure(json.loads(sys.argv[2]))
-print(json.dumps({"wall": wall, "events": events, "virtual_s": virtual_s, "summary": summary}, default=str))
+cpu = time.process_time() - cpu
+print(json.dumps({"wall": wall, "cpu": cpu, "events": events, "virtual_s": virtual_s, "summary": summary}, default=str))
 """
 
 
@@ -72,8 +74,9 @@ def measure(overrides: list[str]) -> tuple[float, int, float, dict]:
     return wall, events, run.train.max_sim_time_s, summary
 
 
-def measure_in(checkout: Path, overrides: list[str]) -> tuple[float, int, float, dict]:
-    """:func:`measure` in a fresh process on the code of ``checkout`` (its own ``tools/bench_scale.py``)."""
+def measure_in(checkout: Path, overrides: list[str]) -> tuple[float, int, float, dict, float]:
+    """:func:`measure` in a fresh process on the code of ``checkout`` (its own ``tools/bench_scale.py``), and the CPU
+    seconds that process spent in it (less sensitive than wall time to other jobs on a shared machine)."""
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     done = subprocess.run(
         [sys.executable, "-c", _MEASURE_IN_CHECKOUT, str(checkout), json.dumps(overrides)],
@@ -82,7 +85,7 @@ def measure_in(checkout: Path, overrides: list[str]) -> tuple[float, int, float,
     if done.returncode != 0:
         raise RuntimeError(f"the run on {checkout} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    return result["wall"], result["events"], result["virtual_s"], result["summary"]
+    return result["wall"], result["events"], result["virtual_s"], result["summary"], result["cpu"]
 
 
 def comparable(summary: dict) -> str:
@@ -123,12 +126,12 @@ def main() -> None:
             wall, events, virtual_s, summary = measure(overrides)
             print(_line(peers, wall, events, virtual_s, summary), flush=True)
         else:
-            base = measure_in(args.baseline.resolve(), overrides)
-            print("  baseline: " + _line(peers, *base), flush=True)
-            wall, events, virtual_s, summary = measure_in(ROOT, overrides)
+            *base, base_cpu = measure_in(args.baseline.resolve(), overrides)
+            print(f"  baseline: {_line(peers, *base)}, CPU {base_cpu:.1f} s", flush=True)
+            wall, events, virtual_s, summary, cpu = measure_in(ROOT, overrides)
             same = "identical" if comparable(summary) == comparable(base[3]) else "DIFFERENT"
-            print(f"  this code: {_line(peers, wall, events, virtual_s, summary)}", flush=True)
-            print(f"  speed-up {base[0] / wall:.2f}x, summaries {same}", flush=True)
+            print(f"  this code: {_line(peers, wall, events, virtual_s, summary)}, CPU {cpu:.1f} s", flush=True)
+            print(f"  speed-up {base[0] / wall:.2f}x in wall time, {base_cpu / cpu:.2f}x in CPU time, summaries {same}", flush=True)
             base_points.append((peers, base[0]))
         points.append((peers, wall))
     if len(points) >= 2:
