@@ -4,7 +4,11 @@ from dataclasses import dataclass
 
 import pytest
 
+from node0sim.app import compose_run_config
 from node0sim.runtime import RemoteError, RequestTimeout
+from node0sim.sim.engine import EmulatedDHT
+from node0sim.sim.runner import dense_activation_bytes_per_token
+from tests.runs import simulate
 from tests.simutil import add, make_sim
 
 
@@ -184,6 +188,20 @@ def test_dht_values_expire_and_subkeys_merge():
     assert now == pytest.approx(10.7)  # 7 DHT operations of 0.1 s + 10 s
 
 
+def test_dht_answers_stand_until_a_store_or_the_first_expiry():
+    dht = EmulatedDHT(lookup_latency_s=0.0)
+    dht.store("stage", "a", 1, expires_at=5.0)
+    dht.store("stage", "b", 2, expires_at=50.0)
+    first = dht.get("stage", now=1.0)
+    assert first == {"a": 1, "b": 2} and dht.get("stage", now=4.9) is first  # nothing changed: the same answer
+    assert dht.get("stage", now=5.0) == {"b": 2}  # "a" expired
+    dht.store("stage", "c", 3, expires_at=60.0)
+    assert dht.get("stage", now=6.0) == {"b": 2, "c": 3}  # a store is seen at once
+    dht.store("stage", "b", None, expires_at=0.0)
+    assert dht.get("stage", now=6.0) == {"c": 3}  # so is a withdrawal
+    assert dht.get("stage", now=60.0) is None
+
+
 def test_compute_is_serialized_on_one_gpu_and_runs_the_function():
     sim = make_sim()
     peer = add(sim, "p")
@@ -337,3 +355,16 @@ def test_many_calls_time_out_exactly_at_their_own_deadlines():
         client.runtime.spawn(one(timeout, delay))
     sim.run()
     assert ends == {case: pytest.approx(case[0], abs=1e-9) for case in cases}
+
+
+def test_the_dense_twin_of_a_node0_size_run_is_one_micro_batch(tmp_path):
+    # experiment=scale_bench (1024-sample steps of 8B activations on 80 Mb/s): one dense step from one trainer failed the
+    # memory check and timed out every request; the twin sends one micro-batch, whose bytes per token are a dense run's
+    run = compose_run_config("experiment=scale_bench", "topology.peers_per_stage=1")
+    dense = simulate(
+        tmp_path, "experiment=scale_bench", "topology.peers_per_stage=1", "compression=none", "churn=none",
+        "topology.num_trainers=1", "train.steps=1", "train.batch_size=1", "train.schedule=sync", "train.max_sim_time_s=null",
+        "train.eval_batches=0",
+    )
+    assert dense["steps"] == 1
+    assert dense_activation_bytes_per_token(run) == dense["activation_bytes_per_token"]

@@ -1,11 +1,12 @@
 """The emulated network: exact transfer times, fair sharing, latency, aborts."""
 
+import math
 import random
 
 import pytest
 import simpy
 
-from node0sim.sim.network import SHARING_MODELS, Endpoint, Network
+from node0sim.sim.network import SHARING_MODELS, Endpoint, Flow, Network
 
 every_model = pytest.mark.parametrize("sharing", SHARING_MODELS)
 """Single-bottleneck cases, where every sharing model must give the same times."""
@@ -330,3 +331,32 @@ def test_fluid_runs_build_no_transport_model_and_tcp_runs_take_the_configured_co
     assert build_simulation(compose_run_config(MINIMAL)).network.transport is None
     sim = build_simulation(compose_run_config(MINIMAL, "sim.transport=tcp", "sim.tcp_window_kib=64", "sim.tcp_rpc_overhead_ms=5"))
     assert sim.network.transport.window_bytes == 64 * 1024 and sim.rpc_overhead_s == pytest.approx(0.005)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_progressive_filling_gives_the_max_min_fair_rates_on_random_flow_sets(seed: int):
+    # the max-min fair allocation is the unique feasible one where every flow has a bottleneck: its own cap, or a
+    # saturated link on which no flow gets more than it does
+    rng = random.Random(seed)
+    peers = [Endpoint(f"p{i}", "r", rng.choice([10, 40, 80, 1000]), rng.choice([10, 80, 200])) for i in range(rng.randint(2, 12))]
+    env = simpy.Environment()
+    flows = {}
+    for _ in range(rng.randint(1, 40)):
+        src, dst = rng.sample(peers, 2)
+        cap = rng.choice([math.inf, math.inf, rng.uniform(0.1e6, 5e6)])
+        flow = Flow(src.up, dst.down, 1e6, 0.0, env.event(), 0.0, cap)
+        src.up.flows[flow] = dst.down.flows[flow] = None
+        flows[flow] = None
+    links = {link: None for flow in flows for link in (flow.up, flow.down)}
+    rates = Network._max_min_rates(links, flows)
+    assert rates.keys() == flows.keys()
+    tol = 1e-9
+    for link in links:
+        assert sum(rates[f] for f in link.flows) <= link.capacity * (1 + tol)
+    for flow, rate in rates.items():
+        assert 0 < rate <= flow.cap * (1 + tol)
+        bottlenecks = [
+            link for link in (flow.up, flow.down)
+            if sum(rates[f] for f in link.flows) >= link.capacity * (1 - tol) and all(rates[f] <= rate * (1 + tol) for f in link.flows)
+        ]
+        assert rate >= flow.cap * (1 - tol) or bottlenecks, f"flow of rate {rate} has no bottleneck"

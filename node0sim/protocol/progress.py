@@ -88,6 +88,10 @@ while it is there. In the simulator every reader gets the object its writer stor
 parsed once, not once per reader and read (the live DHT hands out fresh copies: they miss)."""
 
 
+_parsed_stages: dict[int, tuple[Any, dict[str, StageRecord]]] = {}
+"""``parse_stage`` of stage values read before, by ``id`` (as ``_parsed``)."""
+
+
 def _record_of(value: Any) -> StageRecord | None:
     """``StageRecord.from_dht(value)``, remembered for this very object (DHT values are never changed in place)."""
     seen = _parsed.get(id(value))
@@ -101,11 +105,19 @@ def _record_of(value: Any) -> StageRecord | None:
 
 
 def parse_stage(value: Any) -> dict[str, StageRecord]:
-    """The well-formed records in a stage key's DHT value (a ``{peer: record}`` dict), in its order."""
+    """The well-formed records in a stage key's DHT value (a ``{peer: record}`` dict), in its order (read-only: the
+    simulator's DHT hands every reader the same value while nothing changed, and this gives them the same answer)."""
     if not isinstance(value, dict):
         return {}
+    seen = _parsed_stages.get(id(value))
+    if seen is not None and seen[0] is value:
+        return seen[1]
+    if len(_parsed_stages) >= _PARSED_LIMIT:
+        _parsed_stages.clear()
     records = {peer: _record_of(record) for peer, record in value.items()}
-    return {peer: record for peer, record in records.items() if record is not None}
+    parsed = {peer: record for peer, record in records.items() if record is not None}
+    _parsed_stages[id(value)] = (value, parsed)
+    return parsed
 
 
 async def read_stage(rt: Runtime, run_id: str, stage: int) -> dict[str, StageRecord]:

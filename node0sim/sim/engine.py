@@ -151,25 +151,32 @@ class EmulatedDHT:
     def __init__(self, lookup_latency_s: float):
         self.lookup_latency_s = lookup_latency_s
         self._records: dict[str, dict[str | None, tuple[Any, float]]] = {}
+        self._views: dict[str, tuple[Any, float]] = {}
+        """Per key, the last answer of :meth:`get` and until when it stands (the earliest expiry among its values):
+        a stage's records are read far more often than written, and readers treat answers as read-only."""
 
     def store(self, key: str, subkey: str | None, value: Any, expires_at: float) -> None:
         """Write a value (or a subkey of a dictionary record); a ``None`` value withdraws it."""
+        self._views.pop(key, None)
         if value is None:
             self._records.get(key, {}).pop(subkey, None)
         else:
             self._records.setdefault(key, {})[subkey] = (value, expires_at)
 
     def get(self, key: str, now: float) -> Any:
-        """The unexpired value, a ``{subkey: value}`` dict, or None."""
+        """The unexpired value, a ``{subkey: value}`` dict, or None (the same object while nothing changed)."""
+        view = self._views.get(key)
+        if view is not None and now < view[1]:
+            return view[0]
         record = self._records.get(key)
         if not record:
             return None
         live = {sub: value for sub, (value, expires_at) in record.items() if expires_at > now}
         if not live:
             return None
-        if None in live:
-            return live[None]
-        return live
+        answer = live[None] if None in live else live
+        self._views[key] = (answer, min(record[sub][1] for sub in live))
+        return answer
 
 
 class SimPeer:

@@ -98,7 +98,7 @@ def slow_start_delay(nbytes: float, rate: float, rtt_s: float, initial_window: f
 class Link:
     """One direction of a peer's access link, with the flows currently using it."""
 
-    __slots__ = ("capacity", "flows", "name", "served", "served_at", "finishes", "version")
+    __slots__ = ("capacity", "flows", "name", "served", "served_at", "finishes", "version", "left", "unfrozen")
 
     def __init__(self, name: str, capacity_bytes_per_s: float):
         if not capacity_bytes_per_s > 0:
@@ -112,6 +112,9 @@ class Link:
         self.served_at = 0.0
         self.finishes: list[tuple[float, int, Flow]] = []
         self.version = 0
+        # maxmin sharing: capacity not yet given out and flows not yet frozen, during one progressive filling
+        self.left = 0.0
+        self.unfrozen = 0
 
     def advance(self, now: float) -> None:
         """Move the virtual clock to ``now``: each flow received an equal share since the last change."""
@@ -349,30 +352,60 @@ class Network:
 
         A flow's own cap (window / RTT) acts as a private link: once the fair share reaches it, the flow is
         frozen at its cap and the links it crosses share what is left among their other flows.
+
+        Each level freezes, in the order of ``links``, every link whose fair share (capacity left / unfrozen
+        flows, kept on the link in ``left`` and ``unfrozen``) is within a relative 1e-12 of the smallest. The
+        smallest comes from a heap of ``(share, position, link)`` entries, one pushed whenever a link's share
+        changes (older ones are skipped), so a level costs the links it touches, not every link of the component.
         """
-        capacity_left = {link: link.capacity for link in links}
-        unfrozen = {link: len(link.flows) for link in links}
+        if len(flows) == 1:
+            (flow,) = flows
+            return {flow: min(flow.up.capacity, flow.down.capacity, flow.cap)}
+        position: dict[Link, int] = {}
+        heap: list[tuple[float, int, Link]] = []
+        for link in links:
+            if link.flows:
+                link.left = link.capacity
+                link.unfrozen = len(link.flows)
+                position[link] = len(position)
+                heap.append((link.left / link.unfrozen, position[link], link))
+        heapq.heapify(heap)
+
+        def is_current(entry: tuple[float, int, Link]) -> bool:
+            link = entry[2]
+            return link.unfrozen > 0 and link.left / link.unfrozen == entry[0]
+
+        def freeze(flow: Flow, rate: float) -> None:
+            rates[flow] = rate
+            for shared in (flow.up, flow.down):
+                shared.left -= rate
+                shared.unfrozen -= 1
+                if shared.unfrozen:
+                    heapq.heappush(heap, (shared.left / shared.unfrozen, position[shared], shared))
+
         rates: dict[Flow, float] = {}
         capped = sorted((f for f in flows if f.cap < math.inf), key=lambda f: f.cap)
         while len(rates) < len(flows):
-            share = min(capacity_left[link] / unfrozen[link] for link in links if unfrozen[link])
+            while not is_current(heap[0]):
+                heapq.heappop(heap)
+            share = heap[0][0]
             while capped and capped[0] in rates:
                 capped.pop(0)
             if capped and capped[0].cap <= share:
                 flow = capped.pop(0)
-                rates[flow] = flow.cap
-                for shared in (flow.up, flow.down):
-                    capacity_left[shared] -= flow.cap
-                    unfrozen[shared] -= 1
+                freeze(flow, flow.cap)
                 continue
-            for link in links:
-                if unfrozen[link] and capacity_left[link] / unfrozen[link] <= share * (1 + 1e-12):
+            bound = share * (1 + 1e-12)
+            level: dict[Link, None] = {}
+            while heap and heap[0][0] <= bound:
+                entry = heapq.heappop(heap)
+                if is_current(entry):
+                    level[entry[2]] = None
+            for link in sorted(level, key=position.__getitem__):
+                if link.unfrozen and link.left / link.unfrozen <= bound:
                     for flow in link.flows:
                         if flow not in rates:
-                            rates[flow] = share
-                            for shared in (flow.up, flow.down):
-                                capacity_left[shared] -= share
-                                unfrozen[shared] -= 1
+                            freeze(flow, share)
         return rates
 
     def _complete(self, item: Flow | Link) -> None:

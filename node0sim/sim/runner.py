@@ -303,14 +303,18 @@ def run_simulation(run: RunConfig, out_dir: Path, recorder: RunRecorder | None =
 
 
 def dense_activation_bytes_per_token(run: RunConfig) -> float:
-    """Activation bytes per token the same pipeline sends with ``compression=none``, measured: one step of a dense twin
-    (the same model, sequence and micro-batch sizes, numerics or timing mode; one peer per stage, one trainer, no
-    churn) through the same trainer and messages. Message sizes depend only on those shapes, so the twin's bytes per
-    token are the run's own without compression."""
+    """Activation bytes per token the same pipeline sends with ``compression=none``, measured: one micro-batch of a
+    dense twin (the same model, sequence and micro-batch sizes, numerics or timing mode; one peer per stage, one
+    trainer, no churn) through the same trainer and messages. Message sizes depend only on those shapes, so the twin's
+    bytes per token are the run's own without compression. One micro-batch, not one of the run's steps: a Node0-size
+    step (1024 dense micro-batches from one trainer) would neither fit the memory check nor finish within the
+    request timeout on slow links."""
     twin = dataclasses.replace(
         run, compression=CompressionConfig(seed=run.compression.seed), churn=ChurnConfig(name="none"),
         topology=dataclasses.replace(run.topology, peers_per_stage=1, num_trainers=1, rebalance_period_s=0.0),
-        train=dataclasses.replace(run.train, steps=1, schedule="sync", max_sim_time_s=None, eval_batches=0),
+        train=dataclasses.replace(
+            run.train, steps=1, batch_size=run.train.micro_batch_size, schedule="sync", max_sim_time_s=None, eval_batches=0,
+        ),
     )
     with tempfile.TemporaryDirectory() as out:
         measured = SimulatedRun(twin, Path(out), RunRecorder(Path(out), 1, stream=None))
