@@ -150,7 +150,6 @@ def ablate(out: Path, steps: int, extra: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cells = [cell for cell in CELLS if cell[0] in ABLATED_CELLS]
     today = val_losses(RESULTS / "convergence" / "convergence.json")
-    node0 = val_losses(RESULTS / "convergence" / NODE0 / "convergence.json")
 
     def row(rules: str, losses: dict[str, float]) -> list[str]:
         return [rules] + [f"{losses[label]:.3f} ({losses[label] / today[label] - 1:+.1%})" for label in ABLATED_CELLS]
@@ -162,7 +161,7 @@ def ablate(out: Path, steps: int, extra: list[str]) -> None:
         runs = run_cells(out / slug, cells, f"experiment={TODAY}", f"train.steps={steps}", *overrides, *extra)
         results[rule] = {"overrides": overrides} | {label: run["summary"]["val_loss"] for label, run in runs.items()}
         rows.append(row(f"+ {rule} (`{' '.join(overrides)}`)", results[rule]))
-    rows.append(row(f"all of Node0's (experiment={NODE0})", node0))
+    rows.append(row(f"all of Node0's (experiment={NODE0})", val_losses(RESULTS / "convergence" / NODE0 / "convergence.json")))
     table = markdown_table(["rules", *(f"val loss, {label}" for label in ABLATED_CELLS)], rows)
     (out / "ablation.md").write_text(f"# One Node0 rule at a time on the tiny model ({steps} steps, same data and seed)\n\n" + table)
     save_json(out / "ablation.json", results)

@@ -187,6 +187,6 @@ def test_node0_tiny_trains_the_tiny_model_by_node0s_rules_at_its_own_scale():
     assert [getattr(tiny.optim, key) for key in rules] == [getattr(node0.optim, key) for key in rules]
     assert (tiny.topology.tail_calls, tiny.topology.stage_assignment) == (node0.topology.tail_calls, node0.topology.stage_assignment)
     assert (tiny.compression.project_gradients, tiny.sim.timing_dtype) == (False, node0.sim.timing_dtype)
-    assert tiny.averaging == node0.averaging
+    assert tiny.averaging == dataclasses.replace(node0.averaging, target_batch_size=minimal.train.batch_size)
     assert tiny.model == {**minimal.model, "embedding_init_std": 1.0}
     assert (tiny.topology.num_stages, tiny.topology.peers_per_stage) == (minimal.topology.num_stages, 1)
