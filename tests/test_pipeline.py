@@ -73,18 +73,27 @@ def test_one_step_over_the_network_matches_single_process(num_stages, schedule):
     batch = torch.randint(0, CFG.vocab_size, (6, 17), generator=torch.Generator().manual_seed(0))
     computes, stats = _pipeline_step(num_stages, batch, micro=2, schedule=schedule, update_every=10**6)
 
+    loss, expected = single_process_step(batch)
+    assert stats.micro_batches_done == 3 and stats.failed_requests == 0
+    assert sum(stats.losses) / len(stats.losses) == pytest.approx(loss, abs=1e-5)
+    assert_same_gradients(computes, expected, batch.shape[0])
+
+
+def single_process_step(batch):
+    """The single-process model's loss and (after backward) named parameters on ``batch``."""
     reference = Llama(CFG, seed=3)
     logits = reference(batch[:, :-1])
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, CFG.vocab_size), batch[:, 1:].reshape(-1))
     loss.backward()
+    return loss.item(), dict(reference.named_parameters())
 
-    assert stats.micro_batches_done == 3 and stats.failed_requests == 0
-    assert sum(stats.losses) / len(stats.losses) == pytest.approx(loss.item(), abs=1e-5)
-    expected = dict(reference.named_parameters())
+
+def assert_same_gradients(computes, expected, samples):
+    """Every stage's accumulated gradient (a sum over ``samples``) is the single-process model's mean gradient."""
     checked = 0
     for compute in computes:
         for name, param in compute.module.named_parameters():
-            torch.testing.assert_close(param.grad / 6, expected[name].grad, atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(param.grad / samples, expected[name].grad, atol=1e-6, rtol=1e-4)
             checked += 1
     assert checked == len(expected)
 
