@@ -1,12 +1,17 @@
 """Node0's headline in simulation: 80 Mb/s vs 100 Gb/s, with and without subspace compression.
 
     .venv/bin/python experiments/headline.py [--experiment headline|node0] [--out DIR] [extra Hydra overrides...]
+    .venv/bin/python experiments/headline.py --surface [--jobs 2] [--gpus l4 h100 ...] [--report-only]
 
 Runs ``experiment=headline`` (node0_8b, 32 stages, timing mode; or ``--experiment node0``: the same with Node0's
 mechanisms, conf/experiment/node0.yaml) for network in {datacenter, internet} x compression in {none, subspace
 (rate 100)}, then writes ``headline.md`` (table and verdicts on the two claims), ``headline.json`` and
 ``headline.png`` into the output folder (default ``experiments/results/<experiment>``).
 Throughput is the steady-state rate over the second half of the run (pipeline fill excluded).
+
+``--surface`` runs the claim over a grid instead (experiments/surface.py): in-flight micro-batches x RTT x GPU x
+wire dtype x seeds, compressed 80 Mb/s with latency jitter against dense 100 Gb/s, and writes ``surface.md``,
+``surface.json`` and ``surface.png``; ``--report-only`` rebuilds them from ``surface.json``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import surface
 from common import RESULTS, run_cell, save_json
 
 from node0sim.reporting import markdown_table, pyplot, save_figure
@@ -27,9 +33,13 @@ def main() -> None:
     parser.add_argument("--experiment", choices=["headline", "node0"], default="headline", help="the preset of every cell")
     parser.add_argument("--out", type=Path, help="output folder (default experiments/results/<experiment>)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides applied to every cell")
+    surface.add_arguments(parser)
     args = parser.parse_args()
     args.out = args.out or RESULTS / args.experiment
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.surface or args.report_only:
+        surface.main(args)
+        return
 
     results = {}
     for net, comp in CELLS:
