@@ -12,6 +12,7 @@ first seed (``dense_seeds`` to run more).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -84,18 +85,35 @@ def grid(inflight: list[int], rtt_ms: list[float], gpus: list[str], dtypes: list
     return cells
 
 
+def cached_summary(out: Path, overrides: list[str]) -> dict[str, Any] | None:
+    """The complete summary in ``out`` if it was run with exactly ``overrides`` (its ``overrides.json``), else None."""
+    try:
+        ran_with = json.loads((out / "overrides.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return read_complete_summary(out) if ran_with == overrides else None
+
+
 def _run(experiment: str, cell: Cell, cells_dir: Path, extra: list[str]) -> dict[str, Any]:
     out, overrides = cells_dir / cell.name, [*cell.overrides(experiment), *extra]
-    summary = read_complete_summary(out) or run_cell(out, *overrides)[0]
+    summary = cached_summary(out, overrides)
+    if summary is None:
+        summary = run_cell(out, *overrides)[0]
+        save_json(out / "overrides.json", overrides)
     return {"cell": asdict(cell), "overrides": overrides,
             **{k: summary[k] for k in ("tokens_per_s_steady", "sim_time_s", "wall_time_s", "activation_bytes_per_token")}}
 
 
 def run_surface(experiment: str, cells: list[Cell], out: Path, jobs: int, extra: list[str]) -> dict[str, Any]:
-    """Run ``cells`` with the ``extra`` overrides (``jobs`` processes; a cell whose folder holds a complete summary is
-    read, not rerun) and save ``surface.json`` after each; returns its content."""
+    """Run ``cells`` with the ``extra`` overrides (``jobs`` processes; a cell whose folder holds a complete summary of
+    the same overrides is read, not rerun) and add each to ``surface.json`` as it finishes (a file of the same experiment and overrides
+    keeps its other cells, so parts of a grid run one after another add up); returns its content."""
     data: dict[str, Any] = {"experiment": experiment, "extra_overrides": extra, "claim_share": CLAIM_SHARE, "cells": {}}
     path = out / "surface.json"
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if (previous.get("experiment"), previous.get("extra_overrides", [])) == (experiment, extra):
+            data["cells"] = previous["cells"]
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(_run, experiment, cell, out / "cells" / "surface", extra) for cell in cells]
         for cell, future in zip(cells, futures):
@@ -234,8 +252,6 @@ def main(args: argparse.Namespace) -> None:
     """Run (or with ``--report-only`` only report) the surface described by ``args``."""
     path = args.out / "surface.json"
     if args.report_only:
-        import json
-
         if not path.is_file():
             raise SystemExit(f"surface: {path} does not exist (run --surface first)")
         data = json.loads(path.read_text())

@@ -3,6 +3,7 @@ the report, on a fake surface.json (no runs)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -71,3 +72,28 @@ def test_a_point_with_fewer_seeds_than_the_grid_says_so(tmp_path):
     cut = {surface.Cell(1, "l4", "bfloat16", 0, 50.0, 5.0): 800.0}  # an interrupted grid: seeds 1 and 2 did not run
     text = surface.report(_data({dense: 1000.0, **full, **cut}), tmp_path)
     assert "| **0.950 [0.950-0.950]** | 0.800 [0.800-0.800] (1 of 3 seeds) |" in text
+
+
+def _finished(out: Path, cell: surface.Cell, rate: float) -> None:
+    from node0sim.summary import SUMMARY_KEYS
+
+    folder = out / "cells" / "surface" / cell.name
+    folder.mkdir(parents=True)
+    summary = {**{k: None for k in SUMMARY_KEYS}, "tokens_per_s_steady": rate, "sim_time_s": 1.0, "wall_time_s": 1.0,
+               "activation_bytes_per_token": 10.0}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    (folder / "overrides.json").write_text(json.dumps(cell.overrides("headline")))
+
+
+def test_finished_cells_are_read_not_rerun_and_parts_of_a_grid_add_up(tmp_path):
+    first, second = surface.Cell(2, "l4", "bfloat16", 0), surface.Cell(2, "h100", "bfloat16", 0)
+    _finished(tmp_path, first, 1000.0)
+    _finished(tmp_path, second, 2000.0)
+    surface.run_surface("headline", [first], tmp_path, 1, [])
+    data = surface.run_surface("headline", [second], tmp_path, 1, [])
+    assert {n: c["tokens_per_s_steady"] for n, c in data["cells"].items()} == {first.name: 1000.0, second.name: 2000.0}
+    assert json.loads((tmp_path / "surface.json").read_text()) == data
+    folder = tmp_path / "cells" / "surface" / first.name
+    assert surface.cached_summary(folder, first.overrides("headline"))["tokens_per_s_steady"] == 1000.0
+    assert surface.cached_summary(folder, first.overrides("node0")) is None  # run under another preset: run again
+    assert surface.cached_summary(folder, [*first.overrides("headline"), "sim.utilization=0.6"]) is None
