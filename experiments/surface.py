@@ -206,12 +206,14 @@ def report(data: dict[str, Any], out: Path) -> str:
     ]
     text = "\n".join(lines)
     (out / "surface.md").write_text(text)
-    plot(table, gpus, dtypes, inflight, rtts, out / "surface.png")
+    plot(table, gpus, dtypes, inflight, rtts, out / "surface.png",
+         f"experiment={data['experiment']}: compressed 80 Mb/s / dense 100 Gb/s, steady tok/s; cell: mean and min-max over "
+         f"seeds {', '.join(map(str, seeds))}, jitter {'/'.join(f'{j:g}' for j in jitter)} ms")
     return text
 
 
 def plot(table: dict[tuple[str, str, int, float], Share], gpus: list[str], dtypes: list[str], inflight: list[int],
-         rtts: list[float], path: Path) -> Path:
+         rtts: list[float], path: Path, title: str = "") -> Path:
     """One heat map per (dtype, gpu): in-flight x RTT, colour the mean share, the claim's threshold as a contour."""
     plt = pyplot()
     fig, axes = plt.subplots(len(dtypes), len(gpus), figsize=(3.2 * len(gpus) + 1, 2.8 * len(dtypes)), squeeze=False)
@@ -227,7 +229,10 @@ def plot(table: dict[tuple[str, str, int, float], Share], gpus: list[str], dtype
                          if points[i, r] else "" for r in rtts] for i in inflight],
             )
             axes[row][col].set(title=f"{gpu}, {dtype} wire", xlabel="RTT (ms)", ylabel="in flight per trainer")
+            if not any(points.values()):
+                axes[row][col].text(0.5, 0.5, "not run", transform=axes[row][col].transAxes, ha="center", va="center")
     fig.colorbar(image, ax=axes, label=f"share of dense 100 Gb/s (contour: {CLAIM_SHARE})", shrink=0.8)
+    fig.suptitle(title, fontsize=9)
     fig.savefig(path, dpi=100, bbox_inches="tight")  # not save_figure: tight_layout cannot place a shared colorbar
     plt.close(fig)
     return path
