@@ -50,7 +50,7 @@ def test_share_is_each_seed_over_the_reference_and_holds_only_when_every_seed_do
     assert shares["l4", "bfloat16", 2, 10.0].holds
     assert not shares["l4", "bfloat16", 2, 150.0].holds  # mean 0.943, but seed 1 keeps only 0.89
     text = surface.report(data, tmp_path)
-    assert "**0.927 [0.910-0.950]**" in text and "| 0.943 [0.890-0.990] |" in text
+    assert "**0.927 [0.9100-0.9500]**" in text and "| 0.943 [0.8900-0.9900] |" in text
     assert "The claim holds at 1 of 2 points: l4 bfloat16 in-flight 2 RTT 10 ms." in text
     assert (tmp_path / "surface.png").is_file()
 
@@ -71,7 +71,7 @@ def test_a_point_with_fewer_seeds_than_the_grid_says_so(tmp_path):
     full = {surface.Cell(1, "l4", "bfloat16", s, 10.0, 5.0): 950.0 for s in (0, 1, 2)}
     cut = {surface.Cell(1, "l4", "bfloat16", 0, 50.0, 5.0): 800.0}  # an interrupted grid: seeds 1 and 2 did not run
     text = surface.report(_data({dense: 1000.0, **full, **cut}), tmp_path)
-    assert "| **0.950 [0.950-0.950]** | 0.800 [0.800-0.800] (1 of 3 seeds) |" in text
+    assert "| **0.950 [0.9500-0.9500]** | 0.800 [0.8000-0.8000] (1 of 3 seeds) |" in text
 
 
 def _finished(out: Path, cell: surface.Cell, rate: float) -> None:
