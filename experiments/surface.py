@@ -12,6 +12,7 @@ first seed (``dense_seeds`` to run more).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from concurrent.futures import ProcessPoolExecutor
@@ -208,16 +209,20 @@ def report(data: dict[str, Any], out: Path) -> str:
     text = "\n".join(lines)
     (out / "surface.md").write_text(text)
     plot(table, gpus, dtypes, inflight, rtts, out / "surface.png",
-         f"experiment={data['experiment']}: compressed 80 Mb/s / dense 100 Gb/s, steady tok/s; cell: mean and min-max over "
+         f"experiment={data['experiment']}: compressed 80 Mb/s / dense 100 Gb/s, steady tok/s\ncell: mean and min-max over "
          f"seeds {', '.join(map(str, seeds))}, jitter {'/'.join(f'{j:g}' for j in jitter)} ms")
     return text
 
 
 def plot(table: dict[tuple[str, str, int, float], Share], gpus: list[str], dtypes: list[str], inflight: list[int],
          rtts: list[float], path: Path, title: str = "") -> Path:
-    """One heat map per (dtype, gpu): in-flight x RTT, colour the mean share, the claim's threshold as a contour."""
+    """One heat map per (dtype, gpu): in-flight x RTT, colour the mean share, the claim's threshold as a contour, a frame
+    around the points where it holds."""
+    from matplotlib.patches import Rectangle
+
     plt = pyplot()
-    fig, axes = plt.subplots(len(dtypes), len(gpus), figsize=(3.2 * len(gpus) + 1, 2.8 * len(dtypes)), squeeze=False)
+    fig, axes = plt.subplots(len(dtypes), len(gpus), figsize=(3.4 * len(gpus) + 1.5, 3.2 * len(dtypes) + 0.5), squeeze=False,
+                             layout="constrained")
     image = None
     for row, dtype in enumerate(dtypes):
         for col, gpu in enumerate(gpus):
@@ -229,12 +234,15 @@ def plot(table: dict[tuple[str, str, int, float], Share], gpus: list[str], dtype
                 labels=[[f"{points[i, r].mean:.2f}\n{min(points[i, r].values):.2f}-{max(points[i, r].values):.2f}"
                          if points[i, r] else "" for r in rtts] for i in inflight],
             )
+            for (y, i), (x, r) in itertools.product(enumerate(inflight), enumerate(rtts)):
+                if points[i, r] and points[i, r].holds:  # the claim holds: a thick frame
+                    axes[row][col].add_patch(Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, linewidth=3, edgecolor="black"))
             axes[row][col].set(title=f"{gpu}, {dtype} wire", xlabel="RTT (ms)", ylabel="in flight per trainer")
             if not any(points.values()):
                 axes[row][col].text(0.5, 0.5, "not run", transform=axes[row][col].transAxes, ha="center", va="center")
     fig.colorbar(image, ax=axes, label=f"share of dense 100 Gb/s (contour: {CLAIM_SHARE})", shrink=0.8)
     fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=100, bbox_inches="tight")  # not save_figure: tight_layout cannot place a shared colorbar
+    fig.savefig(path, dpi=100)  # not save_figure: tight_layout cannot place a shared colorbar, constrained layout can
     plt.close(fig)
     return path
 
