@@ -15,6 +15,9 @@ into ``--out`` (default: the folder itself):
 - ``throughput_vs_<parameter>.png`` for each parameter that varies across jobs: tokens/s against its
   values (numbers on a numeric axis, log-scaled when they span 100x or more), one line per setting of
   the other varying parameters;
+- ``heatmap_<metric>.png`` when at least two varying parameters are numeric (or ``--heatmap-axes X Y`` names two
+  varying ones): ``--heatmap METRIC`` (a ``summary.json`` key, default ``tokens_per_s``) over the first two such
+  parameters, one cell per pair of values, the mean where other varying parameters (e.g. seeds) give several jobs;
 - for a search (jobs with a ``search.json``: ``search.objective``, e.g. ``experiment=uplink_search``): a
   "Search" section (objective, trials, infeasible ones, the best trial and its overrides, the sweeper's own
   ``optimization_results.yaml``), an objective column in the table and ``search_history.png`` (each trial's
@@ -39,7 +42,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from node0sim.metrics import read_complete_summary  # noqa: E402
-from node0sim.reporting import markdown_table, pyplot, save_figure  # noqa: E402
+from node0sim.reporting import heatmap, markdown_table, pyplot, save_figure  # noqa: E402
 
 # Overrides that do not change a job's results (workflow settings) stay out of the table.
 IGNORED_KEYS = re.compile(r"^(train\.skip_if_done|wandb\..*|hydra\..*|hydra/.*)$")
@@ -246,6 +249,51 @@ def plot_throughput(jobs: list[Job], keys: list[str], key: str, path: Path) -> P
     return save_figure(fig, path)
 
 
+def heatmap_axes(jobs: list[Job], keys: list[str], axes: list[str] | None = None) -> tuple[str, str] | None:
+    """The heat map's (x, y) parameters: ``axes`` (two varying keys) or the first two numeric varying keys; None when
+    fewer than two vary numerically."""
+    if axes is not None:
+        if len(axes) != 2 or axes[0] == axes[1]:
+            raise SystemExit(f"report: --heatmap-axes needs two different keys, got {axes}")
+        unknown = [k for k in axes if k not in keys]
+        if unknown:
+            raise SystemExit(f"report: --heatmap-axes {' '.join(unknown)}: not a varying parameter (varying: {', '.join(keys) or 'none'})")
+        return axes[0], axes[1]
+    numeric = [k for k in keys if _numeric([j.overrides.get(k) for j in jobs])]
+    return (numeric[0], numeric[1]) if len(numeric) >= 2 else None
+
+
+def heatmap_grid(jobs: list[Job], x_key: str, y_key: str, metric: str) -> tuple[list[str], list[str], list[list[float | None]]]:
+    """The x and y values (sorted when numeric, as text) and ``means[y][x]``: the mean ``metric`` of the jobs at each
+    pair of values (None where no job has a finite one)."""
+    cells: dict[tuple[str, str], list[float]] = {}
+    for job in jobs:
+        value = (job.summary or {}).get(metric)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            cells.setdefault((_value_text(job.overrides.get(x_key)), _value_text(job.overrides.get(y_key))), []).append(value)
+    if not cells:
+        raise SystemExit(f"report: --heatmap {metric}: no job's summary has a finite number for {metric!r}")
+
+    def ordered(key: str) -> list[str]:
+        values = list(dict.fromkeys(j.overrides.get(key) for j in jobs))
+        return [_value_text(v) for v in (sorted(values) if _numeric(values) else values)]
+
+    xs, ys = ordered(x_key), ordered(y_key)
+    return xs, ys, [[sum(cells[x, y]) / len(cells[x, y]) if (x, y) in cells else None for x in xs] for y in ys]
+
+
+def plot_heatmap(jobs: list[Job], keys: list[str], x_key: str, y_key: str, metric: str, path: Path) -> Path:
+    """Heat map of ``metric`` over (``x_key``, ``y_key``) (:func:`heatmap_grid`), the other varying keys averaged."""
+    xs, ys, means = heatmap_grid(jobs, x_key, y_key, metric)
+    others = [k for k in keys if k not in (x_key, y_key)]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 3, 0.8 * len(ys) + 2.5))
+    image = heatmap(ax, xs, ys, means, labels=[[_fmt(v, ".4g") for v in row] for row in means])
+    fig.colorbar(image, ax=ax, label=metric)
+    ax.set(xlabel=x_key, ylabel=y_key, title=metric + (f"\n(mean over {', '.join(others)})" if others else ""))
+    return save_figure(fig, path)
+
+
 def search_section(root: Path, jobs: list[Job], keys: list[str]) -> list[str]:
     """Markdown lines on the search: objective, trials, infeasible ones, the best trial; [] when no job has one."""
     trials = [j for j in jobs if j.search is not None]
@@ -324,8 +372,10 @@ def write_html(path: Path, title: str, common: str, header: list[str], rows: lis
     return path
 
 
-def build_report(root: Path, out: Path, html_page: bool = False) -> dict[str, Any]:
-    """Write the report for ``root`` into ``out``; returns what was written (paths) and the table."""
+def build_report(root: Path, out: Path, html_page: bool = False, heatmap_metric: str = "tokens_per_s",
+                 heatmap_keys: list[str] | None = None) -> dict[str, Any]:
+    """Write the report for ``root`` into ``out`` (the heat map of ``heatmap_metric`` over ``heatmap_keys`` or the
+    first two numeric varying keys); returns what was written (paths) and the table."""
     root, out = Path(root).resolve(), Path(out).resolve()
     jobs, incomplete = find_jobs(root)
     if not jobs:
@@ -347,6 +397,9 @@ def build_report(root: Path, out: Path, html_page: bool = False) -> dict[str, An
         plot_loss(jobs, keys, "time_s", "virtual time (s)", out / "loss_vs_time.png"),
     ) if p is not None]
     images += [plot_throughput(jobs, keys, key, out / f"throughput_vs_{_slug(key)}.png") for key in keys]
+    axes = heatmap_axes(jobs, keys, heatmap_keys)
+    if axes is not None:
+        images.append(plot_heatmap(jobs, keys, *axes, heatmap_metric, out / f"heatmap_{_slug(heatmap_metric)}.png"))
     history = plot_search_history(jobs, out / "search_history.png")
     images += [history] if history is not None else []
 
@@ -370,10 +423,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("root", type=Path, help="a run folder or a multirun (sweep) folder")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: the folder itself)")
     parser.add_argument("--html", action="store_true", help="also write report.html")
+    parser.add_argument("--heatmap", default="tokens_per_s", metavar="METRIC",
+                        help="summary.json key of the heat map over two numeric varying parameters (default tokens_per_s)")
+    parser.add_argument("--heatmap-axes", nargs=2, metavar=("X", "Y"), help="the heat map's two varying parameters")
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         parser.error(f"{args.root} is not a folder")
-    result = build_report(args.root, args.out or args.root, args.html)
+    result = build_report(args.root, args.out or args.root, args.html, args.heatmap, args.heatmap_axes)
     written = result["written"]
     print(f"report: {len(result['rows'])} job(s)"
           + (f", varying {', '.join(result['varying'])}" if result["varying"] else "")

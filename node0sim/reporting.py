@@ -50,3 +50,30 @@ def readable_ylim(ax: Any, values: Sequence[float], floor: float | None = None) 
         bottom, top = floor, max(top, floor + span)
     ax.set_ylim(bottom, top)
     ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+
+
+def heatmap(ax: Any, x_labels: list[str], y_labels: list[str], values: list[list[float | None]],
+            labels: list[list[str]] | None = None, threshold: float | None = None, **imshow: Any) -> Any:
+    """``values[y][x]`` as coloured cells on ``ax`` (None: blank), each annotated with ``labels[y][x]`` (default the
+    value to 3 figures), a black contour at ``threshold`` where the values cross it; returns the image (for a colorbar)."""
+    import numpy as np
+
+    grid = np.array([[np.nan if v is None else v for v in row] for row in values], dtype=float)
+    image = ax.imshow(grid, origin="lower", aspect="auto", cmap=imshow.pop("cmap", "RdYlGn"), **imshow)
+    ax.set_xticks(range(len(x_labels)), x_labels)
+    ax.set_yticks(range(len(y_labels)), y_labels)
+    for y, row in enumerate(values):
+        for x, value in enumerate(row):
+            text = labels[y][x] if labels is not None else "" if value is None else f"{value:.3g}"
+            ax.text(x, y, text, ha="center", va="center", fontsize=7, color="white" if value is not None else "black",
+                    path_effects=[_outline()])
+    finite = grid[np.isfinite(grid)]
+    if threshold is not None and min(grid.shape) >= 2 and finite.size and finite.min() < threshold < finite.max():
+        ax.contour(grid, levels=[threshold], colors="black", linewidths=1.5)
+    return image
+
+
+def _outline() -> Any:
+    from matplotlib import patheffects
+
+    return patheffects.withStroke(linewidth=2, foreground="black")

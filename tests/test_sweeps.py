@@ -4,6 +4,7 @@ the experiment presets and the sweep folder names."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -153,3 +154,47 @@ def test_new_sections_validate():
     cfg["wandb"]["colour"] = "blue"
     with pytest.raises(ConfigError, match="colour"):
         load_run_config(cfg)
+
+
+def _fake_job(root: Path, name: str, overrides: list[str], tokens_per_s: float) -> None:
+    from node0sim.summary import SUMMARY_KEYS
+
+    job = root / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (job / "summary.json").write_text(json.dumps({**{k: None for k in SUMMARY_KEYS}, "tokens_per_s": tokens_per_s}))
+
+
+def test_report_heat_map_over_two_numeric_keys_averages_the_others(tmp_path):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import report
+
+    number = itertools.count()
+    for up, latency, seed in itertools.product((10, 80), (5, 50), (0, 1)):
+        # tokens/s = up x 100 / latency + seed: the mean over the two seeds is up x 100 / latency + 0.5
+        _fake_job(tmp_path, f"{next(number)}_job", [f"network.up_mbps={up}", f"network.latency_ms={latency}", f"seed={seed}",
+                                                    "compression=none"], up * 100 / latency + seed)
+    jobs, _ = report.find_jobs(tmp_path)
+    keys = report.varying_keys(jobs)
+    assert report.heatmap_axes(jobs, keys) == ("network.up_mbps", "network.latency_ms")
+    xs, ys, means = report.heatmap_grid(jobs, "network.up_mbps", "network.latency_ms", "tokens_per_s")
+    assert (xs, ys) == (["10", "80"], ["5", "50"])
+    assert means == [[10 * 100 / 5 + 0.5, 80 * 100 / 5 + 0.5], [10 * 100 / 50 + 0.5, 80 * 100 / 50 + 0.5]]
+    written = report.build_report(tmp_path, tmp_path / "out")["written"]
+    assert tmp_path / "out" / "heatmap_tokens_per_s.png" in written["plots"]
+    with pytest.raises(SystemExit, match="not a varying parameter"):
+        report.heatmap_axes(jobs, keys, ["network.up_mbps", "compression"])
+    with pytest.raises(SystemExit, match="no job's summary has a finite number for 'val_loss'"):
+        report.heatmap_grid(jobs, "network.up_mbps", "seed", "val_loss")
+
+
+def test_report_without_two_numeric_varying_keys_draws_no_heat_map(tmp_path):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import report
+
+    for i, comp in enumerate(("none", "subspace")):
+        _fake_job(tmp_path, f"{i}_job", ["network.up_mbps=10", f"compression={comp}"], 100.0 + i)
+    jobs, _ = report.find_jobs(tmp_path)
+    assert report.heatmap_axes(jobs, report.varying_keys(jobs)) is None
+    report.build_report(tmp_path, tmp_path / "out")
+    assert not list((tmp_path / "out").glob("heatmap_*.png"))
