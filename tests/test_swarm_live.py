@@ -233,12 +233,16 @@ def test_a_local_swarm_under_node0s_rules_trains_on_the_stages_its_organizer_nam
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         summary = _summary(tmp_path)
-        assert summary["steps"] == 6 and summary["final_peers_per_stage"] == [2, 2]
+        # the organizer balances the stages' measured throughput, not their peer counts: each process measures its own
+        # speed, which differs on a loaded machine (2/2, 1/3 and 3/1 were seen), so only "every stage served" is fixed
+        peers = summary["final_peers_per_stage"]
+        assert summary["steps"] == 6 and sum(peers) == 4 and min(peers) >= 1, summary
         servers = [f"s{stage}p{k}" for stage in (0, 1) for k in (0, 1)]
         logs = {name: (tmp_path / "swarm" / f"{name}.log").read_text() for name in servers}
         assert all("named by the organizer" in log for log in logs.values()), {n: log[-2000:] for n, log in logs.items()}
-        assert summary["averaging_rounds"] > 0
-        assert summary["watchdog_exits"] == {"failed_rounds": 0, "failed_state_loads": 0, "nan_gradients": 0}
+        # the stages step (averaging once a server sees its partner, alone before: the local role does not wait for that)
+        assert summary["averaging_rounds"] + summary["solo_steps"] > 0, summary
+        assert summary["watchdog_exits"] == {"failed_rounds": 0, "failed_state_loads": 0, "nan_gradients": 0}, summary
         assert not list(runtime_dir.glob("*"))
     finally:
         shutil.rmtree(runtime_dir, ignore_errors=True)
