@@ -74,16 +74,20 @@ def run(cfg: DictConfig) -> dict:
     from node0sim.tracking import make_sinks
 
     if run_cfg.backend == "swarm":
+        from node0sim.assembly import trainer_steps
         from swarm.launch import run_swarm
 
+        expected = {"steps": run_cfg.train.steps}
+
         def recorder_for(run: RunConfig, document: dict) -> RunRecorder:  # a trainer's config comes from the DHT
-            return RunRecorder(out_dir, run.train.steps, sinks=make_sinks(run, document, out_dir))
+            expected["steps"] = trainer_steps(run, run_cfg.swarm.trainer_index)  # one trainer of several: its share
+            return RunRecorder(out_dir, expected["steps"], sinks=make_sinks(run, document, out_dir))
 
         summary = run_swarm(config, run_cfg, out_dir, list(hydra_cfg.overrides.task), recorder_for)
         if summary is not None and run_cfg.swarm.role == "trainer":
             _print_done(summary, out_dir, [])
         if summary is not None:
-            _check_complete(run_cfg, summary)
+            _check_complete(run_cfg, summary, expected["steps"])
         return summary
     from node0sim.sim.runner import run_simulation
 
@@ -104,10 +108,12 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-def incomplete_run(run: RunConfig, summary: dict) -> str | None:
-    """None if the run completed ``train.steps``; otherwise how many it did and the causes its own numbers show."""
+def incomplete_run(run: RunConfig, summary: dict, expected_steps: int | None = None) -> str | None:
+    """None if the run completed ``expected_steps`` (default ``train.steps``; a live trainer of several: its share);
+    otherwise how many it did and the causes its own numbers show."""
     train = run.train
-    if summary["steps"] >= train.steps:
+    expected = train.steps if expected_steps is None else expected_steps
+    if summary["steps"] >= expected:
         return None
     causes = []
     if summary["backend"] == "sim" and train.max_sim_time_s is not None and summary["sim_time_s"] >= train.max_sim_time_s:
@@ -135,12 +141,12 @@ def incomplete_run(run: RunConfig, summary: dict) -> str | None:
         causes.append(f"{summary['dropped_micro_batches']} micro-batches dropped after train.max_retries={train.max_retries}")
     if summary["micro_batches_in_flight"]:
         causes.append(f"{summary['micro_batches_in_flight']} micro-batches still in flight at the end")
-    return f"incomplete run: {summary['steps']} of {train.steps} steps; {'; '.join(causes) or 'no failure was seen'}"
+    return f"incomplete run: {summary['steps']} of {expected} steps; {'; '.join(causes) or 'no failure was seen'}"
 
 
-def _check_complete(run: RunConfig, summary: dict) -> None:
+def _check_complete(run: RunConfig, summary: dict, expected_steps: int | None = None) -> None:
     """Say so (last line) when the run did fewer steps than asked; raise IncompleteRun unless train.allow_partial."""
-    shortfall = incomplete_run(run, summary)
+    shortfall = incomplete_run(run, summary, expected_steps)
     if shortfall is None:
         return
     if not run.train.allow_partial:

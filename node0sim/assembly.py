@@ -7,7 +7,7 @@ run is decided here, once.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -21,7 +21,7 @@ from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.swarm_peer import BalanceConfig, StageOrganizer, SwarmPeer
 from node0sim.protocol.trainer import MicroBatchSource, Trainer, TrainerConfig, TrainerStats
 from node0sim.runtime import Runtime
-from node0sim.summary import RunSummary, ServerReport, ServerTotals, TrainerTotals, steady_throughput
+from node0sim.summary import RunSummary, ServerReport, ServerTotals, TrainerTotals, latency_quantiles, steady_throughput
 
 
 def method_bytes(counter: Mapping[str, int], methods: Sequence[str]) -> int:
@@ -73,6 +73,12 @@ def micro_batch_share(run: RunConfig, index: int) -> int:
     total = run.train.steps * run.train.micro_batches_per_step
     trainers = run.topology.num_trainers
     return total // trainers + (index < total % trainers)
+
+
+def trainer_steps(run: RunConfig, index: int) -> int:
+    """Steps trainer ``index`` completes on its own share (what its live recorder counts): the whole run's
+    ``train.steps`` for a single trainer."""
+    return micro_batch_share(run, index) // run.train.micro_batches_per_step
 
 
 def make_trainer(
@@ -147,4 +153,13 @@ def summarize(
         rpc_bytes_per_stage=[sum(t.stage_bytes.get(i, 0) for t in trainers) for i in range(run.topology.num_stages)],
         trainer_totals=totals, servers=servers, churn_events=churn_events, stage_moves=stage_moves,
         gpu_utilization=gpu_utilization, dense_activation_bytes_per_token=dense_activation_bytes_per_token,
+        request_latency_s=latency_quantiles(_merged(t.request_seconds for t in trainers)),
     )
+
+
+def _merged(per_trainer: Iterable[dict[str, list[float]]]) -> dict[str, list[float]]:
+    merged: dict[str, list[float]] = {}
+    for seconds in per_trainer:
+        for method, values in seconds.items():
+            merged.setdefault(method, []).extend(values)
+    return merged

@@ -241,6 +241,10 @@ class SimConfig:
     tcp_message_overhead_bytes: float = 623.0  # per message on the wire: tools/bench_wire.py, 10 Mb/s lab, measured 623 B
     tcp_byte_overhead: float = 1.0466  # wire bytes per payload byte (headers per segment): tools/bench_wire.py, measured 1.0466
     tcp_rpc_overhead_ms: float = 2.67  # fixed time per RPC (event loops, p2pd hops): tools/bench_wire.py, measured 2.67 ms
+    tcp_software_mb_per_s: float = 129.0  # most payload MB/s the live stack encodes, copies and decodes per message (a rate
+    # cap, pipelined with the link): tools/bench_wire.py, unshaped lab link, measured 2.67 ms + payload / 129 MB/s per call
+    tcp_rtt_ms: float | None = None  # the round trip the transport sees; null: twice the pair's one-way latency. Set it where
+    # the latency is not on the path (the fidelity lab's software-injected latency: fidelity.py gives the lab's own RTT)
 
     def __post_init__(self) -> None:
         from node0sim.sim.engine import PAIR_STREAMS
@@ -261,6 +265,8 @@ class SimConfig:
                  f"sim.tcp_message_overhead_bytes: must be >= 0, got {self.tcp_message_overhead_bytes}")
         _require(self.tcp_byte_overhead >= 1, f"sim.tcp_byte_overhead: must be >= 1, got {self.tcp_byte_overhead}")
         _require(self.tcp_rpc_overhead_ms >= 0, f"sim.tcp_rpc_overhead_ms: must be >= 0, got {self.tcp_rpc_overhead_ms}")
+        _require(self.tcp_software_mb_per_s > 0, f"sim.tcp_software_mb_per_s: must be > 0, got {self.tcp_software_mb_per_s}")
+        _require(self.tcp_rtt_ms is None or self.tcp_rtt_ms >= 0, f"sim.tcp_rtt_ms: must be >= 0 or null, got {self.tcp_rtt_ms}")
         _require(0 < self.utilization <= 1, f"sim.utilization: must be in (0, 1], got {self.utilization}")
         _require(self.dht_latency_ms >= 0, f"sim.dht_latency_ms: must be >= 0, got {self.dht_latency_ms}")
         _require(self.max_message_mb > 0, f"sim.max_message_mb: must be > 0, got {self.max_message_mb}")

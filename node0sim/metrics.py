@@ -139,7 +139,7 @@ class RunRecorder:
         if self._announced > MAX_ANNOUNCED_CHURN:
             print(f"{self.label}  (more joins, leaves and crashes: the churn records of {self.metrics_path})", file=self.stream, flush=True)
             return
-        action = {"join": "joins", "leave": "leaves", "crash": "crashes"}[churn["action"]]
+        action = {"join": "joins", "leave": "leaves", "crash": "crashes", "kill": "is killed"}[churn["action"]]
         stage = "" if churn.get("stage") is None else f" (stage {churn['stage']})"
         print(f"{self.label}  at {churn['time_s']:.2f} s: peer {churn['peer']}{stage} {action}; {churn['peers']} peers now",
               file=self.stream, flush=True)
@@ -235,9 +235,9 @@ MAX_NAMED_CHURN = 6
 
 
 def mark_churn(ax: Any, records: list[dict[str, Any]]) -> None:
-    """A dotted vertical line at every churn event (red: crash, grey: leave, green: join)."""
-    colors = {"crash": "tab:red", "leave": "tab:gray", "join": "tab:green"}
-    plurals = {"crash": "crashes", "leave": "leaves", "join": "joins"}
+    """A dotted vertical line at every churn event (red: crash, purple: kill, grey: leave, green: join)."""
+    colors = {"crash": "tab:red", "kill": "tab:purple", "leave": "tab:gray", "join": "tab:green"}
+    plurals = {"crash": "crashes", "kill": "kills", "leave": "leaves", "join": "joins"}
     events = [r for r in records if r.get("event") == "churn"]
     totals = {action: sum(r["action"] == action for r in events) for action in colors}
     labelled: set[str] = set()

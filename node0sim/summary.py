@@ -8,6 +8,7 @@ wrote the summary (a live trainer knows nothing of the servers' counters; the lo
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any, Sequence, get_type_hints
 
@@ -200,6 +201,9 @@ class RunSummary:
     dense_activation_bytes_per_token: float | None = None
     """``activation_bytes_per_token`` of the same pipeline without compression (simulator, compressed runs: measured on
     a one-step dense twin, ``node0sim.sim.runner.dense_activation_bytes_per_token``)."""
+    request_latency_s: dict[str, dict[str, float]] | None = None
+    """Per method (forward, backward, tail, ...): ``p50`` and ``p95`` seconds from call to reply of the trainers'
+    successful requests, retries counted apart (both backends)."""
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON object: every key of ``SUMMARY_KEYS``."""
@@ -275,11 +279,19 @@ def _megabytes(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+def latency_quantiles(seconds: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """``{method: {"p50": ..., "p95": ...}}`` of per-request seconds (nearest rank, so a single request is both)."""
+    def rank(values: list[float], q: float) -> float:
+        return values[min(len(values) - 1, math.ceil(q * len(values)) - 1)]
+
+    return {method: {"p50": rank(sorted(v), 0.5), "p95": rank(sorted(v), 0.95)} for method, v in sorted(seconds.items()) if v}
+
+
 def churn_events(events: dict[str, int] | None) -> str:
     """The churn a run replayed, in words: ``"1 crash, 1 join"``, or ``"no churn"``."""
     if not events or not any(events.values()):
         return "no churn"
-    nouns = (("crash", "crash", "crashes"), ("leave", "leave", "leaves"), ("join", "join", "joins"))
+    nouns = (("crash", "crash", "crashes"), ("kill", "kill", "kills"), ("leave", "leave", "leaves"), ("join", "join", "joins"))
     return ", ".join(count(events[key], noun, plural) for key, noun, plural in nouns if events.get(key))
 
 

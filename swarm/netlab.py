@@ -282,6 +282,11 @@ class NetLab:
         pin = ["taskset", "-c", ",".join(map(str, cores))] if cores else []
         return ["ip", "netns", "exec", self.namespace(index), *pin, *argv]
 
+    def cut(self, index: int) -> None:
+        """Disconnect peer ``index`` (its bridge port down): what it sends and what is sent to it is dropped without a
+        reset, as when a host loses its network; its processes keep running."""
+        _run(["ip", "-n", self.bridge, "link", "set", self.bridge_port(index), "down"])
+
     def shaped_bytes(self, index: int) -> dict[str, int]:
         """Bytes peer ``index``'s shapers have sent so far (``tc -s qdisc``): ``up`` and ``down``, 0 where unshaped.
 

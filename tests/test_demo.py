@@ -143,7 +143,7 @@ def test_the_default_run_shows_averaging_a_crash_and_a_state_download(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 200 and summary["averaging_rounds"] > 0
-    assert summary["churn_events"] == {"join": 1, "leave": 0, "crash": 1, "watchdog_exit": 0} and summary["state_downloads"] >= 1
+    assert summary["churn_events"] == {"join": 1, "leave": 0, "crash": 1, "kill": 0, "watchdog_exit": 0} and summary["state_downloads"] >= 1
     assert summary["retried_requests"] > 0 and summary["dropped_micro_batches"] == 0
     assert summary["final_peers_per_stage"] == [3, 3, 3, 3]
     assert summary["dense_activation_bytes_per_token"] > 4 * summary["activation_bytes_per_token"]

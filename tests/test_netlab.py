@@ -107,6 +107,47 @@ def test_lab_connects_peers_through_shaped_veths_and_is_removed_on_exit():
 
 
 @needs_namespaces
+def test_a_cut_peer_drops_traffic_without_a_reset():
+    """``NetLab.cut``: a connect to the cut peer neither succeeds nor is refused: it times out (a vanished host)."""
+    with NetLab(PREFIX, [LinkShape(None, None), LinkShape(None, None)]) as lab:
+        listener = subprocess.Popen(lab.command(1, [sys.executable, "-c", textwrap.dedent(f"""
+            import socket, time
+            s = socket.socket(); s.bind(("{lab.address(1)}", 5002)); s.listen(); time.sleep(60)
+        """)]))
+        try:
+            probe = textwrap.dedent(f"""
+                import socket, sys, time
+                for _ in range(50):
+                    try:
+                        socket.create_connection(("{lab.address(1)}", 5002), timeout=2).close(); break
+                    except ConnectionRefusedError:
+                        time.sleep(0.1)
+                    except OSError as error:
+                        sys.exit(type(error).__name__)
+            """)
+            assert subprocess.run(lab.command(0, [sys.executable, "-c", probe]), timeout=60).returncode == 0
+            lab.cut(1)
+            cut = subprocess.run(lab.command(0, [sys.executable, "-c", probe]), capture_output=True, text=True, timeout=60)
+            assert cut.returncode != 0 and "timeout" in cut.stderr.lower()
+        finally:
+            listener.kill()
+            listener.wait()
+    assert _ours() == []
+
+
+def test_recovery_is_measured_until_the_last_slow_step_gap():
+    """``experiments/fidelity.py``'s recovery time: from the failure to the step after the last gap over 1.5x the
+    final median gap."""
+    sys.path.insert(0, str(REPO))
+    from experiments.fidelity import recovery_s
+
+    times = [1.0, 2.0, 3.0, 33.5, 34.5, 35.5, 36.5, 37.5, 38.5, 39.5, 40.5]  # failure at 3.2: one 30.5 s gap
+    assert recovery_s(times, 3.2) == pytest.approx(33.5 - 3.2)
+    assert recovery_s([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], 2.5) == pytest.approx(3.0 - 2.5)  # never slow
+    assert recovery_s([1.0, 2.0, 3.0], 2.5) is None  # too few steps after it
+
+
+@needs_namespaces
 def test_processes_left_inside_are_killed_on_close():
     lab = NetLab(PREFIX, [LinkShape(10, 10)])
     lab.build()

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from node0sim.assembly import method_bytes, micro_batch_share
+from node0sim.app import incomplete_run
+from node0sim.assembly import method_bytes, micro_batch_share, trainer_steps
 from node0sim.metrics import SUMMARY_KEYS
 from node0sim.protocol.averaging import AveragingConfig, GroupAverager
 from node0sim.protocol.messages import AVERAGING_METHODS
@@ -55,6 +56,19 @@ def test_the_micro_batches_are_split_across_trainers_without_loss():
                              "train.schedule=async")
     shares = [micro_batch_share(run, i) for i in range(2)]
     assert shares == [8, 7] and sum(shares) == 5 * run.train.micro_batches_per_step
+
+
+def test_a_live_trainer_of_several_is_complete_after_its_own_share_of_the_steps():
+    """Bug: each live trainer of two expected all ``train.steps`` and exited 3 ("incomplete run: 8 of 16 steps")."""
+    run = run_config("train.steps=16", "train.batch_size=8", "train.micro_batch_size=4", "topology.num_trainers=2",
+                     "train.schedule=async")
+    assert [trainer_steps(run, i) for i in range(2)] == [8, 8]
+    assert trainer_steps(run_config("train.steps=16"), 0) == 16
+    done = {"steps": 8, "backend": "swarm"}
+    assert incomplete_run(run, done, trainer_steps(run, 0)) is None
+    assert incomplete_run(run, {**done, "steps": 7, "timed_out_requests": 0, "no_peer_requests": 0, "failed_requests": 0,
+                                "dropped_micro_batches": 0, "micro_batches_in_flight": 0},
+                          trainer_steps(run, 0)).startswith("incomplete run: 7 of 8 steps")
 
 
 @pytest.mark.slow

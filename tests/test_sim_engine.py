@@ -137,6 +137,39 @@ def test_peer_crashing_mid_request_makes_the_caller_time_out():
     assert handled == []  # the crashed peer's handler never finished
 
 
+def test_calls_to_a_killed_peer_fail_once_the_reset_crossed_the_network():
+    """A process killed on a live host: its kernel resets the connection of a call in progress (the caller hears it
+    after one one-way latency) and refuses later dials (one round trip), long before any timeout."""
+    latency = 0.02
+    sim = make_sim(latency_s=latency)
+    client, server = add(sim, "client"), add(sim, "server")
+    handled = []
+
+    async def slow(caller, request):
+        await server.runtime.sleep(5.0)
+        handled.append(True)
+        return Blob(1)
+
+    server.runtime.serve("slow", slow)
+
+    async def kill_later():
+        await client.runtime.sleep(1.0)
+        server.crash(reset_connections=True)
+
+    client.runtime.spawn(kill_later())
+
+    async def protocol():
+        with pytest.raises(RemoteError, match="server: connection reset"):
+            await client.runtime.call("server", "slow", Blob(1), timeout=10.0)
+        in_progress = client.runtime.now()
+        with pytest.raises(RemoteError, match="connection reset"):
+            await client.runtime.call("server", "slow", Blob(1), timeout=10.0)
+        return in_progress, client.runtime.now() - in_progress
+
+    assert _run(sim, client, protocol()) == pytest.approx((1.0 + latency, 2 * latency))
+    assert handled == []
+
+
 def test_rejected_request_raises_remote_error_with_the_reason():
     sim = make_sim()
     client, server = add(sim, "client"), add(sim, "server")

@@ -274,6 +274,34 @@ def test_slow_start_restarts_after_an_idle_rto_only_when_enabled():
     assert arrival_of_second(False, rto + 0.1) == pytest.approx(plain)
 
 
+def test_the_software_rate_caps_a_flow_where_the_link_is_faster():
+    """The live stack moves payload at most at its software rate, pipelined with the link: on a slow link nothing
+    changes, on a fast one the software rate is the bottleneck (``tools/bench_wire.py``: both measured)."""
+    def arrival(mbps: float) -> float:
+        tcp = TcpModel(window_bytes=1e12, software_bytes_per_s=50e6, slow_start_after_idle=False,
+                       message_overhead_bytes=0.0, byte_overhead=1.05)
+        env, net = _tcp_net(0.0, tcp)
+        times = _arrival(env, net.transfer(Endpoint("a", "r", mbps, mbps), Endpoint("b", "r", mbps, mbps), 1_000_000))
+        env.run()
+        return times[0]
+
+    assert arrival(8) == pytest.approx(1.05 * 1_000_000 / 1e6)  # 1 MB/s link: link-bound
+    assert arrival(8000) == pytest.approx(1_000_000 / 50e6)  # 1 GB/s link: the software's 50 MB/s of payload
+
+
+def test_a_path_rtt_of_its_own_replaces_twice_the_latency_for_window_and_slow_start():
+    """The lab's latency is injected per message, off the path: TCP sees the lab's own RTT (``sim.tcp_rtt_ms``)."""
+    window, latency, path_rtt = 256 * 1024, 0.05, 0.001
+    tcp = TcpModel(window_bytes=window, path_rtt_s=path_rtt, **NO_FRAMING)
+    env, net = _tcp_net(latency, tcp)
+    a, b = Endpoint("a", "r", 8, 8), Endpoint("b", "r", 8, 8)  # 1 MB/s: below the window cap at 1 ms
+    flow = net.transfer(a, b, 1_000_000)
+    times = _arrival(env, flow)
+    assert flow.rate == pytest.approx(1e6)  # window / 0.1 s (2.6 MB/s) would not cap it either; / 1 ms: 262 MB/s
+    env.run()
+    assert times == [pytest.approx(latency + 1.0 + slow_start_delay(1_000_000, 1e6, path_rtt))]
+
+
 def test_transport_model_refuses_per_link_sharing():
     with pytest.raises(ValueError, match="per_link"):
         _tcp_net(0.0, TcpModel(window_bytes=1e6, **NO_FRAMING), "per_link")
@@ -321,6 +349,10 @@ def test_transport_keys_are_validated_naming_the_key():
         compose_run_config("sim.transport=tcp", "sim.link_sharing=per_link")
     with pytest.raises(ConfigError, match="sim.tcp_byte_overhead"):
         compose_run_config("sim.tcp_byte_overhead=0.5")
+    with pytest.raises(ConfigError, match="sim.tcp_software_mb_per_s"):
+        compose_run_config("sim.tcp_software_mb_per_s=0")
+    with pytest.raises(ConfigError, match="sim.tcp_rtt_ms"):
+        compose_run_config("sim.tcp_rtt_ms=-1")
 
 
 def test_fluid_runs_build_no_transport_model_and_tcp_runs_take_the_configured_constants():
@@ -329,8 +361,12 @@ def test_fluid_runs_build_no_transport_model_and_tcp_runs_take_the_configured_co
     from tests.runs import MINIMAL
 
     assert build_simulation(compose_run_config(MINIMAL)).network.transport is None
-    sim = build_simulation(compose_run_config(MINIMAL, "sim.transport=tcp", "sim.tcp_window_kib=64", "sim.tcp_rpc_overhead_ms=5"))
-    assert sim.network.transport.window_bytes == 64 * 1024 and sim.rpc_overhead_s == pytest.approx(0.005)
+    sim = build_simulation(compose_run_config(MINIMAL, "sim.transport=tcp", "sim.tcp_window_kib=64", "sim.tcp_rpc_overhead_ms=5",
+                                              "sim.tcp_software_mb_per_s=100", "sim.tcp_rtt_ms=2"))
+    transport = sim.network.transport
+    assert transport.window_bytes == 64 * 1024 and sim.rpc_overhead_s == pytest.approx(0.005)
+    assert transport.software_bytes_per_s == pytest.approx(100e6) and transport.path_rtt_s == pytest.approx(0.002)
+    assert build_simulation(compose_run_config(MINIMAL, "sim.transport=tcp")).network.transport.path_rtt_s is None
 
 
 @pytest.mark.parametrize("seed", range(20))

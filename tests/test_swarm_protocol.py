@@ -120,6 +120,22 @@ def test_crash_mid_run_loses_no_micro_batch_silently(tmp_path):
     assert survivor.stats.epochs > 5  # kept stepping (alone) after the crash
 
 
+@pytest.mark.parametrize("event", ["crash", "kill"])
+def test_a_killed_server_fails_its_callers_at_once_and_a_vanished_one_after_their_timeout(tmp_path, event):
+    """``kill`` (process killed, host up: connections reset) against ``crash`` (the host vanished): the same
+    protocol, the same accounting; only how the callers learn of it differs."""
+    sim_run = _run(tmp_path, "topology.num_stages=2", "topology.peers_per_stage=2", "train.steps=40",
+                   "churn=trace", _trace(tmp_path, f"1.0,s1p1,{event}"), "train.request_timeout_s=5",
+                   "averaging.averaging_timeout_s=1")
+    summary = sim_run.execute()
+    assert summary["churn_events"][event] == 1 and summary["steps"] == 40
+    assert summary["micro_batches_started"] == summary["micro_batches_done"] + summary["dropped_micro_batches"]
+    if event == "kill":
+        assert summary["failed_requests"] > 0 and summary["timed_out_requests"] == 0
+    else:
+        assert summary["timed_out_requests"] > 0
+
+
 def test_joiner_downloads_the_stage_state_and_averages_in_the_next_round(tmp_path):
     # epochs of 64 samples: long next to a state download, as in a real swarm
     sim_run = _run(tmp_path, "topology.num_stages=2", "topology.peers_per_stage=1", "train.steps=200",

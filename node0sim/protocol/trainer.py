@@ -84,6 +84,8 @@ class TrainerStats:
     losses: list[float] = field(default_factory=list)
     stage_bytes: dict[int, int] = field(default_factory=dict)
     """Bytes of successful requests and responses, per stage called."""
+    request_seconds: dict[str, list[float]] = field(default_factory=dict)
+    """Call to reply of each successful request (runtime clock), per method: the per-request latency."""
     last_start_s: float | None = None
     """When this trainer last started a micro-batch (runtime clock): from then on it no longer keeps its pipeline
     full, so the pipeline drains (the steady-state window ends there)."""
@@ -222,7 +224,9 @@ class Trainer:
                     request = replace(request, accumulate=False)
                     self.stats.unaccumulated_retries += 1
                 continue
-            self.router.report_success(stage, peer, samples, self.rt.now() - started, self.rt.now(), backward)
+            elapsed = self.rt.now() - started
+            self.router.report_success(stage, peer, samples, elapsed, self.rt.now(), backward)
+            self.stats.request_seconds.setdefault(method, []).append(elapsed)
             self.stats.stage_bytes[stage] = (
                 self.stats.stage_bytes.get(stage, 0) + request.wire_bytes() + response.wire_bytes()
             )

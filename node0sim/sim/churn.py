@@ -18,7 +18,8 @@ Pure Python; the simulator turns a schedule into SimPy processes. Models (``Chur
   median * exp(sigma^2 / 2) (1.65 x the median for sigma = 1). A departed volunteer comes back
   with probability ``rejoin_probability`` after an exponential pause (a modelling assumption,
   not a measured law) as a new peer: it lost its state, so the swarm sees a newcomer.
-- ``trace``: replay a CSV file of events.
+- ``trace``: replay a CSV file of events (``join``, ``leave``, ``crash``: the peer vanishes and calls to it time out;
+  ``kill``: its process dies on a live host, whose kernel resets its connections: calls fail within a round trip).
 
 Departures of the ``poisson`` and ``volunteer`` models are crashes (no goodbye) with probability
 ``crash_fraction`` and graceful leaves otherwise.
@@ -40,13 +41,14 @@ from typing import Any, Mapping, Sequence
 from node0sim.sim.gpus import GPU_PROFILES
 
 MODELS = ("none", "poisson", "volunteer", "trace")
-ACTIONS = ("join", "leave", "crash")
+ACTIONS = ("join", "leave", "crash", "kill")
 _TRACE_COLUMNS = ["time", "peer", "event"]
 
 
 @dataclass(frozen=True)
 class ChurnEvent:
-    """At virtual time ``time`` (s), ``peer`` joins (with GPU profile ``gpu``), leaves or crashes."""
+    """At virtual time ``time`` (s), ``peer`` joins (with GPU profile ``gpu``), leaves, crashes (vanishes: calls to it
+    time out) or is killed (its process dies on a live host: calls to it fail within a round trip)."""
 
     time: float
     action: str

@@ -201,12 +201,16 @@ class SimPeer:
         self.handlers: dict[str, Handler] = {}
         self.tasks: dict[simpy.Process, None] = {}
         self.alive = True
+        self.reset_connections = False
         self.busy_s = 0.0
         self.runtime = SimRuntime(self)
 
-    def crash(self) -> None:
-        """Leave without goodbye: every task of this peer stops, calls to it time out."""
+    def crash(self, reset_connections: bool = False) -> None:
+        """Leave without goodbye: every task of this peer stops. Calls to it time out (the host vanished), or with
+        ``reset_connections`` (its process was killed while its host's kernel still answers: a closed socket, a
+        refused dial) fail with :class:`RemoteError` once the reset has crossed the network."""
         self.alive = False
+        self.reset_connections = reset_connections
         self.handlers.clear()
         for process in list(self.tasks):
             if process.is_alive and process is not self.sim.env.active_process:
@@ -391,14 +395,14 @@ class Simulation:
         """
         dst = self.peers.get(dst_id)
         if dst is None or not dst.alive:
-            await wait(self.env.event())
+            await self._dead_end(src, dst, round_trips=1.0)  # a dial to it
         if self.rpc_overhead_s > 0:
             await wait(self.env.timeout(self.rpc_overhead_s))
         await self._send(src, dst, request.wire_bytes(), method)
         handler = dst.handlers.get(method) if dst.alive else None
         if handler is None:
             if not dst.alive:
-                await wait(self.env.event())
+                await self._dead_end(src, dst, round_trips=0.5)  # the reset coming back
             await self._send(dst, src, ERROR_REPLY_BYTES, method)
             raise RemoteError(f"peer {dst_id} does not serve {method!r}")
         process = self.env.active_process
@@ -410,8 +414,8 @@ class Simulation:
             response = await handler(src.peer_id, request)
         except (ValueError, RPCError) as error:
             rejected = str(error)
-        except PeerCrashed:  # the destination crashed mid-request: it never replies
-            await wait(self.env.event())
+        except PeerCrashed:  # the destination crashed mid-request
+            await self._dead_end(src, dst, round_trips=0.5)
         except Exception as bug:  # the caller is told, then the simulation stops with the bug
             rejected = f"internal error in {method}: {type(bug).__name__}"
             self.env.active_process.callbacks.append(lambda _delivered, bug=bug: self.env.event().fail(bug))
@@ -425,9 +429,17 @@ class Simulation:
             await self._send(dst, src, ERROR_REPLY_BYTES, method)
             raise RemoteError(f"peer {dst_id} rejected {method}: {rejected}") from None
         if not dst.alive:
-            await wait(self.env.event())
+            await self._dead_end(src, dst, round_trips=0.5)
         await self._send(dst, src, response.wire_bytes(), method)
         return response
+
+    async def _dead_end(self, src: SimPeer, dst: SimPeer | None, round_trips: float) -> None:
+        """A call that reached a dead peer: it never returns (the caller's timeout ends it), unless the peer's process
+        was killed on a live host, whose reset reaches the caller after ``round_trips`` round trips."""
+        if dst is None or not dst.reset_connections:
+            await wait(self.env.event())
+        await wait(self.env.timeout(round_trips * self.network.round_trip(src.endpoint, dst.endpoint)))
+        raise RemoteError(f"peer {dst.peer_id}: connection reset (its process was killed)")
 
     def _watch_deadline(self, call: _Call) -> None:
         self._deadlines.push(call.deadline, call)

@@ -35,7 +35,7 @@ from node0sim.protocol.stage_compute import StageCompute, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.swarm_peer import StageOrganizer, SwarmPeer
 from node0sim.protocol.trainer import Trainer
-from node0sim.sim.churn import ChurnConfig, churn_schedule
+from node0sim.sim.churn import ACTIONS, ChurnConfig, churn_schedule
 from node0sim.sim.engine import SimPeer, Simulation
 from node0sim.sim.gpus import ELEMENT_BYTES, compute_model, gpu_profile
 from node0sim.sim.network import TcpModel
@@ -126,7 +126,9 @@ def transport_model(sim: SimConfig) -> TcpModel | None:
     if sim.transport == "fluid":
         return None
     return TcpModel(window_bytes=sim.tcp_window_kib * 1024, message_overhead_bytes=sim.tcp_message_overhead_bytes,
-                    byte_overhead=sim.tcp_byte_overhead, slow_start_after_idle=sim.tcp_slow_start_after_idle)
+                    byte_overhead=sim.tcp_byte_overhead, slow_start_after_idle=sim.tcp_slow_start_after_idle,
+                    path_rtt_s=None if sim.tcp_rtt_ms is None else sim.tcp_rtt_ms / 1000,
+                    software_bytes_per_s=sim.tcp_software_mb_per_s * 1e6)
 
 
 class VirtualSwarm:
@@ -142,7 +144,7 @@ class VirtualSwarm:
         self.gpu_rng = random.Random(run.seed + 17)
         self.members: dict[str, tuple[SimPeer, SwarmPeer]] = {}
         self.departed: list[SwarmPeer] = []
-        self.events = {"join": 0, "leave": 0, "crash": 0}
+        self.events = {action: 0 for action in ACTIONS}
         self.flops_per_sample = flops_per_sample(run, templates)
         self.organizer: StageOrganizer | None = None
         """The virtual organizer peer that names joiners' stages (``topology.stage_assignment=central``)."""
@@ -194,8 +196,8 @@ class VirtualSwarm:
             self.departed.append(member)
             self.events[event.action] += 1
             self._log_churn(event.action, event.peer, member.stage)
-            if event.action == "crash":
-                peer.crash()
+            if event.action in ("crash", "kill"):
+                peer.crash(reset_connections=event.action == "kill")
             else:
                 goodbye = self.sim.start(peer, member.leave())
                 goodbye.callbacks.append(lambda _event, peer=peer: peer.crash())
