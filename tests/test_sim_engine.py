@@ -110,8 +110,9 @@ def test_call_to_departed_peer_fails_after_its_timeout():
     assert _run(sim, client, protocol()) == pytest.approx(3.0)
 
 
-def test_peer_crashing_mid_request_makes_the_caller_time_out():
-    sim = make_sim()
+def _server_failing_mid_request(reset_connections: bool, latency: float = 0.0) -> tuple:
+    """A client, and a server that crashes (``reset_connections``: is killed on a live host) 1 s into a 5 s request."""
+    sim = make_sim(latency_s=latency)
     client, server = add(sim, "client"), add(sim, "server")
     handled = []
 
@@ -122,11 +123,16 @@ def test_peer_crashing_mid_request_makes_the_caller_time_out():
 
     server.runtime.serve("slow", slow)
 
-    async def crash_later():
+    async def fail_later():
         await client.runtime.sleep(1.0)
-        server.crash()
+        server.crash(reset_connections=reset_connections)
 
-    client.runtime.spawn(crash_later())
+    client.runtime.spawn(fail_later())
+    return sim, client, handled
+
+
+def test_peer_crashing_mid_request_makes_the_caller_time_out():
+    sim, client, handled = _server_failing_mid_request(reset_connections=False)
 
     async def protocol():
         with pytest.raises(RequestTimeout):
@@ -141,22 +147,7 @@ def test_calls_to_a_killed_peer_fail_once_the_reset_crossed_the_network():
     """A process killed on a live host: its kernel resets the connection of a call in progress (the caller hears it
     after one one-way latency) and refuses later dials (one round trip), long before any timeout."""
     latency = 0.02
-    sim = make_sim(latency_s=latency)
-    client, server = add(sim, "client"), add(sim, "server")
-    handled = []
-
-    async def slow(caller, request):
-        await server.runtime.sleep(5.0)
-        handled.append(True)
-        return Blob(1)
-
-    server.runtime.serve("slow", slow)
-
-    async def kill_later():
-        await client.runtime.sleep(1.0)
-        server.crash(reset_connections=True)
-
-    client.runtime.spawn(kill_later())
+    sim, client, handled = _server_failing_mid_request(reset_connections=True, latency=latency)
 
     async def protocol():
         with pytest.raises(RemoteError, match="server: connection reset"):
