@@ -1,5 +1,6 @@
 """Robust averaging in the protocol's all-reduce (``GroupAverager``, ``bound_contributions``; issue 14, item 2): declared
-weights bounded by the group's median, parts' norms bounded by the median norm (``averaging.max_norm_ratio``),
+weights bounded by the group's median, parts clipped to the median distance from the coordinate-wise median
+(``averaging.max_distance_ratio``),
 non-finite parts refused with their sender left out, and a round with nothing usable counted as failed, never as
 averaged. Virtual time on the simulator; the poisoning scenario also on live peers (slow)."""
 
@@ -72,8 +73,17 @@ def _poisoned_parameter_round(backend, cfg):
     return honest, vectors, outcome, parts
 
 
+def _centered_clipping(per_sample: list[torch.Tensor], max_distance_ratio: float) -> list[torch.Tensor]:
+    """The distance bound's formula: each ``x_i`` clipped to ``R = max_distance_ratio x lower_median(|x_i - c|)`` around the
+    coordinate-wise median ``c``."""
+    center = torch.stack(per_sample).median(dim=0).values
+    distances = [float((x - center).norm()) for x in per_sample]
+    radius = max_distance_ratio * lower_median(distances)
+    return [x if d <= radius else center + (x - center) * (radius / d) for x, d in zip(per_sample, distances)]
+
+
 def _poisoning_bounded_by_the_rule(backend):
-    cfg = AveragingConfig(8, max_norm_ratio=4.0)
+    cfg = AveragingConfig(8, max_distance_ratio=4.0)
     honest, vectors, outcome, parts = _poisoned_parameter_round(backend, cfg)
     weight_bound = cfg.max_weight_ratio * lower_median([1.0, 1.0, POISON_WEIGHT])  # 16
     share = weight_bound / (2 + weight_bound)  # the liar's share of the weight after the bound: 16 / 18
@@ -83,12 +93,15 @@ def _poisoning_bounded_by_the_rule(backend):
         for owner in "ab":
             start, end = parts[owner]
             a, b, poison = (v[start:end] for v in (honest["a"], honest["b"], vectors["c"] / POISON_WEIGHT))
-            norm_bound = cfg.max_norm_ratio * lower_median([float(a.norm()), float(b.norm()), float(poison.norm())])
-            clipped = poison * (norm_bound / float(poison.norm()))
+            a_kept, b_kept, clipped = _centered_clipping([a, b, poison], cfg.max_distance_ratio)
+            assert a_kept is a and b_kept is b
             torch.testing.assert_close(mean[start:end], (a + b + weight_bound * clipped) / (2 + weight_bound))
-            # the honest members' result moved by at most share x (norm bound + |honest mean|) from their own mean
+            # the honest members' result moved by at most share x |clipped liar - honest mean| <= share x (|c - m_H| + R)
             honest_mean = (a + b) / 2
-            assert float((mean[start:end] - honest_mean).norm()) <= share * (norm_bound + float(honest_mean.norm())) * (1 + 1e-6)
+            center = torch.stack([a, b, poison]).median(dim=0).values
+            radius = float((clipped - center).norm())
+            bound = share * (float((center - honest_mean).norm()) + radius)
+            assert float((mean[start:end] - honest_mean).norm()) <= bound * (1 + 1e-5)
 
 
 def test_a_poisoning_member_with_weight_1e6_moves_the_honest_result_by_at_most_the_rules_bound():
@@ -137,8 +150,8 @@ def test_with_only_a_liar_beside_it_a_member_gets_nothing_but_its_own_values():
     # the stage server counts such a round as failed, never as averaged (test_a_round_with_nothing_usable_...)
 
 
-def test_a_huge_norm_part_is_clipped_to_tau_times_the_median_norm():
-    cfg = AveragingConfig(8, max_norm_ratio=4.0)
+def test_a_part_far_from_the_others_is_clipped_to_tau_times_the_median_distance():
+    cfg = AveragingConfig(8, max_distance_ratio=4.0)
     vectors = {"a": _parameters(1), "b": _parameters(2), "c": torch.full((3000,), 1e3)}
     outcome, parts = _round("sim", vectors, {"a": 1.0, "b": 1.0, "c": 1.0}, cfg, bandwidths={"c": 0.0})
     for name in "ab":
@@ -147,19 +160,22 @@ def test_a_huge_norm_part_is_clipped_to_tau_times_the_median_norm():
         for owner in "ab":
             start, end = parts[owner]
             a, b, huge = (vectors[n][start:end] for n in "abc")
-            norm_bound = cfg.max_norm_ratio * lower_median([float(a.norm()), float(b.norm()), float(huge.norm())])
-            clipped = huge * (norm_bound / float(huge.norm()))
-            assert math.isclose(float(clipped.norm()), norm_bound, rel_tol=1e-6)
+            center = torch.stack([a, b, huge]).median(dim=0).values
+            distances = [float((x - center).norm()) for x in (a, b, huge)]
+            radius = cfg.max_distance_ratio * lower_median(distances)
+            assert max(distances[:2]) <= radius < distances[2]  # only c is clipped, to the radius
+            clipped = center + (huge - center) * (radius / distances[2])
+            assert math.isclose(float((clipped - center).norm()), radius, rel_tol=1e-5)
             torch.testing.assert_close(mean[start:end], (a + b + clipped) / 3)
 
 
-@pytest.mark.parametrize("max_norm_ratio", [0.0, 4.0])
-def test_an_honest_round_gives_exactly_the_plain_weighted_mean(max_norm_ratio):
+@pytest.mark.parametrize("max_distance_ratio", [0.0, 4.0])
+def test_an_honest_round_gives_exactly_the_plain_weighted_mean(max_distance_ratio):
     # integer-valued sums, so the mean does not depend on the order parts are added in
     base = torch.arange(1000.0) % 7 + 100
     sums = {"a": 2 * base, "b": 3 * (base + 1), "c": 5 * (base - 2)}
     weights = {"a": 2.0, "b": 3.0, "c": 5.0}
-    cfg = AveragingConfig(8, max_norm_ratio=max_norm_ratio)
+    cfg = AveragingConfig(8, max_distance_ratio=max_distance_ratio)
     outcome, _ = _round("sim", sums, weights, cfg, bandwidths={"a": 10.0, "b": 20.0, "c": 30.0})
     for mean, contributors, averager in outcome.values():
         assert contributors == 3 and averager.clipped_parts == 0 and averager.refused_parts == 0
@@ -168,18 +184,27 @@ def test_an_honest_round_gives_exactly_the_plain_weighted_mean(max_norm_ratio):
 
 # ---- the rule itself ---------------------------------------------------------------------------------------
 
-def test_of_two_members_each_is_bounded_by_the_other():
-    cfg = AveragingConfig(8, max_norm_ratio=4.0)
+def test_of_two_members_each_weight_is_bounded_by_the_other_and_no_distance_is_clipped():
+    cfg = AveragingConfig(8, max_distance_ratio=4.0)
     small, large = torch.ones(10), torch.full((10,), 100.0)
     (first, second), clipped = bound_contributions([(small, 1.0), (large * 100.0, 100.0)], cfg)
     assert first[0] is small and first[1] == 1.0 and clipped == 1
-    # weight 16 x 1 = 16; per-sample norm 4 x |ones(10)|: the large member's per-sample values 100 become 4
+    # weight 16 x 1 = 16, its per-sample values (100) kept: a median of two cannot tell who lies
     assert second[1] == 16.0
-    torch.testing.assert_close(second[0], torch.full((10,), 16.0 * 4.0))
+    torch.testing.assert_close(second[0], torch.full((10,), 16.0 * 100.0))
+
+
+def test_of_three_members_the_distance_bound_is_centered_clipping_around_the_coordinate_wise_median():
+    cfg = AveragingConfig(8, max_weight_ratio=0.0, max_distance_ratio=2.0)
+    x = [torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 30.0])]
+    bounded, clipped = bound_contributions([(v * 2.0, 2.0) for v in x], cfg)
+    # center (0, 0); distances 0, 1, 30; radius 2 x 1: the third is clipped to (0, 2)
+    assert clipped == 1 and [w for _, w in bounded] == [2.0, 2.0, 2.0]
+    torch.testing.assert_close(bounded[2][0], torch.tensor([0.0, 2.0]) * 2.0)
 
 
 def test_a_part_of_weight_0_adds_nothing_and_parts_within_the_bounds_come_back_as_they_came():
-    cfg = AveragingConfig(8, max_norm_ratio=4.0)
+    cfg = AveragingConfig(8, max_distance_ratio=4.0)
     parts = [(torch.ones(5), 1.0), (torch.full((5,), 1e9), 0.0), (torch.full((5,), 2.0), 2.0)]
     bounded, clipped = bound_contributions(parts, cfg)
     assert bounded[0][0] is parts[0][0] and bounded[2][0] is parts[2][0] and clipped == 0
@@ -188,11 +213,11 @@ def test_a_part_of_weight_0_adds_nothing_and_parts_within_the_bounds_come_back_a
 
 def test_in_timing_mode_weights_are_bounded_and_norms_are_not_measured():
     spec = TensorSpec((100,), torch.float32)
-    bounded, clipped = bound_contributions([(spec, 1.0), (spec, 1.0), (spec, 1e6)], AveragingConfig(8, max_norm_ratio=4.0))
+    bounded, clipped = bound_contributions([(spec, 1.0), (spec, 1.0), (spec, 1e6)], AveragingConfig(8, max_distance_ratio=4.0))
     assert [w for _, w in bounded] == [1.0, 1.0, 16.0] and clipped == 1 and all(v == spec for v, _ in bounded)
 
 
-@pytest.mark.parametrize("key", ["max_weight_ratio", "max_norm_ratio"])
+@pytest.mark.parametrize("key", ["max_weight_ratio", "max_distance_ratio"])
 @pytest.mark.parametrize("value", [0.5, -1.0, math.inf, math.nan])
 def test_a_bound_below_1_or_not_finite_is_refused_naming_the_key(key, value):
     with pytest.raises(ValueError, match=f"averaging.{key}: must be 0 .* got {value}"):

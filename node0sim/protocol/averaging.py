@@ -10,7 +10,7 @@ member's local values, contributions it never sent are left out.
 
 Robust averaging (:func:`bound_contributions`, :class:`GroupAverager` only): each part's owner bounds what the
 members contribute to it before it averages, so that a lying member cannot take over the mean by its declared
-weight or by the size of its values (``averaging.max_weight_ratio``, ``averaging.max_norm_ratio``); parts that
+weight or by how far its values lie from the others' (``averaging.max_weight_ratio``, ``averaging.max_distance_ratio``); parts that
 are not finite are refused and their sender is left out of the rest of the round.
 
 :class:`Averager` is the interface of an in-stage all-reduce; :class:`GroupAverager` is the
@@ -66,8 +66,9 @@ class AveragingConfig:
     max_weight_ratio: float = 16.0  # a declared weight counts at most this many times the part's lower-median weight (0: any);
     # peers accumulate samples in proportion to their throughput, and the fastest GPU profile over the slowest is
     # 989 / 65 = 15.2 (H100 over T4, bf16 peaks, node0sim/sim/gpus.py), so an honest ratio stays under 16
-    max_norm_ratio: float = 0.0  # a member's per-sample part counts with at most this many times the lower-median norm
-    # (0: any; off by default: an honest part can be several times the median's norm, e.g. a noisy few-sample gradient)
+    max_distance_ratio: float = 0.0  # a member's per-sample part counts at most this many times the lower-median distance
+    # from the coordinate-wise median (0: any; off by default: an honest part can be several times further, e.g. a noisy
+    # few-sample gradient or a peer an epoch behind)
 
     def __post_init__(self) -> None:
         if self.target_batch_size < 1:
@@ -87,7 +88,7 @@ class AveragingConfig:
         for name in ("auto_step_s", "watchdog_failed_rounds", "watchdog_failed_state_loads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"averaging.{name}: must be >= 0 (0: off), got {getattr(self, name)}")
-        for name in ("max_weight_ratio", "max_norm_ratio"):
+        for name in ("max_weight_ratio", "max_distance_ratio"):
             value = getattr(self, name)
             if not (value == 0 or 1 <= value < math.inf):
                 raise ValueError(f"averaging.{name}: must be 0 (unbounded) or a finite ratio >= 1 (the median itself "
@@ -211,42 +212,58 @@ def _norm(values: torch.Tensor) -> float:
     return torch.linalg.vector_norm(values, dtype=torch.float64).item()
 
 
+def _center_and_distances(parts: list[tuple[Tensor, float]], max_distance_ratio: float) -> tuple[Tensor | None, list[float], float]:
+    """For the distance bound: the coordinate-wise (lower) median of the per-sample parts of the members with a positive
+    weight, each member's distance to it, and the radius ``max_distance_ratio x lower_median(distances)``; ``(None, zeros,
+    inf)`` where the bound does not apply (off, timing mode, an empty part, fewer than 3 members with a positive weight)."""
+    positive = [values / weight for values, weight in parts if weight > 0]
+    if not max_distance_ratio or isinstance(parts[0][0], TensorSpec) or parts[0][0].numel() == 0 or len(positive) < 3:
+        return None, [0.0] * len(parts), math.inf
+    center = torch.stack(positive).median(dim=0).values
+    distances = [_norm(values / weight - center) if weight > 0 else 0.0 for values, weight in parts]
+    return center, distances, max_distance_ratio * lower_median([d for d, (_, w) in zip(distances, parts) if w > 0])
+
+
 def bound_contributions(parts: list[tuple[Tensor, float]], cfg: AveragingConfig) -> tuple[list[tuple[Tensor, float]], int]:
     """The robust rule a part's owner applies before it averages: ``parts`` are the members' ``(v, w)`` for the part
     (weighted sum, declared weight; this peer's first), returned bounded, in order, with how many were clipped.
 
     - A weight is clipped to ``W = max_weight_ratio x lower_median(positive weights)``: ``w' = min(w, W)``, the
       member's per-sample part ``x = v / w`` kept (``v' = w' x``).
-    - With ``max_norm_ratio`` (numerics mode), ``x`` is scaled to a norm of at most
-      ``N = max_norm_ratio x lower_median(|x_i|)`` over the members with a positive weight: ``v' = w' x min(1, N / |x|)``.
-      This is the clipping step of centered clipping (Karimireddy, He & Jaggi, ICML 2021, "Learning from History for
-      Byzantine Robust Optimization"), centered at 0 since a round keeps no history, with a median-based radius.
+    - With ``max_distance_ratio`` (numerics mode, 3 or more members with a positive weight), ``x`` is clipped to a distance
+      of at most ``R = max_distance_ratio x lower_median(|x_i - c|)`` from the coordinate-wise median ``c`` of the members'
+      ``x_i``: ``x' = c + (x - c) min(1, R / |x - c|)``, ``v' = w' x'``. This is centered clipping (Karimireddy, He &
+      Jaggi, ICML 2021, "Learning from History for Byzantine Robust Optimization") with a median-based radius, centered
+      at the coordinate-wise median (Yin et al., ICML 2018, "Byzantine-Robust Distributed Learning: Towards Optimal
+      Statistical Rates") instead of the last aggregate, as a round keeps no history.
     - A part of weight 0 adds nothing: its values are replaced by zeros (an honest one sends zeros).
 
-    Both bounds use the median, so with 3 or more members and an honest majority the liar is bounded by honest
-    values. Of 2 members the lower median is the smaller value: the rule cannot tell who lies and bounds each by the
-    other (weight at most ``max_weight_ratio`` times the other's, so a liar's share of the weight is at most
-    ``max_weight_ratio / (max_weight_ratio + 1)``; norm at most ``max_norm_ratio`` times the other's). A part within
-    both bounds is returned as it came, so a round where nobody exceeds them gives exactly the plain weighted mean.
+    Both bounds use the median, so with 3 or more members and an honest majority the liar is bounded by honest values.
+    Of 2 members a median cannot tell who lies: the weight bound (the lower median of two is the smaller value) bounds
+    each by ``max_weight_ratio`` times the other, so a liar's share of the weight is at most
+    ``max_weight_ratio / (max_weight_ratio + 1)``, and the distance bound clips nobody. A part within both bounds is
+    returned as it came, so a round where nobody exceeds them gives exactly the plain weighted mean.
     """
     weights = [w for _, w in parts if w > 0]
     if not weights:
         return [(zeros_like(v), 0.0) for v, _ in parts], 0
     weight_bound = cfg.max_weight_ratio * lower_median(weights) if cfg.max_weight_ratio else math.inf
-    measures_norms = cfg.max_norm_ratio > 0 and not isinstance(parts[0][0], TensorSpec)
-    norms = [_norm(v) / w if measures_norms and w > 0 else 0.0 for v, w in parts]
-    norm_bound = cfg.max_norm_ratio * lower_median([n for n, (_, w) in zip(norms, parts) if w > 0]) if measures_norms else math.inf
+    center, distances, radius = _center_and_distances(parts, cfg.max_distance_ratio)
     bounded, clipped = [], 0
-    for (values, weight), norm in zip(parts, norms):
+    for (values, weight), distance in zip(parts, distances):
         if weight <= 0:
             bounded.append((zeros_like(values), 0.0))
-        elif weight <= weight_bound and norm <= norm_bound:
+            continue
+        if weight <= weight_bound and distance <= radius:
             bounded.append((values, weight))
+            continue
+        clipped_weight = min(weight, weight_bound)
+        if distance > radius:
+            per_sample = center + (values / weight - center) * (radius / distance)
+            bounded.append((per_sample * clipped_weight, clipped_weight))
         else:
-            clipped_weight = min(weight, weight_bound)
-            norm_scale = norm_bound / norm if norm > norm_bound else 1.0
-            bounded.append((values * (clipped_weight / weight * norm_scale), clipped_weight))
-            clipped += 1
+            bounded.append((values * (clipped_weight / weight), clipped_weight))
+        clipped += 1
     return bounded, clipped
 
 
@@ -298,7 +315,7 @@ class GroupAverager(Averager):
         self.refused_parts = 0
         """Parts refused as not finite (or of a weight that is negative or not finite): each excluded its sender."""
         self.clipped_parts = 0
-        """Contributions to this peer's parts whose weight or norm :func:`bound_contributions` clipped."""
+        """Contributions to this peer's parts whose weight or distance :func:`bound_contributions` clipped."""
 
     def serve(self) -> None:
         """Register the all-reduce handlers on this peer."""
