@@ -310,3 +310,11 @@ def test_a_non_finite_gradient_is_refused_by_name_on_both_backends(backend):
     message, refused, samples = run_scenario(backend, ["client", "head"], _refusal_scenario())
     assert message.endswith("rejected backward: BackwardRequest.grad_outputs: values are not finite (NaN or inf)")
     assert (refused, samples) == (1, 0)
+
+
+def test_the_measuring_tool_reports_what_the_trainers_accepted():
+    from tools.measure_bounds import measure
+
+    largest, loss, log_vocab = measure(("experiment=minimal", "train.steps=1", "train.seq_len=32"))
+    assert 0 < largest < BOUND
+    assert loss == pytest.approx(log_vocab, rel=0.05)  # a model at initialization predicts about uniformly: ln V
