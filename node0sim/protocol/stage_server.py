@@ -277,7 +277,7 @@ class StageServer:
             raise ValueError(f"the server of stage {self.stage} exited ({self.stats.watchdog_exit})")
         if request.stage != self.stage:
             raise ValueError(f"request for stage {request.stage} sent to a server of stage {self.stage}")
-        if isinstance(request, BackwardRequest) and request.epoch < 0:  # the delay counts would grow by -epoch entries
+        if isinstance(request, BackwardRequest) and request.epoch < 0:  # its delay, epoch - stamp, would size the delay counts
             raise ValueError(f"BackwardRequest.epoch: must be >= 0, got {request.epoch}")
         try:
             check_message_values(request, self.max_abs_value)
