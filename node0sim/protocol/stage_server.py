@@ -283,6 +283,8 @@ class StageServer:
     async def handle_backward(self, caller: str, request: BackwardRequest) -> BackwardResponse:
         """Recompute the forward pass from the resent input (on the tail, its per-token loss), then backward."""
         self.check_request(request, BackwardRequest)
+        if request.epoch < 0:  # the delay counts would grow to its size
+            raise ValueError(f"BackwardRequest.epoch: an epoch stamp is >= 0, got {request.epoch}")
         work = Work(request.inputs, self.token_ids(request), grad_outputs=request.grad_outputs, targets=request.targets,
                     accumulate=request.accumulate)
         return BackwardResponse(await self.run_backward(work, request.epoch, _once_key(caller, request.request_id)))
