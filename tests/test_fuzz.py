@@ -4,7 +4,7 @@
   mutated (bytes flipped or cut; any node of the document replaced: shapes, dtypes, data lengths, tags, nesting,
   huge and negative numbers), returns a well-formed message (tensor data no larger than the input, shapes within
   the wire's bounds, packed parts that are tensors) or raises :class:`WireError`, nothing else.
-- Every handler a stage server and the organizer register (enumerated from what they serve), called directly in the
+- Every handler a stage server and the organizer register (a test checks the list against what they serve), called in the
   simulator with what the wire can deliver (the right and wrong message classes; tensors of random shape and dtype,
   0-d, 1-d, empty, int, bool, NaN, inf; non-tensor fields), answers a response of its method's class that the wire
   can send, or refuses with ``ValueError`` / ``RPCError`` (the runtime's contract); within a bound of virtual time;
