@@ -170,8 +170,9 @@ def _fail_after_step(fail: Callable[[], None], metrics: Path, step: int, trainer
 
 
 def run_live(scenario: Scenario, steps: int, folder: Path, timeout_s: float) -> dict[str, Any]:
-    """One live run in the lab: the trainers' summaries and their summed steady tokens/s, the first trainer's step
-    times, shaper byte counts per peer, machine CPU load and, for a failure scenario, the kill and recovery times."""
+    """One live run in the lab: the trainers' summaries and the tokens/s compared (:func:`_live_throughput`), the first
+    trainer's step times, shaper byte counts per peer, machine and per-core CPU load and, for a failure scenario, the
+    failure and recovery times."""
     from swarm.local import LocalSwarm
     from swarm.netlab import LinkShape, NetLab, exit_on_sigterm
 
@@ -225,8 +226,9 @@ def run_sim(scenario: Scenario, steps: int, transport: str, utilization: float, 
             folder: Path) -> dict[str, Any]:
     """The simulator on the same settings, its DHT operations and the transport's round trip at the lab's own
     (``lab``: :func:`tools.bench_wire.lab_timings`; the lab's latency, if any, is injected per message, off the path);
-    its summary, step times and, for a failure scenario, the failure (a churn
-    trace event for ``KILLED`` when a run without it ends step ``fail_at_step``) and recovery times."""
+    its summary, the tokens/s compared (steady; with several trainers, over the whole run), step times and, for a
+    failure scenario, the failure (a churn trace event for ``KILLED`` when a run without it ends step
+    ``fail_at_step``) and recovery times."""
     settings = [*BASE, *scenario.overrides(), f"train.steps={steps}", "sim.gpu=rtx3090", f"sim.utilization={utilization}",
                 f"sim.transport={transport}", f"sim.dht_latency_ms={1000 * lab['dht_s']}", f"sim.tcp_rtt_ms={1000 * lab['rtt_s']}"]
     summary, records = run_cell(folder, *settings)
