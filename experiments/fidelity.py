@@ -1,20 +1,26 @@
 """The simulator held against a live swarm on kernel-shaped links (needs root: swarm/netlab.py).
 
     python experiments/fidelity.py [--quick] [--out DIR] [--steps N] [--only 4,5]
+    python experiments/fidelity.py --resim FIDELITY_JSON [...] [--out DIR]   # the simulator again, stored live runs
 
-Every scenario runs twice: live (bootstrap, stage servers and one trainer as real ``node0sim backend=swarm``
+Every scenario runs twice: live (bootstrap, stage servers and trainers as real ``node0sim backend=swarm``
 processes, each in its own network namespace with tbf-shaped uplink and downlink, pinned round-robin to the
 machine's cores, one torch thread each) and on the simulator with the same settings, once with
 ``sim.transport=fluid`` and once with ``sim.transport=tcp``. The simulator's "GPU" runs at the FLOP/s this
 CPU achieves on the stages' own calls (:func:`stage_call_rate`: one micro-batch's forward, tail and backward
 calls through every stage of the scenario's model, one thread, pinned to one core, the FLOPs the simulator
 charges for them over their median time), measured right before each scenario's live run; the matmul rate a
-live peer announces (``swarm.roles.measured_flops``) is reported beside it. Nothing is fitted on the grid: the
-transport constants come from ``tools/bench_wire.py`` and citations (node0sim/config.py ``sim.tcp_*``).
+live peer announces (``swarm.roles.measured_flops``) is reported beside it. The lab's DHT operation time and TCP
+round trip (:func:`tools.bench_wire.lab_timings`) are measured then too and given to the simulator
+(``sim.dht_latency_ms``, ``sim.tcp_rtt_ms``). Nothing is fitted on the grid: the transport constants come from
+``tools/bench_wire.py`` and citations (node0sim/config.py ``sim.tcp_*``).
 
 Latency: the kernel here has no netem, so a non-zero latency is software-injected by every live peer
 before each RPC message it writes (``swarm.injected_latency_ms``); TCP itself sees no extra RTT there, and
-the all-reduce (hivemind's) is not delayed. Such points are labelled "(injected)".
+the all-reduce (hivemind's) and the DHT are not delayed. Such points are labelled "(injected)".
+
+Failure scenarios take server ``KILLED`` away once the first trainer logged step ``fail_at_step``: killed
+(SIGKILL, the simulator's churn event ``kill``) or cut off (its link down, the simulator's ``crash``).
 
 Writes ``fidelity.md`` (table), ``fidelity.json`` (every point) and ``fidelity.png`` (predicted vs measured
 steady tokens/s with y = x, and error per scenario) into ``experiments/results/fidelity/`` or ``--out``.
