@@ -13,7 +13,7 @@ from node0sim.protocol.codecs import DenseCodec
 from node0sim.protocol.messages import BACKWARD, FORWARD, TAIL, BackwardRequest, ForwardRequest, TailRequest
 from node0sim.protocol.stage_compute import OptimConfig, TensorStageCompute, Work
 from node0sim.protocol.stage_server import StageServer
-from node0sim.protocol.staleness import StalenessStats, WeightHistory, mean_delay
+from node0sim.protocol.staleness import MAX_COUNTED_DELAY, StalenessStats, WeightHistory, mean_delay
 from node0sim.protocol.trainer import Trainer, TrainerConfig
 from node0sim.sim.runner import run_simulation
 from tests.runs import run_config
@@ -202,3 +202,14 @@ def test_a_run_reports_its_staleness_in_the_summary_and_the_metrics(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     (staleness,) = [r for r in records if r.get("event") == "staleness"]
     assert staleness["delay_per_stage"] == summary["delay_per_stage"]
+
+
+def test_the_delay_histogram_stays_bounded_whatever_epoch_a_server_was_told():
+    """Bug (noticed while fuzzing the handlers): an epoch of 2^62 adopted from a forged DHT record made one backward's
+    delay size the histogram to 2^62 entries (MemoryError). Larger delays now count in the last bucket."""
+    stats = StalenessStats()
+    stats.count_delay(2)
+    stats.count_delay(2**62)
+    stats.count_delay(MAX_COUNTED_DELAY)
+    assert len(stats.delay_counts) == MAX_COUNTED_DELAY + 1
+    assert stats.delay_counts[2] == 1 and stats.delay_counts[-1] == 2 and sum(stats.delay_counts) == 3

@@ -40,6 +40,12 @@ class WeightHistory:
         return self._snapshots.get(epoch)
 
 
+MAX_COUNTED_DELAY = 1023
+"""The delay histogram's last bucket: larger delays count there, so it stays bounded whatever epoch a server was told
+(a forged DHT record's epoch of 2^62 made it grow to that many entries: MemoryError). Honest delays are a handful of
+epochs: a backward's delay is counted between its forward and its backward on the same server."""
+
+
 @dataclass
 class StalenessStats:
     """Per server: backwards counted by delay, and the sums behind the mean weight gap and look-ahead cosine."""
@@ -52,7 +58,8 @@ class StalenessStats:
     lookahead_cosine_count: int = 0
 
     def count_delay(self, tau: int) -> None:
-        """One backward ran ``tau`` epochs after its forward."""
+        """One backward ran ``tau`` epochs after its forward (more than ``MAX_COUNTED_DELAY``: counted as that many)."""
+        tau = min(tau, MAX_COUNTED_DELAY)
         if tau >= len(self.delay_counts):
             self.delay_counts.extend([0] * (tau + 1 - len(self.delay_counts)))
         self.delay_counts[tau] += 1
