@@ -108,7 +108,6 @@ def trainer_totals(trainers: Sequence[TrainerStats], bytes_sent: int) -> Trainer
         failed_requests=total("failed_requests"), retried_requests=total("retried_requests"),
         dropped_micro_batches=total("micro_batches_dropped"), timed_out_requests=total("timed_out_requests"),
         no_peer_requests=total("no_peer_requests"), unaccumulated_retries=total("unaccumulated_retries"), bytes_sent=bytes_sent,
-        invalid_replies=total("invalid_replies"),
     )
 
 
@@ -127,7 +126,6 @@ def server_report(server: StageServer, averaging_bytes: int | None = None, state
         delay_counts=list(stats.staleness.delay_counts), weight_gap_sum=stats.staleness.weight_gap_sum,
         weight_gap_count=stats.staleness.weight_gap_count, lookahead_cosine_sum=stats.staleness.lookahead_cosine_sum,
         lookahead_cosine_count=stats.staleness.lookahead_cosine_count, watchdog_exit=stats.watchdog_exit,
-        failed_rounds=stats.failed_rounds, refused_values=stats.refused_values,
     )
 
 

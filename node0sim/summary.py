@@ -32,8 +32,6 @@ class TrainerTotals:
     accumulate it): each stage accumulates a micro-batch at most once."""
     bytes_sent: int
     """Message bytes sent: by every peer (simulator), by this trainer (live)."""
-    invalid_replies: int = 0
-    """Replies refused by the trainer (class, layout, values, loss): each counted as the replying peer's failure."""
 
 
 @dataclass(frozen=True)
@@ -73,10 +71,6 @@ class ServerReport:
     lookahead_cosine_count: int = 0
     watchdog_exit: str | None = None
     """Why the watchdog made this server exit (``averaging.watchdog_*``); None: it did not."""
-    failed_rounds: int = 0
-    """All-reduces (gradient or state) that gave no usable mean with another member."""
-    refused_values: int = 0
-    """Requests refused for a non-finite or too large activation or gradient (``train.max_abs_value``)."""
 
     @classmethod
     def from_dict(cls, content: dict[str, Any]) -> ServerReport:
@@ -107,10 +101,6 @@ class ServerTotals:
     mean_requests_per_call: float | None = None
     duplicate_requests: int | None = None
     """Retried backward/tail requests a server had already accumulated (or was accumulating): not accumulated again."""
-    failed_rounds: int | None = None
-    """All-reduces that gave no usable mean with another member (robust averaging's refusals included)."""
-    refused_values: int | None = None
-    """Requests refused at the trust boundary for a non-finite or too large value."""
     delay_per_stage: list[float | None] | None = None
     """Mean delay (epochs between a forward and its backward) per stage, over all its servers."""
     delay_histogram_per_stage: list[list[int]] | None = None
@@ -136,7 +126,6 @@ class ServerTotals:
             failed_state_downloads=sum(r.failed_state_downloads for r in reports),
             averaging_timeouts=sum(r.averaging_timeouts for r in reports), request_calls=calls,
             duplicate_requests=sum(r.duplicate_requests for r in reports),
-            failed_rounds=sum(r.failed_rounds for r in reports), refused_values=sum(r.refused_values for r in reports),
             watchdog_exits={reason: sum(r.watchdog_exit == reason for r in reports) for reason in WATCHDOG_REASONS},
             mean_requests_per_call=sum(r.batched_requests for r in reports) / calls if calls else None,
             **_staleness_per_stage(reports, len(final_peers_per_stage)),
