@@ -25,7 +25,7 @@ from typing import Any, Callable, NoReturn, Protocol
 
 import torch
 
-from node0sim.protocol.messages import GATHER_PART, HEADER_BYTES, REDUCE_PART, Payload, check_message, message, payload_bytes
+from node0sim.protocol.messages import GATHER_PART, HEADER_BYTES, REDUCE_PART, Payload, message, payload_bytes
 from node0sim.protocol.tensors import Tensor, TensorSpec, all_finite, cat, is_tensor, same_layout, zeros_like
 from node0sim.runtime import Future, RPCError, Runtime
 
@@ -349,7 +349,6 @@ class GroupAverager(Averager):
     async def handle_reduce_part(self, caller: str, msg: ReducePart) -> Ack:
         """A group member's contribution to the part this peer owns (refused if not finite, or if its weight is
         negative or not finite: the sender is then left out of the round)."""
-        check_message(msg, ReducePart)
         round_ = self._round_for_part(caller, msg.stage, msg.tag, msg.values)
         if not all_finite(msg.values):
             self._refuse(round_, caller, "is not finite")
@@ -364,7 +363,6 @@ class GroupAverager(Averager):
     async def handle_gather_part(self, caller: str, msg: GatherPart) -> Ack:
         """An averaged part from its owner (a part that ``caller`` does not own is refused once the group is known; one
         that is not finite is refused and the part keeps this peer's own values)."""
-        check_message(msg, GatherPart)
         round_ = self._round_for_part(caller, msg.stage, msg.tag, msg.values)
         if round_ is not None and round_.members is not None and round_.members.index(caller) != msg.part:
             raise ValueError(f"all-reduce part {msg.part} of round {msg.tag!r} from {caller}, which does not own it")
