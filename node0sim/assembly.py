@@ -7,7 +7,6 @@ run is decided here, once.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -54,7 +53,7 @@ def make_swarm_peer(
             rt, run.run_id, compute_for(stage), run.averaging, throughput=throughput, bandwidth_mbps=run.network.up_mbps,
             seed=run.seed, max_batch_requests=run.topology.max_batch_requests, averager=averager,
             delay_history=run.train.delay_history if run.sim.numerics or run.backend == "swarm" else 0,
-            weight_stashing=run.topology.weight_stashing, direct=direct, max_abs_value=run.train.max_abs_value,
+            weight_stashing=run.topology.weight_stashing, direct=direct,
         )
 
     balance = BalanceConfig(run.topology.rebalance_period_s, run.topology.rebalance_margin)
@@ -86,17 +85,15 @@ def make_trainer(
     rt: Runtime, run: RunConfig, templates: Sequence[StageCompute], source: MicroBatchSource, index: int,
     on_micro_batch: Callable[[dict[str, Any]], None],
 ) -> Trainer:
-    """Trainer ``index`` of the run, pushing its share of the micro-batches from ``source``; ``templates`` (a compute of
-    each stage) give the layouts of valid replies and the vocabulary its loss bound is ln of."""
+    """Trainer ``index`` of the run, pushing its share of the micro-batches from ``source``."""
     cfg = TrainerConfig(
         micro_batches=micro_batch_share(run, index), micro_batches_per_step=run.train.micro_batches_per_step,
         schedule=run.train.schedule, max_inflight=run.train.max_inflight,
         request_timeout_s=run.train.request_timeout_s, max_retries=run.train.max_retries, ban_s=run.train.ban_s,
         max_ban_s=run.train.max_ban_s, send_token_ids=templates[0].codec.needs_token_ids, tail_calls=run.topology.tail_calls,
-        pipeline=run.topology.pipeline, direct_schedule=run.topology.schedule, max_abs_value=run.train.max_abs_value,
-        max_loss=run.train.max_loss_ratio * math.log(templates[-1].cfg.vocab_size),
+        pipeline=run.topology.pipeline, direct_schedule=run.topology.schedule,
     )
-    return Trainer(rt, run.run_id, len(templates), source, cfg, on_micro_batch, layouts=templates)
+    return Trainer(rt, run.run_id, len(templates), source, cfg, on_micro_batch)
 
 
 def trainer_totals(trainers: Sequence[TrainerStats], bytes_sent: int) -> TrainerTotals:

@@ -170,7 +170,7 @@ def test_a_stopped_run_counts_its_micro_batches_in_flight(tmp_path):
 
 def test_the_trainer_takes_its_bans_from_the_config():
     run = run_config("train.ban_s=5", "train.max_ban_s=40")
-    trainer = make_trainer(SimpleNamespace(peer_id="t"), run, [SimpleNamespace(codec=DenseCodec(), cfg=CFG)] * 4, None, 0, print)
+    trainer = make_trainer(SimpleNamespace(peer_id="t"), run, [SimpleNamespace(codec=DenseCodec())] * 4, None, 0, print)
     assert (trainer.router.ban_s, trainer.router.max_ban_s) == (5.0, 40.0)
 
 

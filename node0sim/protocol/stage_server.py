@@ -17,7 +17,6 @@ the peer exit as Node0's ``n0/utils/monitor.py`` does (:meth:`StageServer.exit`)
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,7 +24,6 @@ from typing import Any, AsyncIterator, Hashable
 
 from node0sim.protocol.averaging import AveragerFactory, AveragingConfig, GroupAverager
 from node0sim.protocol.batching import BatchingQueue
-from node0sim.protocol.bounds import check_message_values
 from node0sim.protocol.direct import DirectConfig, DirectHops
 from node0sim.protocol.matchmaking import Matchmaker
 from node0sim.protocol.messages import (
@@ -77,8 +75,6 @@ class ServerStats:
     """All-reduces (gradient or state) in a row that failed (as ``failed_rounds`` says)."""
     watchdog_exit: str | None = None
     """Why the watchdog made this peer exit (one of ``WATCHDOG_REASONS``); None while it runs."""
-    refused_values: int = 0
-    """Requests refused for non-finite values or values above ``max_abs_value`` (before anything of them ran)."""
 
 
 WATCHDOG_REASONS = ("failed_rounds", "failed_state_loads", "nan_gradients")
@@ -164,7 +160,6 @@ class StageServer:
         delay_history: int = 0,
         weight_stashing: bool = False,
         direct: DirectConfig | None = None,
-        max_abs_value: float = math.inf,
     ):
         """``averager(rt, stage, cfg)`` builds the in-stage all-reduce (the protocol's own by default; a
         backend may supply another with the same ``serve``/``all_reduce``/``timeouts`` interface).
@@ -172,8 +167,7 @@ class StageServer:
         ``delay_history`` > 0 keeps the flat weights of that many epochs (numerics mode only: the caller passes 0
         in timing mode), to measure the weight gap and look-ahead cosine of each backward; ``weight_stashing`` runs
         each backward with its forward's weights from that history (the caller checks the topology permits it).
-        ``direct``: also serve the direct pipeline (:class:`DirectHops`). ``max_abs_value``: the largest |value| a
-        request's activations or gradients may hold (``train.max_abs_value``, see ``bounds.py``)."""
+        ``direct``: also serve the direct pipeline (:class:`DirectHops`)."""
         self.rt = rt
         self.compute = compute
         self.stage = compute.index
@@ -195,7 +189,6 @@ class StageServer:
         self.history = WeightHistory(delay_history) if delay_history else None
         self.weight_stashing = weight_stashing and self.history is not None
         self.direct = DirectHops(self, run_id, direct) if direct is not None else None
-        self.max_abs_value = max_abs_value
 
     @property
     def epoch(self) -> int:
@@ -272,21 +265,13 @@ class StageServer:
         return request.inputs if self.compute.is_head else request.token_ids
 
     def check_request(self, request: Any, cls: type) -> None:
-        """Refuse, naming the problem, a request of another class, with mistyped fields, for another stage, with a
-        negative epoch stamp, or whose activations or gradients are not finite or above ``max_abs_value``, and every
-        request once the watchdog made this server exit."""
+        """Refuse, naming the problem, a request of another class, with mistyped fields, or for another stage, and
+        every request once the watchdog made this server exit."""
         check_message(request, cls)
         if self.exited:
             raise ValueError(f"the server of stage {self.stage} exited ({self.stats.watchdog_exit})")
         if request.stage != self.stage:
             raise ValueError(f"request for stage {request.stage} sent to a server of stage {self.stage}")
-        if isinstance(request, BackwardRequest) and request.epoch < 0:  # its delay, epoch - stamp, would size the delay counts
-            raise ValueError(f"BackwardRequest.epoch: must be >= 0, got {request.epoch}")
-        try:
-            check_message_values(request, self.max_abs_value)
-        except ValueError:
-            self.stats.refused_values += 1
-            raise
 
     async def handle_forward(self, caller: str, request: ForwardRequest) -> ForwardResponse:
         """Forward pass, stamped with this epoch; nothing of the request is kept for the backward pass (with a weight

@@ -3,33 +3,26 @@
 from __future__ import annotations
 
 import itertools
-import math
 import random
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 import torch
 
-from node0sim.protocol.bounds import largest_magnitude, layout, loss_problem, magnitude_problem
-from node0sim.protocol.codecs import Codec
 from node0sim.protocol.direct import DIRECT_SCHEDULES, PIPELINES, Barrier, DirectPipeline
 from node0sim.protocol.messages import (
     BACKWARD,
     FORWARD,
     TAIL,
     BackwardRequest,
-    BackwardResponse,
     ForwardRequest,
-    ForwardResponse,
     Payload,
     TailRequest,
-    TailResponse,
-    check_message,
     leading_dims,
 )
 from node0sim.protocol.progress import read_stages
 from node0sim.protocol.routing import Router
-from node0sim.protocol.tensors import describe, full_like, is_tensor, mean_value
+from node0sim.protocol.tensors import full_like, mean_value
 from node0sim.runtime import RequestTimeout, RPCError, Runtime, Task
 
 TAIL_CALLS = ("fused", "separate")
@@ -45,22 +38,6 @@ class MicroBatchSource(Protocol):
         """The next micro-batch."""
 
 
-class StageLayouts(Protocol):
-    """The layouts a stage's replies have (a :class:`~node0sim.protocol.stage_compute.StageCompute` of the stage gives them)."""
-
-    codec: Codec
-
-    def output_spec(self, batch: int, seq_len: int, per_token_loss: bool = False) -> Payload:
-        """A forward response's outputs."""
-
-    def input_grad_spec(self, batch: int, seq_len: int) -> Payload | None:
-        """A backward or tail response's input gradient."""
-
-
-RESPONSE_CLASSES = {ForwardRequest: ForwardResponse, BackwardRequest: BackwardResponse, TailRequest: TailResponse}
-"""The class of the reply to each request class the trainer sends."""
-
-
 @dataclass(frozen=True)
 class TrainerConfig:
     """How the trainer drives the pipeline.
@@ -68,8 +45,7 @@ class TrainerConfig:
     The trainer pushes ``micro_batches`` micro-batches in total; with ``schedule="sync"`` it
     pushes them ``micro_batches_per_step`` at a time and waits for each group to come back.
     ``tail_calls``: one of :data:`TAIL_CALLS`. ``pipeline``: one of :data:`PIPELINES` (``direct``: see ``direct.py``,
-    with ``direct_schedule`` one of :data:`DIRECT_SCHEDULES`). ``max_abs_value`` and ``max_loss`` bound the values and
-    the loss of a valid reply (``bounds.py``; the run sets ``train.max_abs_value`` and ``train.max_loss_ratio`` x ln V).
+    with ``direct_schedule`` one of :data:`DIRECT_SCHEDULES`).
     """
 
     micro_batches: int
@@ -86,8 +62,6 @@ class TrainerConfig:
     tail_calls: str = "fused"
     pipeline: str = "relayed"
     direct_schedule: str = "1f1b"
-    max_abs_value: float = math.inf
-    max_loss: float = math.inf
 
 
 @dataclass
@@ -107,13 +81,6 @@ class TrainerStats:
     retried_requests: int = 0
     unaccumulated_retries: int = 0
     """Backward/tail requests whose retries asked for the input gradient only, after an attempt timed out."""
-    invalid_replies: int = 0
-    """Replies refused (also counted as failed requests): of another class or layout, with non-finite or too large
-    values, or an implausible loss."""
-    largest_value: float = 0.0
-    """The largest |value| of the valid replies (what ``train.max_abs_value`` is measured against)."""
-    largest_loss: float = 0.0
-    """The largest loss of the valid replies (what ``train.max_loss_ratio`` is measured against)."""
     losses: list[float] = field(default_factory=list)
     stage_bytes: dict[int, int] = field(default_factory=dict)
     """Bytes of successful requests and responses, per stage called."""
@@ -154,9 +121,7 @@ class Trainer:
         source: MicroBatchSource,
         cfg: TrainerConfig,
         on_micro_batch: Callable[[dict[str, Any]], None],
-        layouts: Sequence[StageLayouts] | None = None,
     ):
-        """``layouts``: per stage, the layouts its replies must have (None: any layout of finite bounded values)."""
         if cfg.schedule not in ("sync", "async"):
             raise ValueError(f"schedule must be 'sync' or 'async', got {cfg.schedule!r}")
         if cfg.tail_calls not in TAIL_CALLS:
@@ -172,7 +137,6 @@ class Trainer:
         self.source = source
         self.cfg = cfg
         self.on_micro_batch = on_micro_batch
-        self.layouts = layouts
         self.stats = TrainerStats()
         self.router = Router(random.Random(rt.peer_id), ban_s=cfg.ban_s, max_ban_s=cfg.max_ban_s)
         self._micro_batch_ids = itertools.count(1)
@@ -236,11 +200,6 @@ class Trainer:
 
         Once a backward or tail attempt timed out, the peer may still accumulate it: the retries ask for the input
         gradient only (``accumulate=False``), so the stage accumulates the micro-batch at most once.
-
-        A reply is used only if :meth:`check_reply` finds nothing wrong with it; an invalid one is the replying peer's
-        failure (banned, retried on another peer). So every payload the trainer relays passed the check an honest server
-        applies at its boundary (``bounds.check_message_values``, the same function on the same tensors, and the
-        layout the stage's codec sends): a refusal is the refusing peer's failure, never blamed on the one before.
         """
         tried: list[str] = []
         for attempt in range(self.cfg.max_retries + 1):
@@ -257,16 +216,13 @@ class Trainer:
             try:
                 response = await self.rt.call(peer, method, request, self.cfg.request_timeout_s)
             except RPCError as error:
-                self._failed(stage, peer, tried)
+                self.stats.failed_requests += 1
                 self.stats.timed_out_requests += isinstance(error, RequestTimeout)
+                self.router.report_failure(stage, peer, self.rt.now())
+                tried.append(peer)
                 if isinstance(error, RequestTimeout) and isinstance(request, (BackwardRequest, TailRequest)) and request.accumulate:
                     request = replace(request, accumulate=False)
                     self.stats.unaccumulated_retries += 1
-                continue
-            if self.check_reply(stage, request, response) is not None:
-                # the retry still accumulates: what an invalid peer accumulated is not the stage's honest count
-                self._failed(stage, peer, tried)
-                self.stats.invalid_replies += 1
                 continue
             elapsed = self.rt.now() - started
             self.router.report_success(stage, peer, samples, elapsed, self.rt.now(), backward)
@@ -276,54 +232,6 @@ class Trainer:
             )
             return response
         raise NoPeerForStage(f"stage {stage}: {method} failed after {self.cfg.max_retries} retries")
-
-    def _failed(self, stage: int, peer: str, tried: list[str]) -> None:
-        """``peer`` of ``stage`` failed a request: ban it and try another."""
-        self.stats.failed_requests += 1
-        self.router.report_failure(stage, peer, self.rt.now())
-        tried.append(peer)
-
-    def check_reply(self, stage: int, request: Any, response: Any) -> str | None:
-        """What is wrong with ``stage``'s reply to ``request`` (None: nothing, and its largest value and loss are
-        counted): its class, a negative epoch stamp, its payload's layout and what the codec's decoder would refuse
-        (with ``layouts``), non-finite or too large values (``cfg.max_abs_value``), an implausible loss (``cfg.max_loss``)."""
-        try:
-            check_message(response, RESPONSE_CLASSES[type(request)])
-        except ValueError as wrong:
-            return str(wrong)
-        batch, seq_len = leading_dims(request.inputs)
-        per_token_loss = isinstance(response, ForwardResponse) and request.targets is not None
-        if isinstance(response, ForwardResponse) and response.epoch < 0:  # echoed in a backward: an honest server refuses it
-            return f"stage {stage}: ForwardResponse.epoch must be >= 0, got {response.epoch}"
-        payload = response.outputs if isinstance(response, ForwardResponse) else response.grad_inputs
-        if self.layouts:
-            layouts = self.layouts[stage]
-            if isinstance(response, ForwardResponse):
-                expected = layouts.output_spec(batch, seq_len, per_token_loss)
-            else:
-                expected = layouts.input_grad_spec(batch, seq_len)
-            if layout(payload) != layout(expected):
-                return f"stage {stage} replied {layout(payload)}, expected {layout(expected)}"
-            try:
-                if payload is not None and not per_token_loss:
-                    layouts.codec.check_wire(payload)
-            except ValueError as wrong:
-                return f"stage {stage}: {wrong}"
-        largest = 0.0 if payload is None else largest_magnitude(payload)
-        problem = magnitude_problem(largest, self.cfg.max_abs_value)
-        if problem is not None:
-            return f"stage {stage}: {problem}"
-        loss = response.loss if isinstance(response, TailResponse) else None
-        if per_token_loss:
-            if not is_tensor(payload) or tuple(payload.shape) != (batch, seq_len):
-                return f"stage {stage}: the per-token loss must be [{batch}, {seq_len}], got {describe(payload)}"
-            loss = mean_value(payload)
-        problem = loss_problem(loss, self.cfg.max_loss)
-        if problem is not None:
-            return f"stage {stage}: {problem}"
-        self.stats.largest_value = max(self.stats.largest_value, largest)
-        self.stats.largest_loss = max(self.stats.largest_loss, loss or 0.0)
-        return None
 
     async def _micro_batch(self, barrier: Barrier | None) -> None:
         self.stats.micro_batches_started += 1
