@@ -152,12 +152,8 @@ def test_a_faulty_members_non_finite_parts_are_refused_and_nobody_gets_a_non_fin
     outcome, _ = _all_reduce(backend, vectors, weights, timeout=4.0, faulty=("c",), bandwidths=(1.0, 1.0, 1.0))
     for name in "ab":
         (mean, contributors), timeouts = outcome[name]
-        if backend == "swarm/hivemind":
-            # c's contribution to a's and b's parts was refused; c's own part came back non-finite: no mean
-            assert mean is None and contributors == 2 and timeouts >= 1
-        else:  # the protocol's butterfly also refuses c's averaged part, keeps its own values there, and waits for none
-            assert contributors == 2 and timeouts == 0
-            assert int((mean == 3.0).sum()) == 4000 and int((mean == vectors[name]).sum()) == 2000
+        # c's contribution to a's and b's parts was refused; c's own part came back non-finite: no mean
+        assert mean is None and contributors == 2 and timeouts >= 1
 
 
 @pytest.mark.parametrize("backend", AVERAGER_BACKENDS)

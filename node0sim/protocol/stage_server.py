@@ -68,11 +68,8 @@ class ServerStats:
     """Requests served by those calls (rejected ones included)."""
     staleness: StalenessStats = field(default_factory=StalenessStats)
     """Delays of the backwards served, and (with a weight history) how far the weights moved meanwhile."""
-    failed_rounds: int = 0
-    """All-reduces (gradient or state) that failed: a member's part missed its deadline, no mean came back, or (in a
-    group) nothing of another member (the round then counts as no averaging round: a solo step, or no step)."""
     failed_rounds_in_a_row: int = 0
-    """All-reduces (gradient or state) in a row that failed (as ``failed_rounds`` says)."""
+    """All-reduces (gradient or state) in a row that failed: a member's part missed its deadline, or no mean."""
     watchdog_exit: str | None = None
     """Why the watchdog made this peer exit (one of ``WATCHDOG_REASONS``); None while it runs."""
 
@@ -422,7 +419,7 @@ class StageServer:
                 )
             else:
                 mean, contributors = await self.averager.all_reduce(f"grad/{epoch}", members, bandwidths, gradients, samples)
-            self._watch_round(mean, contributors, len(members), timeouts)
+            self._watch_round(failed=mean is None or self.averager.timeouts > timeouts)
             if mean is not None:
                 delay = mean_delay(self.stats.staleness.delay_counts)
                 await self.rt.compute(self.compute.step_cost(), lambda: self.compute.step_with(mean, delay))
@@ -432,10 +429,10 @@ class StageServer:
                 await self.load_state_from_peers()
                 target_epoch = max(target_epoch, progress.epoch)
             self.stats.last_group_size = contributors
-            if mean is not None and contributors > 1:
+            if contributors > 1:
                 self.stats.averaging_rounds += 1
                 progress.saw(members)
-            elif mean is not None:
+            else:
                 self.stats.solo_steps += 1
             progress.epoch = max(epoch + 1, target_epoch)
             self.stats.epochs += 1
@@ -451,13 +448,11 @@ class StageServer:
                 self.optimizer_lock.release_epoch_end()
             progress.ending_epoch = False
 
-    def _watch_round(self, mean: Payload | None, contributors: int, group_size: int, timeouts_before: int) -> None:
-        """Count failed all-reduces, gradient and state rounds alike (Node0's ``n0/utils/monitor.py``: a timeout or no
-        result fails a round, a success resets the count in a row; a group of one is a success, as Node0's matchmaking
-        forms it; in a group, a result with nothing of another member fails too); exit at the limit."""
-        failed = mean is None or self.averager.timeouts > timeouts_before or (group_size > 1 and contributors < 2)
+    def _watch_round(self, failed: bool) -> None:
+        """Count failed all-reduces in a row, gradient and state rounds alike (Node0's ``n0/utils/monitor.py``: a
+        timeout or no result fails a round, a success resets the count; a group of one is a success, as Node0's
+        matchmaking forms it); exit at the limit."""
         stats = self.stats
-        stats.failed_rounds += failed
         stats.failed_rounds_in_a_row = stats.failed_rounds_in_a_row + 1 if failed else 0
         limit = self.cfg.watchdog_failed_rounds
         if limit and stats.failed_rounds_in_a_row >= limit:
@@ -482,7 +477,7 @@ class StageServer:
         values = await self.rt.compute(0.0, lambda: read(index))
         timeouts = self.averager.timeouts
         mean, contributors = await self.averager.all_reduce(f"state/{self.epoch}", members, bandwidths, values, 1.0)
-        self._watch_round(mean, contributors, len(members), timeouts)
+        self._watch_round(failed=mean is None or self.averager.timeouts > timeouts)
         if mean is not None and contributors > 1:
             await self.rt.compute(0.0, lambda: write(mean, index))
             self.stats.state_averaging_rounds += 1
