@@ -7,6 +7,7 @@ run is decided here, once.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -53,7 +54,7 @@ def make_swarm_peer(
             rt, run.run_id, compute_for(stage), run.averaging, throughput=throughput, bandwidth_mbps=run.network.up_mbps,
             seed=run.seed, max_batch_requests=run.topology.max_batch_requests, averager=averager,
             delay_history=run.train.delay_history if run.sim.numerics or run.backend == "swarm" else 0,
-            weight_stashing=run.topology.weight_stashing, direct=direct,
+            weight_stashing=run.topology.weight_stashing, direct=direct, max_abs_value=run.train.max_abs_value,
         )
 
     balance = BalanceConfig(run.topology.rebalance_period_s, run.topology.rebalance_margin)
@@ -85,15 +86,17 @@ def make_trainer(
     rt: Runtime, run: RunConfig, templates: Sequence[StageCompute], source: MicroBatchSource, index: int,
     on_micro_batch: Callable[[dict[str, Any]], None],
 ) -> Trainer:
-    """Trainer ``index`` of the run, pushing its share of the micro-batches from ``source``."""
+    """Trainer ``index`` of the run, pushing its share of the micro-batches from ``source``; ``templates`` (a compute of
+    each stage) give the layouts of valid replies and the vocabulary its loss bound is ln of."""
     cfg = TrainerConfig(
         micro_batches=micro_batch_share(run, index), micro_batches_per_step=run.train.micro_batches_per_step,
         schedule=run.train.schedule, max_inflight=run.train.max_inflight,
         request_timeout_s=run.train.request_timeout_s, max_retries=run.train.max_retries, ban_s=run.train.ban_s,
         max_ban_s=run.train.max_ban_s, send_token_ids=templates[0].codec.needs_token_ids, tail_calls=run.topology.tail_calls,
-        pipeline=run.topology.pipeline, direct_schedule=run.topology.schedule,
+        pipeline=run.topology.pipeline, direct_schedule=run.topology.schedule, max_abs_value=run.train.max_abs_value,
+        max_loss=run.train.max_loss_ratio * math.log(templates[-1].cfg.vocab_size), hedge_quantile=run.train.hedge_quantile,
     )
-    return Trainer(rt, run.run_id, len(templates), source, cfg, on_micro_batch)
+    return Trainer(rt, run.run_id, len(templates), source, cfg, on_micro_batch, layouts=templates)
 
 
 def trainer_totals(trainers: Sequence[TrainerStats], bytes_sent: int) -> TrainerTotals:
@@ -105,6 +108,8 @@ def trainer_totals(trainers: Sequence[TrainerStats], bytes_sent: int) -> Trainer
         failed_requests=total("failed_requests"), retried_requests=total("retried_requests"),
         dropped_micro_batches=total("micro_batches_dropped"), timed_out_requests=total("timed_out_requests"),
         no_peer_requests=total("no_peer_requests"), unaccumulated_retries=total("unaccumulated_retries"), bytes_sent=bytes_sent,
+        invalid_replies=total("invalid_replies"), refused_requests=total("refused_requests"), lost_requests=total("lost_requests"),
+        hedged_requests=total("hedged_requests"), hedges_won=total("hedges_won"),
     )
 
 
@@ -123,6 +128,8 @@ def server_report(server: StageServer, averaging_bytes: int | None = None, state
         delay_counts=list(stats.staleness.delay_counts), weight_gap_sum=stats.staleness.weight_gap_sum,
         weight_gap_count=stats.staleness.weight_gap_count, lookahead_cosine_sum=stats.staleness.lookahead_cosine_sum,
         lookahead_cosine_count=stats.staleness.lookahead_cosine_count, watchdog_exit=stats.watchdog_exit,
+        failed_rounds=stats.failed_rounds, refused_values=stats.refused_values,
+        declined_state_downloads=stats.declined_state_downloads,
     )
 
 

@@ -177,6 +177,15 @@ class TrainConfig:
     max_retries: int = 3
     ban_s: float = 60.0  # a peer whose request failed is not chosen for this long (0: never banned)
     max_ban_s: float = 960.0  # each further failure in a row (no success between) doubles its ban, up to this
+    max_abs_value: float = 1e8  # the largest |value| of an activation or gradient a server accepts, the trainer too in a
+    # reply (node0sim/protocol/bounds.py). Measured (tools/measure_bounds.py, 200 steps, seeds 0 and 1): at most 36.8 in
+    # the default run, 14.2 in minimal, 35.1 in node0_tiny; open LLMs' largest activations reach ~7e5 (Gemma3-27B-it,
+    # arXiv 2605.15572); a 1e8 entry's square (1e16), summed over d = 4096, stays far below float32's max 3.4e38
+    max_loss_ratio: float = 10.0  # a reply's loss must be in [0, this x ln(vocab size)]: ln V is a uniform prediction's
+    # loss, where training starts; measured as above: at most 1.017 x ln V (the first steps)
+    hedge_quantile: float | None = None  # null: no hedging; q in (0, 1): a call unanswered after the q-quantile of its
+    # stage's latest latencies also goes to another replica, the first valid reply wins (0.95: Dean & Barroso, "The Tail at
+    # Scale", CACM 2013). Off by default: Node0's code (PluralisResearch/node0 at 32bd084) has no hedging
     eval_batches: int = 4  # validation batches evaluated at the end
     delay_history: int = 0  # numerics mode: epochs of flat weights each server keeps, to measure the weight gap and
     # look-ahead cosine of stale backwards (and for topology.weight_stashing); 0: none (the delay is measured anyway)
@@ -202,6 +211,10 @@ class TrainConfig:
         _require(self.max_retries >= 0, f"train.max_retries: must be >= 0, got {self.max_retries}")
         _require(self.ban_s >= 0, f"train.ban_s: must be >= 0, got {self.ban_s}")
         _require(self.max_ban_s >= self.ban_s, f"train.max_ban_s: must be >= train.ban_s ({self.ban_s}), got {self.max_ban_s}")
+        _require(self.max_abs_value > 0, f"train.max_abs_value: must be > 0, got {self.max_abs_value}")
+        _require(self.max_loss_ratio > 0, f"train.max_loss_ratio: must be > 0, got {self.max_loss_ratio}")
+        _require(self.hedge_quantile is None or 0 < self.hedge_quantile < 1,
+                 f"train.hedge_quantile: must be in (0, 1) or null, got {self.hedge_quantile}")
         _require(self.eval_batches >= 0, f"train.eval_batches: must be >= 0, got {self.eval_batches}")
         _require(self.delay_history >= 0, f"train.delay_history: must be >= 0, got {self.delay_history}")
 

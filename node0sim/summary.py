@@ -28,10 +28,21 @@ class TrainerTotals:
     no_peer_requests: int
     """Failed attempts that found no available peer of the stage (none announced, or all banned)."""
     unaccumulated_retries: int
-    """Backward/tail requests retried for the input gradient only after an attempt timed out (that peer may still
-    accumulate it): each stage accumulates a micro-batch at most once."""
+    """Backward/tail requests retried for the input gradient only after an attempt got no answer (timed out or lost
+    mid-call: that peer may have accumulated it): each stage accumulates a micro-batch at most once."""
     bytes_sent: int
     """Message bytes sent: by every peer (simulator), by this trainer (live)."""
+    invalid_replies: int = 0
+    """Replies refused by the trainer (class, layout, values, loss): each counted as the replying peer's failure."""
+    refused_requests: int = 0
+    """Failed requests the peer refused (a ``RemoteError``)."""
+    lost_requests: int = 0
+    """Failed requests whose connection failed before the reply (relayed: failed = timed out + no peer + invalid +
+    refused + lost)."""
+    hedged_requests: int = 0
+    """Requests also sent to a second replica after the hedge deadline (``train.hedge_quantile``)."""
+    hedges_won: int = 0
+    """Hedged requests answered first by the second replica."""
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,12 @@ class ServerReport:
     lookahead_cosine_count: int = 0
     watchdog_exit: str | None = None
     """Why the watchdog made this server exit (``averaging.watchdog_*``); None: it did not."""
+    failed_rounds: int = 0
+    """All-reduces (gradient or state) that gave no usable mean with another member."""
+    refused_values: int = 0
+    """Requests refused for a non-finite or too large activation or gradient (``train.max_abs_value``)."""
+    declined_state_downloads: int = 0
+    """State requests declined by a donor serving another download (the next donor was tried)."""
 
     @classmethod
     def from_dict(cls, content: dict[str, Any]) -> ServerReport:
@@ -101,6 +118,12 @@ class ServerTotals:
     mean_requests_per_call: float | None = None
     duplicate_requests: int | None = None
     """Retried backward/tail requests a server had already accumulated (or was accumulating): not accumulated again."""
+    failed_rounds: int | None = None
+    """All-reduces that gave no usable mean with another member (robust averaging's refusals included)."""
+    refused_values: int | None = None
+    """Requests refused at the trust boundary for a non-finite or too large value."""
+    declined_state_downloads: int | None = None
+    """State requests a donor declined, serving another download (not failures: the next donor was tried)."""
     delay_per_stage: list[float | None] | None = None
     """Mean delay (epochs between a forward and its backward) per stage, over all its servers."""
     delay_histogram_per_stage: list[list[int]] | None = None
@@ -126,6 +149,8 @@ class ServerTotals:
             failed_state_downloads=sum(r.failed_state_downloads for r in reports),
             averaging_timeouts=sum(r.averaging_timeouts for r in reports), request_calls=calls,
             duplicate_requests=sum(r.duplicate_requests for r in reports),
+            failed_rounds=sum(r.failed_rounds for r in reports), refused_values=sum(r.refused_values for r in reports),
+            declined_state_downloads=sum(r.declined_state_downloads for r in reports),
             watchdog_exits={reason: sum(r.watchdog_exit == reason for r in reports) for reason in WATCHDOG_REASONS},
             mean_requests_per_call=sum(r.batched_requests for r in reports) / calls if calls else None,
             **_staleness_per_stage(reports, len(final_peers_per_stage)),
@@ -312,6 +337,7 @@ def outcome_lines(summary: dict[str, Any]) -> list[str]:
             f"{count(summary['state_averaging_rounds'], 'parameter round')} (SPARTA); "
             f"{count(summary['state_downloads'], 'state download')} ({_megabytes(summary['state_download_bytes'] or 0)})"
             + (f", {summary['failed_state_downloads']} failed" if summary["failed_state_downloads"] else "")
+            + (f", {summary['declined_state_downloads']} declined" if summary["declined_state_downloads"] else "")
         )
     lines.append(f"requests: {summary['failed_requests']} failed, {summary['retried_requests']} retried on another peer, "
                  f"{count(summary['dropped_micro_batches'], 'micro-batch', 'micro-batches')} dropped")

@@ -189,7 +189,7 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
 async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: SwarmConfig) -> None:
     """Node0-style log lines: batches processed per period, every averaging round with its group size; returns when the
     watchdog made the server exit."""
-    rounds, solo, downloads, failed_downloads, stale_reads, processed, last_log = 0, 0, 0, 0, 0, 0, time.monotonic()
+    rounds, solo, failed, downloads, failed_downloads, stale_reads, processed, last_log = 0, 0, 0, 0, 0, 0, 0, time.monotonic()
     seen_peers = None
     serving = None
     while True:
@@ -224,6 +224,10 @@ async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: Swarm
         if server.stats.solo_steps > solo:
             solo = server.stats.solo_steps
             log_solo_step(server)
+        if server.stats.failed_rounds > failed:
+            failed = server.stats.failed_rounds
+            log.warning("All-reduce failed: a part missed its deadline, or nothing usable came back from the group (%d so far, "
+                        "stage %d, epoch %d)", failed, server.stage, server.epoch)
         if time.monotonic() - last_log >= swarm.log_period_s:
             total = sum(rt.handled.get(m, 0) for m in STAGE_METHODS)
             log.info("Processed %d batches in last %g seconds (stage %d)", total - processed, swarm.log_period_s, server.stage)

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 LOCAL_SECTIONS = ("swarm", "wandb")
 """Sections every peer sets for itself; all others come from the organizer."""
 
+TRAINER_OWN_KEYS = ("steps", "allow_partial", "hedge_quantile")
+"""``train`` keys a trainer sets for itself: how many steps it feeds, whether stopping short is an error for its process,
+and whether it hedges its calls. The others (batch sizes, timeouts, bans, bounds) are the organizer's."""
+
 RECORD_TTL_S = 600.0
 
 
@@ -40,11 +44,11 @@ def published_part(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def merge(published: Mapping[str, Any], local: Mapping[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
-    """The run as the organizer defined it, with this peer's own ``swarm`` and ``wandb`` settings and,
-    for a trainer, its own ``train.steps`` (validated, and as a plain config mapping)."""
+    """The run as the organizer defined it, with this peer's own ``swarm`` and ``wandb`` settings and, for a trainer,
+    its own :data:`TRAINER_OWN_KEYS` of ``train`` (validated, and as a plain config mapping)."""
     document = {**published, **{k: local[k] for k in LOCAL_SECTIONS}}
-    if local["swarm"]["role"] == "trainer":  # how many steps to feed is the trainer's own choice
-        document["train"] = {**published["train"], "steps": local["train"]["steps"]}
+    if local["swarm"]["role"] == "trainer":
+        document["train"] = {**published["train"], **{k: local["train"][k] for k in TRAINER_OWN_KEYS}}
     return load_run_config(document), document
 
 

@@ -102,7 +102,10 @@ def _decode_value(value: Any) -> Any:
         parts, shape = _unpack(body, 2, tag)
         if not isinstance(parts, dict) or not all(isinstance(k, str) for k in parts):
             raise WireError("packed parts must be a name -> tensor mapping")
-        return Packed({k: _decode_value(v) for k, v in parts.items()}, _shape(shape))
+        decoded = {k: _decode_value(v) for k, v in parts.items()}
+        if not all(isinstance(part, (torch.Tensor, TensorSpec)) for part in decoded.values()):
+            raise WireError("packed parts must be tensors")
+        return Packed(decoded, _shape(shape))
     raise WireError(f"unknown field tag {tag!r}")
 
 

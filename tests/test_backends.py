@@ -152,8 +152,12 @@ def test_a_faulty_members_non_finite_parts_are_refused_and_nobody_gets_a_non_fin
     outcome, _ = _all_reduce(backend, vectors, weights, timeout=4.0, faulty=("c",), bandwidths=(1.0, 1.0, 1.0))
     for name in "ab":
         (mean, contributors), timeouts = outcome[name]
-        # c's contribution to a's and b's parts was refused; c's own part came back non-finite: no mean
-        assert mean is None and contributors == 2 and timeouts >= 1
+        if backend == "swarm/hivemind":
+            # c's contribution to a's and b's parts was refused; c's own part came back non-finite: no mean
+            assert mean is None and contributors == 2 and timeouts >= 1
+        else:  # the protocol's butterfly also refuses c's averaged part, keeps its own values there, and waits for none
+            assert contributors == 2 and timeouts == 0
+            assert int((mean == 3.0).sum()) == 4000 and int((mean == vectors[name]).sum()) == 2000
 
 
 @pytest.mark.parametrize("backend", AVERAGER_BACKENDS)
@@ -456,3 +460,79 @@ def test_a_joiner_receives_the_warm_started_q_with_the_state_on_both_backends(ba
     loaded, sent, received = run_scenario(backend, ["donor", "joiner"], scenario)
     assert loaded
     torch.testing.assert_close(received, sent, atol=0, rtol=0)
+
+
+FREEZE_AFTER, FREEZE_S, MICRO_BATCHES = 30, 10.0, 60
+
+
+class _FreezingTail(StageServer):
+    """A tail server that, once frozen, answers nothing for ``FREEZE_S`` (every call meanwhile waits, as in a SIGSTOPped
+    process), then runs each of those calls through."""
+
+    thaw_at = -1.0
+
+    def freeze(self) -> None:
+        self.thaw_at = self.rt.now() + FREEZE_S
+
+    async def handle_tail(self, caller, request):
+        if self.rt.now() < self.thaw_at:
+            await self.rt.sleep(self.thaw_at - self.rt.now())
+        return await super().handle_tail(caller, request)
+
+
+def _frozen_replica_run(backend, hedge_quantile):
+    """2 stages, the tail served twice; one tail replica freezes once ``FREEZE_AFTER`` micro-batches are done (the trainer
+    has the latencies a hedge deadline needs). The trainer's stats, the time each micro-batch was done, the thaw time and
+    the samples each stage accumulated once the frozen calls have run."""
+    batch = torch.randint(0, CFG.vocab_size, (2 * MICRO_BATCHES, 17), generator=torch.Generator().manual_seed(0))
+    stages = build_stages(CFG, 2, seed=3)
+
+    async def scenario(runtimes):
+        servers = []
+        for name, stage, cls in (("s0", 0, StageServer), ("s1a", 1, StageServer), ("s1b", 1, _FreezingTail)):
+            compute = TensorStageCompute(stages[stage] if name != "s1b" else build_stages(CFG, 2, seed=3)[1], OptimConfig(),
+                                         DenseCodec())
+            servers.append(cls(runtimes[name], "run", compute, AveragingConfig(10**6, progress_period_s=5.0), throughput=1.0,
+                               bandwidth_mbps=50))
+            runtimes[name].spawn(servers[-1].start())
+        frozen, done = servers[2], []
+
+        def on_micro_batch(record):
+            done.append(record["time_s"])
+            if len(done) == FREEZE_AFTER:
+                frozen.freeze()
+
+        trainer = Trainer(
+            runtimes["trainer"], "run", 2, FixedBatch(batch, 2),
+            TrainerConfig(micro_batches=MICRO_BATCHES, micro_batches_per_step=2, schedule="async", max_inflight=2,
+                          hedge_quantile=hedge_quantile),
+            on_micro_batch,
+        )
+        stats = await trainer.run()
+        await trainer.rt.sleep(max(0.0, frozen.thaw_at - trainer.rt.now()) + 1.0)  # the frozen calls have run through
+        return stats, done, frozen.thaw_at, [servers[0].stats.samples, servers[1].stats.samples + frozen.stats.samples]
+
+    return run_scenario(backend, ["trainer", "s0", "s1a", "s1b"], scenario)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_request_to_a_frozen_replica_is_hedged_to_the_other_and_accumulated_once(backend):
+    stats, done, thaw_at, accumulated = _frozen_replica_run(backend, hedge_quantile=0.95)
+    assert thaw_at > 0 and stats.micro_batches_done == MICRO_BATCHES and stats.micro_batches_dropped == 0 and stats.failed_requests == 0
+    assert stats.hedges_won >= 1 and stats.hedged_requests >= stats.hedges_won
+    # the frozen replica ran its calls after the thaw (they accumulated), the hedges asked for the input gradient only
+    assert stats.unaccumulated_retries == stats.hedged_requests
+    assert accumulated == [stats.samples, stats.samples]
+
+
+def test_a_frozen_replica_costs_the_hedge_deadline_not_the_freeze():
+    """Virtual time: without hedging the micro-batch stuck on the frozen replica holds the window for the whole freeze."""
+    def longest_gap(hedge_quantile):
+        stats, done, thaw_at, _ = _frozen_replica_run("sim", hedge_quantile)
+        return max(b - a for a, b in zip(done, done[1:])), stats
+
+    unhedged, stats = longest_gap(None)
+    hedged, hedged_stats = longest_gap(0.95)
+    assert stats.hedged_requests == 0 and unhedged > FREEZE_S * 0.9
+    latencies = sorted(hedged_stats.request_seconds["tail"])
+    assert hedged < FREEZE_S * 0.1 and hedged < 3 * latencies[-1]

@@ -60,8 +60,8 @@ def _summary(**changes) -> dict:
         "compression": "subspace", "compression_rate": 8.0, "churn": "trace", "steps": 200, "sim_time_s": 80.0,
         "tokens": 1_000_000, "final_peers_per_stage": [3, 3, 3, 3], "churn_events": {"join": 1, "leave": 0, "crash": 1},
         "averaging_rounds": 400, "solo_steps": 1, "averaging_timeouts": 2, "state_averaging_rounds": 80,
-        "state_downloads": 1, "state_download_bytes": 2_500_000, "failed_state_downloads": 0, "failed_requests": 4,
-        "retried_requests": 4, "dropped_micro_batches": 0, "activation_bytes_per_token": 1000.0,
+        "state_downloads": 1, "state_download_bytes": 2_500_000, "failed_state_downloads": 0, "declined_state_downloads": 0,
+        "failed_requests": 4, "retried_requests": 4, "dropped_micro_batches": 0, "activation_bytes_per_token": 1000.0,
         "dense_activation_bytes_per_token": 8000.0, "val_loss": None,
     }
     return {**summary, **changes}

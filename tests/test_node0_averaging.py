@@ -453,7 +453,24 @@ def test_a_donor_serves_one_state_download_at_a_time(one_at_a_time):
     tasks = [j.rt.spawn(j.state_transfer._download_from(["donor"])) for j in joiners]
     sim.run(until=sim.env.all_of([t.process for t in tasks]))
     assert [t.process.value for t in tasks] == ([True, False] if one_at_a_time else [True, True])
-    assert sum(j.stats.failed_state_downloads for j in joiners) == int(one_at_a_time)
+    # a decline is not a failure (Node0's empty stream): the watchdog's failed_state_loads limit of 1 does not count it
+    assert sum(j.stats.declined_state_downloads for j in joiners) == int(one_at_a_time)
+    assert sum(j.stats.failed_state_downloads for j in joiners) == 0
+
+
+def test_two_joiners_of_one_busy_donor_both_join_and_the_watchdog_counts_no_failed_load():
+    sim = make_sim(latency_s=0.01)
+    cfg = AveragingConfig(8, one_download_per_donor=True, watchdog_failed_state_loads=1)  # Node0's limit
+    donor = _server(add(sim, "donor", up_mbps=1.0).runtime, 1, 2, cfg, bandwidth_mbps=1.0)  # an upload lasts seconds
+    donor.rt.spawn(donor.start())
+    sim.run(until=0.5)
+    joiners = [_server(add(sim, f"j{i}").runtime, 1, 2, cfg) for i in range(2)]
+    for joiner in joiners:
+        joiner.rt.spawn(joiner.start(load_state=True))
+    sim.run(until=30.0)
+    assert all(j.ready and not j.exited for j in joiners), [j.stats.watchdog_exit for j in joiners]
+    assert sum(j.stats.declined_state_downloads for j in joiners) >= 1
+    assert sum(j.stats.failed_state_downloads for j in joiners) == 0 and sum(j.stats.state_downloads for j in joiners) >= 1
 
 
 # ---- central stage assignment --------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def test_tracker_answers_the_epoch_questions_from_the_last_read():
     a.ready = b.ready = True
 
     async def view(b_epoch, b_samples, b_ending, a_samples=0):
-        b.epoch, b.samples, b.ending_epoch = b_epoch, b_samples, b_ending
+        b.epoch, b.samples, b.ending_epoch = b_epoch, b_samples, b_epoch if b_ending else None
         a.samples = a_samples
         await b.report()
         await a.refresh()

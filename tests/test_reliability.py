@@ -30,7 +30,7 @@ from node0sim.protocol.stage_compute import OptimConfig, TensorStageCompute
 from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.state_transfer import StateRequest
 from node0sim.protocol.trainer import Trainer, TrainerConfig
-from node0sim.runtime import RemoteError
+from node0sim.runtime import RemoteError, RPCError
 from node0sim.sim.runner import SimulatedRun
 from tests.backends import run_scenario
 from tests.runs import MINIMAL, run_config
@@ -150,10 +150,35 @@ def test_a_retried_backward_is_accumulated_once_per_stage(tmp_path):
     sim_run = _slow_server_run(tmp_path)
     summary = sim_run.execute()
     assert summary["timed_out_requests"] > 0 and summary["unaccumulated_retries"] == summary["timed_out_requests"]
+    assert summary["failed_requests"] == summary["timed_out_requests"]  # every failure has one named cause
     assert summary["dropped_micro_batches"] == 0 and summary["micro_batches_in_flight"] == 0
     for stage in range(4):
         accumulated = sum(s.stats.samples for s in sim_run.swarm.servers() if s.stage == stage)
         assert accumulated == summary["samples"] == 4 * summary["micro_batches_done"], stage
+
+
+def test_a_backward_whose_reply_was_lost_after_it_was_served_is_not_accumulated_again(tmp_path):
+    """A live call lost mid-reply (the stream closed before the reply's end) reaches the caller as a plain RPCError
+    after the server ran it: the retry on the stage's other server must ask for the input gradient only."""
+    run = run_config("train.steps=4", "train.eval_batches=0", "topology.peers_per_stage=2", "train.ban_s=0")
+    sim_run = SimulatedRun(run, tmp_path, RunRecorder(tmp_path, run.train.steps, stream=None))
+    rt = sim_run.trainers[0].rt
+    served_call, lost = rt.call, []
+
+    async def losing_the_first_stage1_backward_reply(peer, method, request, timeout):
+        response = await served_call(peer, method, request, timeout)
+        if method == BACKWARD and request.stage == 1 and not lost:
+            lost.append(peer)
+            raise RPCError(f"{method} to peer {peer} failed: 0 bytes read on a total of 1 expected bytes")
+        return response
+
+    rt.call = losing_the_first_stage1_backward_reply
+    summary = sim_run.execute()
+    assert lost and summary["unaccumulated_retries"] == 1 and summary["dropped_micro_batches"] == 0
+    assert summary["failed_requests"] == summary["lost_requests"] == 1
+    for stage in range(run.topology.num_stages):  # the lost reply's server accumulated it; the retry's did not
+        accumulated = sum(s.stats.samples for s in sim_run.swarm.servers() if s.stage == stage)
+        assert accumulated == summary["samples"], stage
 
 
 def test_a_stopped_run_counts_its_micro_batches_in_flight(tmp_path):
@@ -170,7 +195,7 @@ def test_a_stopped_run_counts_its_micro_batches_in_flight(tmp_path):
 
 def test_the_trainer_takes_its_bans_from_the_config():
     run = run_config("train.ban_s=5", "train.max_ban_s=40")
-    trainer = make_trainer(SimpleNamespace(peer_id="t"), run, [SimpleNamespace(codec=DenseCodec())] * 4, None, 0, print)
+    trainer = make_trainer(SimpleNamespace(peer_id="t"), run, [SimpleNamespace(codec=DenseCodec(), cfg=CFG)] * 4, None, 0, print)
     assert (trainer.router.ban_s, trainer.router.max_ban_s) == (5.0, 40.0)
 
 
@@ -201,6 +226,7 @@ def test_a_failing_peer_is_banned_longer_each_time_and_its_estimate_falls():
     liar = trainer.router.state(1, "liar")
     assert trainer.stats.micro_batches_done == 16 and trainer.stats.micro_batches_dropped == 0
     assert trainer.stats.failed_requests == liar.failures  # every failure was the liar's, none followed by a success
+    assert trainer.stats.refused_requests == liar.failures  # and named: a refusal
     assert liar.failures >= 2 and liar.throughput == pytest.approx(1e6 * 0.8**liar.failures)
     assert liar.banned_until - sim.env.now <= trainer.router.ban_for(liar.failures)
 

@@ -208,6 +208,17 @@ def test_a_failure_moves_the_throughput_estimate_toward_zero_by_one_ema_step():
     assert r.choose(0, samples=1, now=1000.0) == "b"
 
 
+def test_a_peer_outpaced_by_a_hedge_is_not_banned_and_its_estimate_falls_toward_the_rate_its_wait_implies():
+    r = _router(ema_alpha=0.2, backward_weight=2.5)
+    r.update_peers(0, {"a": 10.0})
+    r.report_outpaced(0, "a", samples=4, elapsed_s=2.0, backward=True)  # at most 4 x 2.5 / 2 = 5 samples/s
+    state = r.state(0, "a")
+    assert state.throughput == pytest.approx(10.0 + 0.2 * (5.0 - 10.0))
+    assert state.banned_until == 0.0 and state.failures == 0
+    r.report_outpaced(0, "a", samples=4, elapsed_s=0.1)  # a bound above the estimate says nothing
+    assert state.throughput == pytest.approx(9.0)
+
+
 def test_a_banned_peer_that_reannounces_stays_banned_with_its_estimate():
     r = _router(ban_s=60.0, max_ban_s=960.0)
     r.update_peers(0, {"liar": 1e12, "honest": 1.0})

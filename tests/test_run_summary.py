@@ -38,17 +38,25 @@ def test_a_summary_is_one_flat_object_with_every_summary_key():
 def test_server_totals_sum_the_reports_and_the_local_role_keeps_them_by_name():
     reports = {
         "s0p0": _report("s0p0", 0, averaging_rounds=3, request_calls=4, batched_requests=6, averaging_bytes=100,
-                        state_download_bytes=0),
+                        state_download_bytes=0, failed_rounds=2, refused_values=5, declined_state_downloads=1),
         "s1p0": _report("s1p0", 1, averaging_rounds=2, request_calls=2, batched_requests=2, averaging_bytes=50,
-                        state_download_bytes=7, state_downloads=1),
+                        state_download_bytes=7, state_downloads=1, failed_rounds=1, declined_state_downloads=2),
     }
     summary = with_server_reports({"steps": 3}, reports, num_stages=3, num_peers=2)
+    assert summary["failed_rounds"] == 3 and summary["refused_values"] == 5 and summary["declined_state_downloads"] == 3
     assert summary["averaging_rounds"] == 5 and summary["request_calls"] == 6 and summary["mean_requests_per_call"] == 8 / 6
     assert summary["averaging_bytes"] == 150 and summary["state_download_bytes"] == 7 and summary["state_downloads"] == 1
     assert summary["final_peers_per_stage"] == [1, 1, 0] and summary["num_peers"] == 2 and summary["steps"] == 3
     assert [r["name"] for r in summary["server_reports"]] == ["s0p0", "s1p0"]
     written = json.loads(json.dumps(summary["server_reports"][1]))
     assert ServerReport.from_dict(written) == reports["s1p0"]
+
+
+def test_the_trainers_invalid_replies_reach_the_summary():
+    from node0sim.assembly import trainer_totals
+    from node0sim.protocol.trainer import TrainerStats
+
+    assert trainer_totals([TrainerStats(invalid_replies=2), TrainerStats(invalid_replies=1)], 0).invalid_replies == 3
 
 
 def test_the_micro_batches_are_split_across_trainers_without_loss():

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import pytest
 
 from node0sim.app import compose_run_config
-from node0sim.runtime import RemoteError, RequestTimeout
+from node0sim.runtime import RemoteError, RequestTimeout, RPCError
 from node0sim.sim.engine import EmulatedDHT
 from node0sim.sim.runner import dense_activation_bytes_per_token
 from tests.runs import simulate
@@ -149,12 +149,13 @@ def test_calls_to_a_killed_peer_fail_once_the_reset_crossed_the_network():
     latency = 0.02
     sim, client, handled = _server_failing_mid_request(reset_connections=True, latency=latency)
 
-    async def protocol():
-        with pytest.raises(RemoteError, match="server: connection reset"):
+    async def protocol():  # a plain RPCError, as a live backend's: not a refusal, the request may have run
+        with pytest.raises(RPCError, match="server: connection reset") as in_flight:
             await client.runtime.call("server", "slow", Blob(1), timeout=10.0)
         in_progress = client.runtime.now()
-        with pytest.raises(RemoteError, match="connection reset"):
+        with pytest.raises(RPCError, match="connection reset") as dialed:
             await client.runtime.call("server", "slow", Blob(1), timeout=10.0)
+        assert not isinstance(in_flight.value, RemoteError) and not isinstance(dialed.value, RemoteError)
         return in_progress, client.runtime.now() - in_progress
 
     assert _run(sim, client, protocol()) == pytest.approx((1.0 + latency, 2 * latency))
@@ -323,7 +324,7 @@ def test_a_simulation_dropped_with_tasks_still_waiting_closes_them_quietly():
     assert raised == []  # regression: the driver used to resume a closed coroutine on GeneratorExit
 
 
-@pytest.mark.parametrize("caller_leaves", ["times_out", "crashes"])
+@pytest.mark.parametrize("caller_leaves", ["times_out", "crashes", "is_cancelled"])
 def test_a_caller_leaving_mid_request_lets_the_handler_finish_and_drops_the_reply(caller_leaves):
     sim = make_sim(latency_s=0.01)
     client, server = add(sim, "client"), add(sim, "server")
@@ -349,9 +350,15 @@ def test_a_caller_leaving_mid_request_lets_the_handler_finish_and_drops_the_repl
         await server.runtime.sleep(1.0)
         client.crash()
 
-    client.runtime.spawn(protocol())
+    async def cancel_later(task):  # as a trainer cancels a hedged call's loser
+        await client.runtime.sleep(1.0)
+        task.cancel()
+
+    caller = client.runtime.spawn(protocol())
     if caller_leaves == "crashes":
         server.runtime.spawn(crash_later())
+    if caller_leaves == "is_cancelled":
+        client.runtime.spawn(cancel_later(caller))
     sim.run()
     assert handled == [pytest.approx(5.01)]  # the server finished the work it was given
     assert sim.traffic["slow"] == 1  # but sent no reply

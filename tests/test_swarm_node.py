@@ -74,6 +74,33 @@ def test_rpc_failures_reach_the_caller_as_clear_errors():
     asyncio.run(main())
 
 
+def test_a_server_keeps_the_stream_open_after_its_reply_until_the_caller_closes_it():
+    """The server must not close first (lost replies: ``swarm.runtime._caller_closed``): a caller that read the whole
+    reply still finds the stream open a second later, and the server's side ends once the caller closes."""
+    from hivemind.p2p import PeerID
+
+    from swarm import wire
+    from swarm.runtime import RPC_PROTOCOL, _read_frame, _write_frames
+
+    async def main():
+        a, b = await _pair()
+        try:
+            a.runtime.serve("ack", lambda caller, msg: asyncio.sleep(0, Ack()))
+            _, reader, writer = await b.p2p.call_binary_stream_handler(PeerID.from_base58(a.runtime.peer_id), RPC_PROTOCOL)
+            await _write_frames(writer, b"ack", wire.encode(Ack()))
+            assert await reader.readexactly(1) == b"\x00" and isinstance(wire.decode(await _read_frame(reader, 2**20)), Ack)
+            with pytest.raises(asyncio.TimeoutError):  # nothing more comes, and no end of stream either
+                await asyncio.wait_for(reader.read(1), 1.0)
+            writer.close()
+            await asyncio.sleep(0.5)
+            assert a.runtime.handled.get("ack") == 1
+        finally:
+            await b.stop()
+            await a.stop()
+
+    asyncio.run(main())
+
+
 def test_peers_accept_only_the_run_configuration_signed_by_the_organizer(tmp_path):
     organizer_key, stranger_key = ensure_identity(tmp_path / "org.key"), ensure_identity(tmp_path / "x.key")
     assert oct((tmp_path / "org.key").stat().st_mode & 0o777) == "0o600"
@@ -150,3 +177,26 @@ def test_the_leftovers_of_a_hard_killed_peer_are_removed_on_the_next_start(priva
     while os.path.exists(f"/proc/{daemons[0]}") and open(f"/proc/{daemons[0]}/stat").read().split()[2] != "Z":
         assert time.monotonic() < deadline, "the orphaned p2pd was not stopped"
         time.sleep(0.1)
+
+
+def _composed(*overrides: str) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from node0sim.app import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return OmegaConf.to_container(compose(config_name="config", overrides=list(overrides)), resolve=True)
+
+
+def test_a_trainer_keeps_its_own_steps_partial_rule_and_hedging_and_takes_the_rest_of_train_from_the_organizer():
+    # before, a trainer's train.allow_partial and train.hedge_quantile were silently replaced by the organizer's
+    published = run_config.published_part(_composed("experiment=minimal", "train.max_retries=5"))
+    local = _composed("experiment=minimal", "backend=swarm", "swarm.role=trainer", "swarm.initial_peers=[/ip4/127.0.0.1/tcp/1/p2p/Qm]",
+                      "swarm.organizer_key=ab12",
+                      "train.steps=7", "train.allow_partial=true", "train.hedge_quantile=0.9", "train.max_retries=1")
+    trainer, _ = run_config.merge(published, local)
+    assert (trainer.train.steps, trainer.train.allow_partial, trainer.train.hedge_quantile, trainer.train.max_retries) == (
+        7, True, 0.9, 5)
+    server, _ = run_config.merge(published, {**local, "swarm": {**local["swarm"], "role": "server"}})
+    assert (server.train.steps, server.train.allow_partial, server.train.hedge_quantile) == (published["train"]["steps"], False, None)

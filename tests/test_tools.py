@@ -25,3 +25,12 @@ def test_scale_bench_preset_is_the_hand_written_configuration(peers: int, virtua
         "train.allow_partial=true",  # the preset is time-limited: stopping at max_sim_time_s is its expected outcome
     ]
     assert compose_run_config(*scale_overrides(peers, virtual_s, link_sharing)) == run_config(*explicit)
+
+
+def test_the_soak_reports_steps_per_second_between_its_events():
+    from tools.soak import _phases
+
+    events = [{"event": "trainer started", "step": 0, "time_s": 0.0}, {"event": "s1p0 frozen", "step": 100, "time_s": 20.0},
+              {"event": "s1p0 resumed", "step": 101, "time_s": 40.0}, {"event": "trainer ended", "step": 101, "time_s": 40.0}]
+    assert [(p["from"], p["steps"], p["steps_per_s"]) for p in _phases(events)] == [
+        ("trainer started", 100, 5.0), ("s1p0 frozen", 1, 0.05), ("s1p0 resumed", 0, None)]

@@ -125,6 +125,10 @@ class Codec(ABC):
         """The backward payload's layout as specs; every codec here compresses gradients like activations."""
         return self.activation_spec(batch, seq_len, dim, dtype)
 
+    def check_wire(self, wire: Payload) -> None:
+        """Refuse (ValueError) what decoding would refuse of a payload that has :meth:`activation_spec`'s layout and
+        finite floating values: nothing here (top-k: indices out of range)."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -324,10 +328,19 @@ class TopKCodec(_TokenwiseCodec):
             raise ValueError(
                 f"topk codec expected {what} indices of shape {(batch, seq_len, self.keep)} int16, got {_describe(indices)}"
             )
+        self._check_indices(what, indices, dim)
+        return values.new_zeros((batch, seq_len, dim)).scatter_(-1, indices.long(), values)
+
+    @staticmethod
+    def _check_indices(what: str, indices: torch.Tensor, dim: int) -> None:
         lo, hi = torch.aminmax(indices)
         if lo.item() < 0 or hi.item() >= dim:
             raise ValueError(f"topk codec got {what} indices out of range [0, {dim}): min {lo.item()}, max {hi.item()}")
-        return values.new_zeros((batch, seq_len, dim)).scatter_(-1, indices.long(), values)
+
+    def check_wire(self, wire: Payload) -> None:
+        indices = wire.parts["indices"]
+        if isinstance(indices, torch.Tensor):  # a spec (timing mode) has no values
+            self._check_indices("payload", indices, wire.shape[-1])
 
     def activation_spec(self, batch: int, seq_len: int, dim: int, dtype: torch.dtype) -> Payload:
         _check_spec(dtype, batch, seq_len, dim)

@@ -28,7 +28,10 @@ retried by the server; it fails the try back to the trainer, which retries the w
 ``max_retries`` times, as the relayed mode counts them). A try's hops time out from the inside out (:func:`hop_timeout`),
 so the stage nearest the failure reports it. Stages whose backward may have accumulated the failed try are left out
 of the retries' accumulation (``accumulate_below``, :func:`retry_accumulate_below`), so each stage accumulates a
-micro-batch at most once, the rule of the relayed mode's ``accumulate=false``.
+micro-batch at most once, the rule of the relayed mode's ``accumulate=false``. Every server refuses a request whose
+activations or gradients are not finite or above ``train.max_abs_value`` (``bounds.py``); the trainer takes a reply that
+is not a :class:`PipeResponse` as a lost hop, and drops a micro-batch whose loss is implausible (it came along the whole
+path: no one peer can be blamed), so that loss is never recorded.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from node0sim.protocol.bounds import loss_problem
 from node0sim.protocol.messages import (
     PIPE_BACKWARD,
     PIPE_FORWARD,
@@ -47,6 +51,7 @@ from node0sim.protocol.messages import (
     PipeBackwardRequest,
     PipeForwardRequest,
     PipeResponse,
+    check_message,
     leading_dims,
 )
 from node0sim.protocol.progress import parse_stage, stage_key
@@ -90,6 +95,18 @@ def retry_accumulate_below(failure: str, stage: int, backward: bool, backward_no
     if not backward_now:
         return last
     return stage if caller_kept_input else 0
+
+
+class InvalidReply(RPCError):
+    """A reply that is not a well-typed :class:`PipeResponse`: what ran of the call is not known (a ``lost`` hop)."""
+
+
+def _checked_reply(response: object) -> PipeResponse:
+    try:
+        check_message(response, PipeResponse)
+    except ValueError as wrong:
+        raise InvalidReply(str(wrong)) from None
+    return response
 
 
 def _failure_of(error: RPCError) -> str:
@@ -286,10 +303,16 @@ class DirectPipeline:
                 if response.ok and barrier is not None:
                     response = await self._call(last, PIPE_BACKWARD, PipeBackwardRequest(last, *request_key(request)), response.tail)
                 if response.ok:
+                    problem = loss_problem(loss, cfg.max_loss)
+                    if problem is not None:  # it came along the whole path: no one peer to blame, so it is not recorded
+                        stats.invalid_replies += 1
+                        raise RPCError(f"micro-batch {request_id}: {problem}")
                     return loss
                 stats.failed_requests += 1
                 stats.timed_out_requests += response.failure == "timeout"
                 stats.no_peer_requests += response.failure == "no_peer"
+                stats.refused_requests += response.failure == "refused"
+                stats.lost_requests += response.failure == "lost"
                 if response.failure == "no_peer":  # the pipeline stalls at that stage: look again a while later
                     await self.rt.sleep(cfg.discovery_period_s)
                     await trainer.discover()
@@ -313,8 +336,9 @@ class DirectPipeline:
         started = self.rt.now()
         try:
             timeout = hop_timeout(trainer.cfg.request_timeout_s, self.num_stages, stage, backward, backward_now)
-            response = await self.rt.call(peer, method, request, timeout)
+            response = _checked_reply(await self.rt.call(peer, method, request, timeout))
         except RPCError as error:
+            trainer.stats.invalid_replies += isinstance(error, InvalidReply)
             if not backward:
                 trainer.router.report_failure(stage, peer, self.rt.now())
             failure = _failure_of(error)

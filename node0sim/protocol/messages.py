@@ -96,13 +96,15 @@ def _field_types(cls: type) -> tuple[tuple[str, tuple[type, ...], tuple[type, ..
     fields = []
     for name, hint in typing.get_type_hints(cls).items():
         allowed = typing.get_args(hint) or (hint,)
-        fields.append((name, allowed, tuple(t for t in allowed if t is not Packed)))
+        plain = tuple(t for t in allowed if t is not Packed) + ((int,) if float in allowed else ())
+        fields.append((name, allowed, plain))
     return tuple(fields)
 
 
 def check_message(request: object, cls: type) -> None:
     """Refuse (ValueError, naming the field) a request that is not a ``cls`` or whose fields do not have their declared
-    types: a payload field holds a tensor, a spec or a packed payload of those; an ``int`` field an int (not a bool)."""
+    types: a payload field holds a tensor, a spec or a packed payload of those; an ``int`` field an int (not a bool), a
+    ``float`` field a float or an int (a sample count as a weight)."""
     if type(request) is not cls:
         raise ValueError(f"expected a {cls.__name__}, got a {type(request).__name__}")
     for name, allowed, plain in _field_types(cls):

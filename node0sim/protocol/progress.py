@@ -150,7 +150,9 @@ class ProgressTracker:
         self.epoch = 0
         self.samples = 0
         self.ready = False
-        self.ending_epoch = False
+        self.ending_epoch: int | None = None
+        """The epoch this peer is ending (averaging), None between rounds; published as the record's ``averaging`` until the
+        epoch advances (then the round is over, though its state averaging and last report may still run)."""
         self.records: dict[str, StageRecord] = {}
         """The stage's records as last read (this peer's own included)."""
         self._others: dict[str, StageRecord] = {}
@@ -177,7 +179,7 @@ class ProgressTracker:
         self._last_report_time, self._since_report = now, 0
         record = StageRecord(
             self.epoch, self.samples, self._rate, now, self.throughput, self.bandwidth_mbps, self.ready,
-            self.epoch if self.ending_epoch else None,
+            self.ending_epoch if self.ending_epoch == self.epoch else None,  # a round past its epoch is over
         )
         await self.rt.dht_store(self.key, record.to_dht(), expires_in=self.record_lifetime_s, subkey=self.rt.peer_id)
         self._stored = True

@@ -9,7 +9,8 @@ sends a request to the peer that would finish it earliest, counts a backward req
 A failure is also an observation: it moves the peer's throughput estimate toward 0 like an observed rate of 0 (one EMA
 step), and each failure in a row (no success between) doubles the peer's ban, from ``ban_s`` up to ``max_ban_s``. What
 the router learned of a peer outlives its record: a banned peer that withdraws and announces itself again keeps its
-ban, its failure count and its estimate.
+ban, its failure count and its estimate. A request that another peer answered first (a trainer's hedge) lowers the
+estimate toward the rate its wait implies, without a ban.
 
 Plain Python: times are seconds passed in by the caller, so this works on any backend.
 """
@@ -180,6 +181,16 @@ class Router:
             st.busy_until = max(now, st.busy_until - saved)
         st.throughput += self.ema_alpha * (cost / elapsed_s - st.throughput)
         st.failures = 0
+
+    def report_outpaced(self, stage: int, peer: str, samples: int, elapsed_s: float, backward: bool = False) -> None:
+        """A request of ``samples`` to ``peer``, unanswered after ``elapsed_s``, was answered by another peer (a hedge):
+        the throughput EMA moves toward ``cost / elapsed_s``, the most its rate can be; no ban, no failure counted."""
+        st = self._state(stage, peer)
+        if st is None or elapsed_s <= 0:
+            return
+        rate = self._cost(samples, backward) / elapsed_s
+        if rate < st.throughput:
+            st.throughput = max(st.throughput + self.ema_alpha * (rate - st.throughput), MIN_THROUGHPUT)
 
     def ban_for(self, failures: int) -> float:
         """The ban after ``failures`` failures in a row: ``ban_s`` doubled for each after the first, at most ``max_ban_s``."""

@@ -165,6 +165,24 @@ class StageCompute(ABC):
         """One optimizer step: ``OPTIMIZER_FLOPS_PER_PARAM`` FLOPs per parameter, bound by its memory traffic."""
         return optimizer_step_cost(self.num_params, len(self.state_layout.tensors), OPTIMIZER_FLOPS_PER_PARAM)
 
+    @property
+    @abstractmethod
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype of the stage's activations and their gradients, before the codec."""
+
+    def output_spec(self, batch: int, seq_len: int, per_token_loss: bool = False) -> Payload:
+        """The layout of a forward's outputs: the encoded activations; on the tail the logits, or with ``per_token_loss``
+        the per-token loss [B, T] (float32, as Node0's)."""
+        if self.is_tail and per_token_loss:
+            return TensorSpec((batch, seq_len), torch.float32)
+        if self.is_tail:
+            return TensorSpec((batch, seq_len, self.cfg.vocab_size), self.activation_dtype)
+        return self.codec.activation_spec(batch, seq_len, self.cfg.dim, self.activation_dtype)
+
+    def input_grad_spec(self, batch: int, seq_len: int) -> Payload | None:
+        """The layout of a backward's encoded input gradient (None on the head: token ids have none)."""
+        return None if self.is_head else self.codec.grad_spec(batch, seq_len, self.cfg.dim, self.activation_dtype)
+
     def forward(self, inputs: Payload, token_ids: Payload | None, targets: Payload | None = None) -> Payload:
         """The stage's encoded output (on the tail: the logits, or with ``targets`` the per-token loss [B, T]); no state
         is kept."""
@@ -290,21 +308,23 @@ class TensorStageCompute(StageCompute):
                 raise ValueError(f"stage {self.index}: expected token ids [B, T] < {self.cfg.vocab_size}, got {describe(x)}")
             return x.to(self.device)
         x = self.codec.decode(work.inputs, work.token_ids)
-        if x.dim() != 3 or x.shape[2] != self.cfg.dim or x.dtype != self._dtype:
-            raise ValueError(f"stage {self.index}: expected activations of shape [B, T, {self.cfg.dim}] {self._dtype}, got {describe(x)}")
+        if x.dim() != 3 or x.shape[2] != self.cfg.dim or x.dtype != self.activation_dtype:
+            raise ValueError(
+                f"stage {self.index}: expected activations of shape [B, T, {self.cfg.dim}] {self.activation_dtype}, got {describe(x)}"
+            )
         if not torch.isfinite(x).all():
             raise ValueError(f"stage {self.index}: input activations are not finite")
         return x.to(self.device)
 
     @property
-    def _dtype(self) -> torch.dtype:
+    def activation_dtype(self) -> torch.dtype:
         return self.parameters[0].dtype
 
     def _checked_grad(self, work: Work, x: torch.Tensor) -> torch.Tensor:
         grad = self.codec.decode_grad(work.grad_outputs)
         shape = (*x.shape[:2], self.cfg.dim)
-        if grad.shape != shape or grad.dtype != self._dtype:
-            raise ValueError(f"stage {self.index}: gradient {describe(grad)} does not match the output {shape} {self._dtype}")
+        if grad.shape != shape or grad.dtype != self.activation_dtype:
+            raise ValueError(f"stage {self.index}: gradient {describe(grad)} does not match the output {shape} {self.activation_dtype}")
         if not torch.isfinite(grad).all():
             raise ValueError(f"stage {self.index}: output gradient is not finite")
         return grad.to(self.device)
@@ -551,17 +571,15 @@ class CostStageCompute(StageCompute):
         self.dtype = dtype
         self.state_layout = STATE_LAYOUTS[optimizer]
 
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        return self.dtype
+
     def _output_spec(self, work: Work) -> Payload:
-        batch, seq_len = leading_dims(work.inputs)
-        if self.is_tail and work.targets is not None:
-            return TensorSpec((batch, seq_len), torch.float32)  # the per-token loss (fp32 as Node0's)
-        if self.is_tail:
-            return TensorSpec((batch, seq_len, self.cfg.vocab_size), self.dtype)
-        return self.codec.activation_spec(batch, seq_len, self.cfg.dim, self.dtype)
+        return self.output_spec(*leading_dims(work.inputs), per_token_loss=work.targets is not None)
 
     def _grad_spec(self, work: Work) -> Payload | None:
-        batch, seq_len = leading_dims(work.inputs)
-        return None if self.is_head else self.codec.grad_spec(batch, seq_len, self.cfg.dim, self.dtype)
+        return self.input_grad_spec(*leading_dims(work.inputs))
 
     def forward_batch(self, works: list[Work]) -> list[Payload | ValueError]:
         return [self._output_spec(work) for work in works]

@@ -17,6 +17,7 @@ the peer exit as Node0's ``n0/utils/monitor.py`` does (:meth:`StageServer.exit`)
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any, AsyncIterator, Hashable
 
 from node0sim.protocol.averaging import AveragerFactory, AveragingConfig, GroupAverager
 from node0sim.protocol.batching import BatchingQueue
+from node0sim.protocol.bounds import check_message_values
 from node0sim.protocol.direct import DirectConfig, DirectHops
 from node0sim.protocol.matchmaking import Matchmaker
 from node0sim.protocol.messages import (
@@ -62,16 +64,23 @@ class ServerStats:
     state_averaging_rounds: int = 0
     state_downloads: int = 0
     failed_state_downloads: int = 0
+    declined_state_downloads: int = 0
+    """State requests a donor declined, serving another download (``one_download_per_donor``): the next donor is tried."""
     request_calls: int = 0
     """Accelerator calls that served forward/backward/tail requests (one per batch)."""
     batched_requests: int = 0
     """Requests served by those calls (rejected ones included)."""
     staleness: StalenessStats = field(default_factory=StalenessStats)
     """Delays of the backwards served, and (with a weight history) how far the weights moved meanwhile."""
+    failed_rounds: int = 0
+    """All-reduces (gradient or state) that failed: a member's part missed its deadline, no mean came back, or (in a
+    group) nothing of another member (the round then counts as no averaging round: a solo step, or no step)."""
     failed_rounds_in_a_row: int = 0
-    """All-reduces (gradient or state) in a row that failed: a member's part missed its deadline, or no mean."""
+    """All-reduces (gradient or state) in a row that failed (as ``failed_rounds`` says)."""
     watchdog_exit: str | None = None
     """Why the watchdog made this peer exit (one of ``WATCHDOG_REASONS``); None while it runs."""
+    refused_values: int = 0
+    """Requests refused for non-finite values or values above ``max_abs_value`` (before anything of them ran)."""
 
 
 WATCHDOG_REASONS = ("failed_rounds", "failed_state_loads", "nan_gradients")
@@ -157,6 +166,7 @@ class StageServer:
         delay_history: int = 0,
         weight_stashing: bool = False,
         direct: DirectConfig | None = None,
+        max_abs_value: float = math.inf,
     ):
         """``averager(rt, stage, cfg)`` builds the in-stage all-reduce (the protocol's own by default; a
         backend may supply another with the same ``serve``/``all_reduce``/``timeouts`` interface).
@@ -164,7 +174,8 @@ class StageServer:
         ``delay_history`` > 0 keeps the flat weights of that many epochs (numerics mode only: the caller passes 0
         in timing mode), to measure the weight gap and look-ahead cosine of each backward; ``weight_stashing`` runs
         each backward with its forward's weights from that history (the caller checks the topology permits it).
-        ``direct``: also serve the direct pipeline (:class:`DirectHops`)."""
+        ``direct``: also serve the direct pipeline (:class:`DirectHops`). ``max_abs_value``: the largest |value| a
+        request's activations or gradients may hold (``train.max_abs_value``, see ``bounds.py``)."""
         self.rt = rt
         self.compute = compute
         self.stage = compute.index
@@ -186,6 +197,7 @@ class StageServer:
         self.history = WeightHistory(delay_history) if delay_history else None
         self.weight_stashing = weight_stashing and self.history is not None
         self.direct = DirectHops(self, run_id, direct) if direct is not None else None
+        self.max_abs_value = max_abs_value
 
     @property
     def epoch(self) -> int:
@@ -262,13 +274,21 @@ class StageServer:
         return request.inputs if self.compute.is_head else request.token_ids
 
     def check_request(self, request: Any, cls: type) -> None:
-        """Refuse, naming the problem, a request of another class, with mistyped fields, or for another stage, and
-        every request once the watchdog made this server exit."""
+        """Refuse, naming the problem, a request of another class, with mistyped fields, for another stage, with a
+        negative epoch stamp, or whose activations or gradients are not finite or above ``max_abs_value``, and every
+        request once the watchdog made this server exit."""
         check_message(request, cls)
         if self.exited:
             raise ValueError(f"the server of stage {self.stage} exited ({self.stats.watchdog_exit})")
         if request.stage != self.stage:
             raise ValueError(f"request for stage {request.stage} sent to a server of stage {self.stage}")
+        if isinstance(request, BackwardRequest) and request.epoch < 0:  # its delay, epoch - stamp, would size the delay counts
+            raise ValueError(f"BackwardRequest.epoch: must be >= 0, got {request.epoch}")
+        try:
+            check_message_values(request, self.max_abs_value)
+        except ValueError:
+            self.stats.refused_values += 1
+            raise
 
     async def handle_forward(self, caller: str, request: ForwardRequest) -> ForwardResponse:
         """Forward pass, stamped with this epoch; nothing of the request is kept for the backward pass (with a weight
@@ -382,7 +402,7 @@ class StageServer:
     async def _end_epoch_if_alone_and_due(self) -> None:
         """Without other peers, step as soon as the target is reached (exact synchronous updates)."""
         progress = self.progress
-        if not progress.ending_epoch and progress.samples >= self.cfg.target_batch_size and progress.alone():
+        if progress.ending_epoch is None and progress.samples >= self.cfg.target_batch_size and progress.alone():
             await self._end_epoch()
 
     async def _epoch_loop(self) -> None:
@@ -391,14 +411,14 @@ class StageServer:
             await progress.refresh()
             if progress.global_epoch() - progress.epoch > self.cfg.max_allowed_stale:
                 await self.load_state_from_peers()
-            elif not progress.ending_epoch and progress.epoch_due():
+            elif progress.ending_epoch is None and progress.epoch_due():
                 await self._end_epoch()
             else:
                 await self.rt.sleep(min(progress.next_check_in(), self.cfg.auto_step_s or self.cfg.progress_period_s))
 
     async def _end_epoch(self) -> None:
         progress = self.progress
-        progress.ending_epoch = True
+        progress.ending_epoch = progress.epoch
         try:
             epoch, target_epoch = progress.epoch, progress.global_epoch()
             if not progress.alone():
@@ -419,7 +439,7 @@ class StageServer:
                 )
             else:
                 mean, contributors = await self.averager.all_reduce(f"grad/{epoch}", members, bandwidths, gradients, samples)
-            self._watch_round(failed=mean is None or self.averager.timeouts > timeouts)
+            self._watch_round(mean, contributors, len(members), timeouts, had_samples=samples > 0)
             if mean is not None:
                 delay = mean_delay(self.stats.staleness.delay_counts)
                 await self.rt.compute(self.compute.step_cost(), lambda: self.compute.step_with(mean, delay))
@@ -429,10 +449,10 @@ class StageServer:
                 await self.load_state_from_peers()
                 target_epoch = max(target_epoch, progress.epoch)
             self.stats.last_group_size = contributors
-            if contributors > 1:
+            if mean is not None and contributors > 1:
                 self.stats.averaging_rounds += 1
                 progress.saw(members)
-            else:
+            elif mean is not None:
                 self.stats.solo_steps += 1
             progress.epoch = max(epoch + 1, target_epoch)
             self.stats.epochs += 1
@@ -446,13 +466,23 @@ class StageServer:
         finally:
             if self.optimizer_lock:
                 self.optimizer_lock.release_epoch_end()
-            progress.ending_epoch = False
+            progress.ending_epoch = None
 
-    def _watch_round(self, failed: bool) -> None:
-        """Count failed all-reduces in a row, gradient and state rounds alike (Node0's ``n0/utils/monitor.py``: a
-        timeout or no result fails a round, a success resets the count; a group of one is a success, as Node0's
-        matchmaking forms it); exit at the limit."""
+    def _watch_round(self, mean: Payload | None, contributors: int, group_size: int, timeouts_before: int,
+                     had_samples: bool = True) -> None:
+        """Count failed all-reduces, gradient and state rounds alike (Node0's ``n0/utils/monitor.py``: a timeout or no
+        result fails a round, a success resets the count in a row; a group of one is a success, as Node0's matchmaking
+        forms it; in a group, a result with nothing of another member fails too); exit at the limit.
+
+        A gradient round in which this peer had no samples and got no mean back, without a timeout, is empty, not
+        failed: nobody in the group had samples (the stage's rate estimate ran on after its trainers stopped, so
+        epochs came due) and there is nothing to step with: it leaves the counts as they are."""
+        timed_out = self.averager.timeouts > timeouts_before
+        if mean is None and not had_samples and not timed_out:
+            return
+        failed = mean is None or timed_out or (group_size > 1 and contributors < 2)
         stats = self.stats
+        stats.failed_rounds += failed
         stats.failed_rounds_in_a_row = stats.failed_rounds_in_a_row + 1 if failed else 0
         limit = self.cfg.watchdog_failed_rounds
         if limit and stats.failed_rounds_in_a_row >= limit:
@@ -477,7 +507,7 @@ class StageServer:
         values = await self.rt.compute(0.0, lambda: read(index))
         timeouts = self.averager.timeouts
         mean, contributors = await self.averager.all_reduce(f"state/{self.epoch}", members, bandwidths, values, 1.0)
-        self._watch_round(failed=mean is None or self.averager.timeouts > timeouts)
+        self._watch_round(mean, contributors, len(members), timeouts)
         if mean is not None and contributors > 1:
             await self.rt.compute(0.0, lambda: write(mean, index))
             self.stats.state_averaging_rounds += 1

@@ -30,10 +30,11 @@ class StateRequest:
 
 @message
 class StateResponse:
-    """A stage's parameters and optimizer state at ``epoch``, and the donor's warm-started PowerSGD Q (if any)."""
+    """A stage's parameters and optimizer state at ``epoch``, and the donor's warm-started PowerSGD Q (if any);
+    ``state`` None: the donor declined (it is serving another download), which is not a failed download."""
 
     epoch: int
-    state: Payload
+    state: Payload | None
     queries: Payload | None = None
 
     def wire_bytes(self) -> int:
@@ -51,8 +52,8 @@ class StateTransfer:
     """Exports this peer's stage state and loads the stage's newest state into it.
 
     A loaded state replaces the parameters and optimizer state (and ``powersgd``'s Q), drops the accumulated
-    gradients and samples, and sets the tracker's epoch to the donor's. Downloads and failed attempts are
-    counted in ``stats``.
+    gradients and samples, and sets the tracker's epoch to the donor's. Downloads, failed attempts and
+    declines are counted in ``stats``.
     """
 
     def __init__(
@@ -72,7 +73,10 @@ class StateTransfer:
     async def export(self) -> StateResponse:
         """This peer's parameters and optimizer state (the answer to a ``get_state`` request)."""
         if self.cfg.one_download_per_donor and self.rt.now() < self._uploading_until:
-            raise ValueError("this donor is serving another state download")  # Node0's _state_download_lock declines
+            # Node0's rpc_download_state returns an empty stream while its _state_download_lock is held; the
+            # downloader logs "did not send its state" and tries the next peer, no failure (n0/server/HM_averager.py,
+            # state_averager_wrap.py)
+            return StateResponse(self.progress.epoch, None)
         self._uploading_until = float("inf")  # taken before the export, so a request arriving meanwhile is declined too
         state = await self.rt.compute(0.0, self.compute.export_state)
         queries = self.powersgd.export_queries() if self.powersgd is not None else None
@@ -121,6 +125,9 @@ class StateTransfer:
                 response = await self.rt.call(donor, GET_STATE, StateRequest(self.compute.index), self.cfg.state_timeout_s)
             except RPCError:
                 self.stats.failed_state_downloads += 1
+                continue
+            if response.state is None:
+                self.stats.declined_state_downloads += 1
                 continue
             await self.rt.compute(0.0, lambda: self._import(response))
             self.stats.state_downloads += 1

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from node0sim.protocol.balancing import choose_stage, should_move, stage_throughputs
-from node0sim.protocol.messages import HEADER_BYTES, message
+from node0sim.protocol.messages import HEADER_BYTES, check_message, message
 from node0sim.protocol.progress import read_stages
 from node0sim.protocol.stage_server import StageServer
 from node0sim.runtime import RPCError, Runtime
@@ -73,6 +73,7 @@ class StageOrganizer:
 
     async def handle_assign_stage(self, caller: str, request: StageRequest) -> StageAssignment:
         """The stage ``caller`` should serve."""
+        check_message(request, StageRequest)
         if not request.throughput > 0:
             raise ValueError(f"a stage request needs a throughput > 0, got {request.throughput}")
         announced = {stage: {peer: r.throughput for peer, r in records.items()}

@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
+from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
+from node0sim.protocol.bounds import largest_magnitude, layout, loss_problem, magnitude_problem
+from node0sim.protocol.codecs import Codec
 from node0sim.protocol.direct import DIRECT_SCHEDULES, PIPELINES, Barrier, DirectPipeline
 from node0sim.protocol.messages import (
     BACKWARD,
     FORWARD,
     TAIL,
     BackwardRequest,
+    BackwardResponse,
     ForwardRequest,
+    ForwardResponse,
     Payload,
     TailRequest,
+    TailResponse,
+    check_message,
     leading_dims,
 )
 from node0sim.protocol.progress import read_stages
 from node0sim.protocol.routing import Router
-from node0sim.protocol.tensors import full_like, mean_value
-from node0sim.runtime import RequestTimeout, RPCError, Runtime, Task
+from node0sim.protocol.tensors import describe, full_like, is_tensor, mean_value
+from node0sim.runtime import RemoteError, RequestTimeout, RPCError, Runtime, Task
 
 TAIL_CALLS = ("fused", "separate")
 """How the trainer calls the last stage: ``fused`` (one ``tail`` call: forward, loss and backward) or ``separate``
@@ -38,6 +46,27 @@ class MicroBatchSource(Protocol):
         """The next micro-batch."""
 
 
+class StageLayouts(Protocol):
+    """The layouts a stage's replies have (a :class:`~node0sim.protocol.stage_compute.StageCompute` of the stage gives them)."""
+
+    codec: Codec
+
+    def output_spec(self, batch: int, seq_len: int, per_token_loss: bool = False) -> Payload:
+        """A forward response's outputs."""
+
+    def input_grad_spec(self, batch: int, seq_len: int) -> Payload | None:
+        """A backward or tail response's input gradient."""
+
+
+RESPONSE_CLASSES = {ForwardRequest: ForwardResponse, BackwardRequest: BackwardResponse, TailRequest: TailResponse}
+"""The class of the reply to each request class the trainer sends."""
+
+HEDGE_WINDOW = 100
+"""Successful calls per stage and method whose latencies give the hedge deadline (the most recent ones)."""
+HEDGE_MIN_CALLS = 20
+"""Hedging starts once a stage and method has this many latencies: a 95th percentile of fewer is one or two samples."""
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
     """How the trainer drives the pipeline.
@@ -45,7 +74,9 @@ class TrainerConfig:
     The trainer pushes ``micro_batches`` micro-batches in total; with ``schedule="sync"`` it
     pushes them ``micro_batches_per_step`` at a time and waits for each group to come back.
     ``tail_calls``: one of :data:`TAIL_CALLS`. ``pipeline``: one of :data:`PIPELINES` (``direct``: see ``direct.py``,
-    with ``direct_schedule`` one of :data:`DIRECT_SCHEDULES`).
+    with ``direct_schedule`` one of :data:`DIRECT_SCHEDULES`). ``max_abs_value`` and ``max_loss`` bound the values and
+    the loss of a valid reply (``bounds.py``; the run sets ``train.max_abs_value`` and ``train.max_loss_ratio`` x ln V).
+    ``hedge_quantile``: see :meth:`Trainer._ask` (None: no hedging).
     """
 
     micro_batches: int
@@ -62,6 +93,9 @@ class TrainerConfig:
     tail_calls: str = "fused"
     pipeline: str = "relayed"
     direct_schedule: str = "1f1b"
+    max_abs_value: float = math.inf
+    max_loss: float = math.inf
+    hedge_quantile: float | None = None
 
 
 @dataclass
@@ -78,9 +112,27 @@ class TrainerStats:
     """Failed requests that got no answer within ``request_timeout_s``."""
     no_peer_requests: int = 0
     """Failed attempts that found no available peer of the stage (none announced, or all banned)."""
+    refused_requests: int = 0
+    """Failed requests the peer refused (a ``RemoteError``: a bound, a malformed request, a method it does not serve)."""
+    lost_requests: int = 0
+    """Failed requests whose connection failed before the reply (a dial refused, a peer killed mid-call, a reply cut
+    short). With ``timed_out_requests``, ``no_peer_requests`` and ``invalid_replies``, every failed request of the relayed
+    pipeline has one named cause."""
     retried_requests: int = 0
     unaccumulated_retries: int = 0
-    """Backward/tail requests whose retries asked for the input gradient only, after an attempt timed out."""
+    """Backward/tail requests whose retries or hedges asked for the input gradient only, after an attempt got no answer
+    (or none yet: a hedge)."""
+    hedged_requests: int = 0
+    """Requests also sent to a second replica because the first had not answered by the hedge deadline."""
+    hedges_won: int = 0
+    """Hedged requests whose second replica gave the reply used (the first was cancelled)."""
+    invalid_replies: int = 0
+    """Replies refused (also counted as failed requests): of another class or layout, with non-finite or too large
+    values, or an implausible loss."""
+    largest_value: float = 0.0
+    """The largest |value| of the valid replies (what ``train.max_abs_value`` is measured against)."""
+    largest_loss: float = 0.0
+    """The largest loss of the valid replies (what ``train.max_loss_ratio`` is measured against)."""
     losses: list[float] = field(default_factory=list)
     stage_bytes: dict[int, int] = field(default_factory=dict)
     """Bytes of successful requests and responses, per stage called."""
@@ -121,7 +173,9 @@ class Trainer:
         source: MicroBatchSource,
         cfg: TrainerConfig,
         on_micro_batch: Callable[[dict[str, Any]], None],
+        layouts: Sequence[StageLayouts] | None = None,
     ):
+        """``layouts``: per stage, the layouts its replies must have (None: any layout of finite bounded values)."""
         if cfg.schedule not in ("sync", "async"):
             raise ValueError(f"schedule must be 'sync' or 'async', got {cfg.schedule!r}")
         if cfg.tail_calls not in TAIL_CALLS:
@@ -137,9 +191,12 @@ class Trainer:
         self.source = source
         self.cfg = cfg
         self.on_micro_batch = on_micro_batch
+        self.layouts = layouts
         self.stats = TrainerStats()
         self.router = Router(random.Random(rt.peer_id), ban_s=cfg.ban_s, max_ban_s=cfg.max_ban_s)
         self._micro_batch_ids = itertools.count(1)
+        self._latencies: dict[tuple[int, str], deque[float]] = {}
+        """The latest successful calls' latencies, per stage and method (for the hedge deadline)."""
         self.direct = DirectPipeline(self) if cfg.pipeline == "direct" else None
 
     async def run(self) -> TrainerStats:
@@ -198,8 +255,14 @@ class Trainer:
     async def _call(self, stage: int, method: str, request: Any, samples: int, backward: bool = False) -> Any:
         """Call the peer of ``stage`` expected to finish first; on failure ban it and retry on another.
 
-        Once a backward or tail attempt timed out, the peer may still accumulate it: the retries ask for the input
-        gradient only (``accumulate=False``), so the stage accumulates the micro-batch at most once.
+        Once a backward or tail attempt got no answer (a timeout, a connection lost mid-call: anything but a refusal),
+        the peer may have accumulated it: the retries ask for the input gradient only (``accumulate=False``), so the
+        stage accumulates the micro-batch at most once.
+
+        A reply is used only if :meth:`check_reply` finds nothing wrong with it; an invalid one is the replying peer's
+        failure (banned, retried on another peer). So every payload the trainer relays passed the check an honest server
+        applies at its boundary (``bounds.check_message_values``, the same function on the same tensors, and the
+        layout the stage's codec sends): a refusal is the refusing peer's failure, never blamed on the one before.
         """
         tried: list[str] = []
         for attempt in range(self.cfg.max_retries + 1):
@@ -212,26 +275,154 @@ class Trainer:
                 await self.rt.sleep(self.cfg.discovery_period_s)
                 await self.discover()
                 continue
-            started = self.rt.now()
-            try:
-                response = await self.rt.call(peer, method, request, self.cfg.request_timeout_s)
-            except RPCError as error:
-                self.stats.failed_requests += 1
-                self.stats.timed_out_requests += isinstance(error, RequestTimeout)
-                self.router.report_failure(stage, peer, self.rt.now())
-                tried.append(peer)
-                if isinstance(error, RequestTimeout) and isinstance(request, (BackwardRequest, TailRequest)) and request.accumulate:
-                    request = replace(request, accumulate=False)
-                    self.stats.unaccumulated_retries += 1
-                continue
-            elapsed = self.rt.now() - started
-            self.router.report_success(stage, peer, samples, elapsed, self.rt.now(), backward)
-            self.stats.request_seconds.setdefault(method, []).append(elapsed)
-            self.stats.stage_bytes[stage] = (
-                self.stats.stage_bytes.get(stage, 0) + request.wire_bytes() + response.wire_bytes()
-            )
-            return response
+            response, request = await self._ask(stage, peer, method, request, samples, backward, tried)
+            if response is not None:
+                return response
         raise NoPeerForStage(f"stage {stage}: {method} failed after {self.cfg.max_retries} retries")
+
+    async def _ask(
+        self, stage: int, peer: str, method: str, request: Any, samples: int, backward: bool, tried: list[str]
+    ) -> tuple[Any | None, Any]:
+        """``peer``'s valid reply to ``request`` (None: the call failed) and the request a retry sends.
+
+        Hedging (``cfg.hedge_quantile`` q): a call still unanswered after the q-quantile of the stage's latest latencies
+        for ``method`` also goes to the peer the router chooses next, and the first valid reply wins; the other call is
+        cancelled (a first peer outpaced so gets its estimate lowered, not a ban). So a frozen replica costs the
+        deadline, not the request timeout. The hedge and the retries after it ask for the input gradient only (the
+        first peer may still run the request). The 95th percentile is "The Tail at Scale"'s choice (Dean & Barroso, CACM 56(2), 2013:
+        hedged requests deferred until the first has been outstanding longer than the 95th-percentile latency).
+        """
+        deadline = self._hedge_deadline(stage, method)
+        if deadline is None:
+            response, may_have_run = await self._try(stage, peer, method, request, samples, backward, tried)
+            return response, self._unaccumulated(request) if may_have_run else request
+        finished = self.rt.future()
+        running: dict[str, Task] = {}
+
+        async def attempt(target: str, sent: Any) -> None:
+            try:
+                response, may_have_run = await self._try(stage, target, method, sent, samples, backward, tried)
+            except Exception as bug:  # raised where the call was made, as without hedging
+                finished.set_result((target, bug, False))
+                return
+            del running[target]
+            if response is not None or not running:  # a valid reply, or the last call failed
+                finished.set_result((target, response, may_have_run))
+
+        async def outcome(timeout: float | None = None) -> tuple[str, Any, bool]:
+            target, response, may_have_run = await finished.wait(timeout)
+            if isinstance(response, Exception):
+                raise response
+            return target, response, may_have_run
+
+        started = self.rt.now()
+        running[peer] = self.rt.spawn(attempt(peer, request))
+        try:
+            _, response, may_have_run = await outcome(deadline)
+            return response, self._unaccumulated(request) if may_have_run else request
+        except TimeoutError:
+            pass
+        second = self.router.choose(stage, samples, self.rt.now(), backward, exclude=[*tried, peer])
+        if second is not None:
+            request = self._unaccumulated(request)
+            self.stats.hedged_requests += 1
+            running[second] = self.rt.spawn(attempt(second, request))
+        winner, response, may_have_run = await outcome()
+        for task in running.values():
+            task.cancel()
+        if response is not None and winner == second:
+            self.stats.hedges_won += 1
+            self.router.report_outpaced(stage, peer, samples, self.rt.now() - started, backward)
+        return response, self._unaccumulated(request) if may_have_run else request
+
+    def _hedge_deadline(self, stage: int, method: str) -> float | None:
+        """Seconds after which a call to ``stage`` is hedged (None: no hedging, or too few latencies yet)."""
+        latencies = self._latencies.get((stage, method))
+        if self.cfg.hedge_quantile is None or latencies is None or len(latencies) < HEDGE_MIN_CALLS:
+            return None
+        ordered = sorted(latencies)
+        return ordered[min(len(ordered) - 1, math.ceil(self.cfg.hedge_quantile * len(ordered)) - 1)]
+
+    def _unaccumulated(self, request: Any) -> Any:
+        """``request`` asking for the input gradient only if it is a backward or tail that accumulates (counted)."""
+        if isinstance(request, (BackwardRequest, TailRequest)) and request.accumulate:
+            self.stats.unaccumulated_retries += 1
+            return replace(request, accumulate=False)
+        return request
+
+    async def _try(
+        self, stage: int, peer: str, method: str, request: Any, samples: int, backward: bool, tried: list[str]
+    ) -> tuple[Any | None, bool]:
+        """``peer``'s valid reply, or None and whether the failed call may have run the request (a failure bans it)."""
+        started = self.rt.now()
+        try:
+            response = await self.rt.call(peer, method, request, self.cfg.request_timeout_s)
+        except RPCError as error:
+            self._failed(stage, peer, tried)
+            refused, timed_out = isinstance(error, RemoteError), isinstance(error, RequestTimeout)
+            self.stats.timed_out_requests += timed_out
+            self.stats.refused_requests += refused
+            self.stats.lost_requests += not (refused or timed_out)
+            return None, not refused
+        if self.check_reply(stage, request, response) is not None:
+            # the retry still accumulates: what an invalid peer accumulated is not the stage's honest count
+            self._failed(stage, peer, tried)
+            self.stats.invalid_replies += 1
+            return None, False
+        elapsed = self.rt.now() - started
+        self.router.report_success(stage, peer, samples, elapsed, self.rt.now(), backward)
+        self.stats.request_seconds.setdefault(method, []).append(elapsed)
+        self._latencies.setdefault((stage, method), deque(maxlen=HEDGE_WINDOW)).append(elapsed)
+        self.stats.stage_bytes[stage] = self.stats.stage_bytes.get(stage, 0) + request.wire_bytes() + response.wire_bytes()
+        return response, False
+
+    def _failed(self, stage: int, peer: str, tried: list[str]) -> None:
+        """``peer`` of ``stage`` failed a request: ban it and try another."""
+        self.stats.failed_requests += 1
+        self.router.report_failure(stage, peer, self.rt.now())
+        tried.append(peer)
+
+    def check_reply(self, stage: int, request: Any, response: Any) -> str | None:
+        """What is wrong with ``stage``'s reply to ``request`` (None: nothing, and its largest value and loss are
+        counted): its class, a negative epoch stamp, its payload's layout and what the codec's decoder would refuse
+        (with ``layouts``), non-finite or too large values (``cfg.max_abs_value``), an implausible loss (``cfg.max_loss``)."""
+        try:
+            check_message(response, RESPONSE_CLASSES[type(request)])
+        except ValueError as wrong:
+            return str(wrong)
+        batch, seq_len = leading_dims(request.inputs)
+        per_token_loss = isinstance(response, ForwardResponse) and request.targets is not None
+        if isinstance(response, ForwardResponse) and response.epoch < 0:  # echoed in a backward: an honest server refuses it
+            return f"stage {stage}: ForwardResponse.epoch must be >= 0, got {response.epoch}"
+        payload = response.outputs if isinstance(response, ForwardResponse) else response.grad_inputs
+        if self.layouts:
+            layouts = self.layouts[stage]
+            if isinstance(response, ForwardResponse):
+                expected = layouts.output_spec(batch, seq_len, per_token_loss)
+            else:
+                expected = layouts.input_grad_spec(batch, seq_len)
+            if layout(payload) != layout(expected):
+                return f"stage {stage} replied {layout(payload)}, expected {layout(expected)}"
+            try:
+                if payload is not None and not per_token_loss:
+                    layouts.codec.check_wire(payload)
+            except ValueError as wrong:
+                return f"stage {stage}: {wrong}"
+        largest = 0.0 if payload is None else largest_magnitude(payload)
+        problem = magnitude_problem(largest, self.cfg.max_abs_value)
+        if problem is not None:
+            return f"stage {stage}: {problem}"
+        loss = response.loss if isinstance(response, TailResponse) else None
+        if per_token_loss:
+            if not is_tensor(payload) or tuple(payload.shape) != (batch, seq_len):
+                return f"stage {stage}: the per-token loss must be [{batch}, {seq_len}], got {describe(payload)}"
+            loss = mean_value(payload)
+        problem = loss_problem(loss, self.cfg.max_loss)
+        if problem is not None:
+            return f"stage {stage}: {problem}"
+        self.stats.largest_value = max(self.stats.largest_value, largest)
+        self.stats.largest_loss = max(self.stats.largest_loss, loss or 0.0)
+        return None
 
     async def _micro_batch(self, barrier: Barrier | None) -> None:
         self.stats.micro_batches_started += 1

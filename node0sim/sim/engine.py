@@ -208,7 +208,7 @@ class SimPeer:
     def crash(self, reset_connections: bool = False) -> None:
         """Leave without goodbye: every task of this peer stops. Calls to it time out (the host vanished), or with
         ``reset_connections`` (its process was killed while its host's kernel still answers: a closed socket, a
-        refused dial) fail with :class:`RemoteError` once the reset has crossed the network."""
+        refused dial) fail with a plain :class:`RPCError` once the reset has crossed the network."""
         self.alive = False
         self.reset_connections = reset_connections
         self.handlers.clear()
@@ -287,7 +287,7 @@ class SimRuntime(Runtime):
         sim._watch_deadline(record)
         try:
             return await wait(delivery)
-        except RequestTimeout:
+        except (RequestTimeout, _Cancelled):  # the caller gave up, or its task was cancelled (a hedge's loser)
             if delivery.is_alive:
                 if record.in_handler:
                     record.abandoned = True  # the handler runs on; its reply is dropped
@@ -439,7 +439,7 @@ class Simulation:
         if dst is None or not dst.reset_connections:
             await wait(self.env.event())
         await wait(self.env.timeout(round_trips * self.network.round_trip(src.endpoint, dst.endpoint)))
-        raise RemoteError(f"peer {dst.peer_id}: connection reset (its process was killed)")
+        raise RPCError(f"peer {dst.peer_id}: connection reset (its process was killed)")  # not refused: it may have run
 
     def _watch_deadline(self, call: _Call) -> None:
         self._deadlines.push(call.deadline, call)
