@@ -295,7 +295,16 @@ class Trainer:
         deadline = self._hedge_deadline(stage, method)
         if deadline is None:
             response, may_have_run = await self._try(stage, peer, method, request, samples, backward, tried)
-            return response, self._unaccumulated(request) if may_have_run else request
+        else:
+            response, may_have_run, request = await self._hedged(stage, peer, method, request, samples, backward, tried, deadline)
+        return response, self._unaccumulated(request) if may_have_run else request
+
+    async def _hedged(
+        self, stage: int, peer: str, method: str, request: Any, samples: int, backward: bool, tried: list[str], deadline: float
+    ) -> tuple[Any | None, bool, Any]:
+        """:meth:`_try` on ``peer``, raced by a hedge to the next peer once ``deadline`` seconds passed: the winner's reply,
+        whether the failed call may have run the request, and the request last sent (the hedge's asks for no
+        accumulation)."""
         finished = self.rt.future()
         running: dict[str, Task] = {}
 
@@ -319,7 +328,7 @@ class Trainer:
         running[peer] = self.rt.spawn(attempt(peer, request))
         try:
             _, response, may_have_run = await outcome(deadline)
-            return response, self._unaccumulated(request) if may_have_run else request
+            return response, may_have_run, request
         except TimeoutError:
             pass
         second = self.router.choose(stage, samples, self.rt.now(), backward, exclude=[*tried, peer])
@@ -333,7 +342,7 @@ class Trainer:
         if response is not None and winner == second:
             self.stats.hedges_won += 1
             self.router.report_outpaced(stage, peer, samples, self.rt.now() - started, backward)
-        return response, self._unaccumulated(request) if may_have_run else request
+        return response, may_have_run, request
 
     def _hedge_deadline(self, stage: int, method: str) -> float | None:
         """Seconds after which a call to ``stage`` is hedged (None: no hedging, or too few latencies yet)."""
