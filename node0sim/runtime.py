@@ -132,19 +132,20 @@ class Runtime(ABC):
         """Register ``handler`` for incoming calls of ``method`` on this peer (replacing an earlier one)."""
 
     @abstractmethod
-    def dht_store(self, key: str, value: Any, expires_in: float, subkey: str | None = None) -> Awaitable[None]:
-        """Store ``value`` under ``key`` (or under ``subkey`` of a dictionary record) for ``expires_in`` s.
+    def dht_store(self, key: str, value: Any, expires_in: float, per_peer: bool = False) -> Awaitable[None]:
+        """Store ``value`` under ``key`` for ``expires_in`` s; with ``per_peer``, as this peer's own entry of a
+        dictionary record (one entry per peer, under its peer id).
 
-        A peer's later store to the same key and subkey replaces its earlier one, whatever the
-        expiration times. Storing ``None`` withdraws the record (``expires_in=0`` by convention): from
-        then on it is absent.
+        A peer's later store to the same key (and entry) replaces its earlier one, whatever the expiration
+        times. Storing ``None`` withdraws it (``expires_in=0`` by convention): from then on it is absent.
         """
 
     @abstractmethod
     def dht_get(self, key: str) -> Awaitable[Any]:
-        """The unexpired value under ``key``; for a dictionary record a ``{subkey: value}`` dict of its
-        unexpired subkeys; ``None`` if there is none. A withdrawn record is absent: it is never returned as
-        a ``None`` value, nor a subkey with a ``None`` value (an empty dictionary record is ``None``).
+        """The unexpired value under ``key``; for a dictionary record a ``{peer_id: value}`` dict of its
+        unexpired entries, where what is under a peer's id was stored by that peer (the live backend checks
+        the signature); ``None`` if there is none. A withdrawn record is absent: it is never returned as a
+        ``None`` value, nor an entry with a ``None`` value (an empty dictionary record is ``None``).
         """
 
     @abstractmethod

@@ -21,12 +21,17 @@ import tempfile
 from pathlib import Path
 from typing import Mapping
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
 log = logging.getLogger(__name__)
 
 P2PD_PID_FILE = "p2pd.pid"
+SHA256_MULTIHASH_PREFIX = bytes([0x12, 32])
+"""Multihash header of a 32-byte sha2-256 digest (code 0x12), as libp2p peer ids of RSA keys begin."""
 MAX_FOLDER_CHARS = 107 - len("/p2pclient-") - 16 - len(".sock")
 """A unix socket path has at most 107 characters (Linux ``sun_path``); hivemind adds ~32 to the folder."""
 
@@ -142,3 +147,15 @@ def ensure_identity(path: Path) -> RSAPrivateKey:
 def fingerprint(key_bytes: bytes) -> str:
     """Short printable id of a public key (what peers are told to trust)."""
     return hashlib.sha256(key_bytes).hexdigest()[:16]
+
+
+def rsa_peer_id(public_key: bytes) -> str:
+    """The libp2p peer id of an RSA public key in hivemind's serialized (OpenSSH) form: the sha2-256 multihash
+    of the key's protobuf, DER-encoded (libp2p specs, peer-ids.md), in base58. Raises ``ValueError`` for bytes
+    that are no RSA public key."""
+    key = serialization.load_ssh_public_key(public_key)
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ValueError(f"not an RSA public key: {type(key).__name__}")
+    der = key.public_bytes(encoding=serialization.Encoding.DER, format=serialization.PublicFormat.SubjectPublicKeyInfo)
+    protobuf = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
+    return PeerID(SHA256_MULTIHASH_PREFIX + hashlib.sha256(protobuf).digest()).to_base58()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from dataclasses import dataclass
@@ -9,14 +10,17 @@ from pathlib import Path
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
+from hivemind.dht.validation import CompositeValidator, RecordValidatorBase
 from hivemind.p2p import P2P
 from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError
-from hivemind.utils.crypto import RSAPrivateKey
 
-from swarm.lifecycle import P2PD_PID_FILE, SwarmError, check_port_free, clean_leftovers, node_dir
-from swarm.runtime import LiveRuntime
+from swarm.lifecycle import P2PD_PID_FILE, SwarmError, check_port_free, clean_leftovers, ensure_identity, node_dir
+from swarm.runtime import LiveRuntime, SubkeyValidator
 
 log = logging.getLogger(__name__)
+
+EPHEMERAL_IDENTITY_FILE = "identity.key"
+"""A node started without ``identity_path`` gets a new key in its socket folder (removed when it stops)."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class NodeSettings:
     announce_port: int | None = None
     initial_peers: tuple[str, ...] = ()
     identity_path: Path | None = None
+    """The libp2p key file (created if missing): the peer id is its hash, and it signs this peer's DHT records."""
     nat_traversal: bool = False
     max_message_bytes: int = 256 * 2**20
     startup_timeout_s: float = 30.0
@@ -49,33 +54,35 @@ class LiveNode:
     """A started peer: ``runtime`` is what protocol roles receive. Use ``await LiveNode.start(...)``
     and always ``await node.stop()`` (it stops p2pd and removes this process's socket folder)."""
 
-    def __init__(self, p2p: P2P, dht: DHTNode, runtime: LiveRuntime, folder: Path):
-        self.p2p, self.dht, self.runtime, self.folder = p2p, dht, runtime, folder
+    def __init__(self, p2p: P2P, dht: DHTNode, signer: RSASignatureValidator, runtime: LiveRuntime, folder: Path):
+        self.p2p, self.dht, self.signer, self.runtime, self.folder = p2p, dht, signer, runtime, folder
         self.visible_maddrs: list[str] = []
         """Full multiaddrs (ending in /p2p/<peer id>) that other peers pass as ``swarm.initial_peers``."""
 
     @classmethod
-    async def start(cls, settings: NodeSettings, signing_key: RSAPrivateKey | None = None) -> "LiveNode":
-        """Clean leftovers of killed peers, then start p2pd, the DHT node and the RPC handler."""
+    async def start(cls, settings: NodeSettings) -> "LiveNode":
+        """Clean leftovers of killed peers, then start p2pd, the DHT node and the RPC handler. One key, the
+        identity file's, is both the peer id (p2pd's) and the signer of this peer's DHT records."""
         clean_leftovers()
         check_port_free(settings.host, settings.port)
         folder = node_dir()
         P2P._UNIX_SOCKET_PREFIX = f"/unix/{folder}/"  # sockets in our folder, not /tmp (see lifecycle)
         p2p = None
         try:
+            settings = dataclasses.replace(settings, identity_path=settings.identity_path or folder / EPHEMERAL_IDENTITY_FILE)
+            signer = RSASignatureValidator(ensure_identity(settings.identity_path))
             p2p = await _start_p2p(settings)
             if p2p._child is not None:
                 (folder / P2PD_PID_FILE).write_text(str(p2p._child.pid))
-            validator = RSASignatureValidator(signing_key or RSAPrivateKey())
-            dht = await _start_dht(p2p, settings, validator)
+            dht = await _start_dht(p2p, settings, CompositeValidator([signer, SubkeyValidator()]))
         except BaseException:
             if p2p is not None:
                 await p2p.shutdown()
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        runtime = LiveRuntime(p2p, dht, settings.max_message_bytes, settings.injected_latency_s)
+        runtime = LiveRuntime(p2p, dht, signer.local_public_key, settings.max_message_bytes, settings.injected_latency_s)
         await runtime.start()
-        node = cls(p2p, dht, runtime, folder)
+        node = cls(p2p, dht, signer, runtime, folder)
         node.visible_maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
         log.info("Peer %s listening on %s", runtime.peer_id, " ".join(node.visible_maddrs))
         return node
@@ -96,7 +103,7 @@ async def _start_p2p(settings: NodeSettings) -> P2P:
             initial_peers=list(settings.initial_peers) or None,
             host_maddrs=settings.host_maddrs(),
             announce_maddrs=settings.announce_maddrs(),
-            identity_path=str(settings.identity_path) if settings.identity_path else None,
+            identity_path=str(settings.identity_path),
             nat_port_map=settings.nat_traversal,
             auto_nat=settings.nat_traversal,
             use_relay=settings.nat_traversal,
@@ -114,7 +121,7 @@ async def _start_p2p(settings: NodeSettings) -> P2P:
         raise SwarmError(f"the libp2p daemon did not start: {text}") from None
 
 
-async def _start_dht(p2p: P2P, settings: NodeSettings, validator: RSASignatureValidator) -> DHTNode:
+async def _start_dht(p2p: P2P, settings: NodeSettings, validator: RecordValidatorBase) -> DHTNode:
     try:
         return await DHTNode.create(
             p2p=p2p, initial_peers=list(settings.initial_peers) or None, record_validator=validator,

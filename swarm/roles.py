@@ -42,7 +42,7 @@ from node0sim.protocol.trainer import Trainer
 from node0sim.runtime import RPCError
 from node0sim.summary import ServerReport, ServerTotals, TrainerTotals
 from swarm import allreduce, bandwidth, run_config
-from swarm.lifecycle import SwarmError, ensure_identity, fingerprint
+from swarm.lifecycle import SwarmError
 from swarm.node import LiveNode, NodeSettings
 from swarm.runtime import LiveRuntime
 
@@ -91,11 +91,6 @@ def _until_stopped(main: Awaitable[Any]) -> Any:
     return asyncio.run(supervised())
 
 
-async def _start(run: RunConfig) -> tuple[LiveNode, Any]:
-    identity = ensure_identity(Path(run.swarm.identity_path))
-    return await LiveNode.start(node_settings(run.swarm), signing_key=identity), identity
-
-
 async def _joined_run(node: LiveNode, local: Mapping[str, Any], swarm: SwarmConfig, run_id: str) -> tuple[RunConfig, dict]:
     published = await run_config.fetch(node.dht, run_id, swarm.organizer_key, swarm.startup_timeout_s)
     run, document = run_config.merge(published, local)
@@ -107,12 +102,11 @@ async def _joined_run(node: LiveNode, local: Mapping[str, Any], swarm: SwarmConf
 # ---- bootstrap -------------------------------------------------------------------------------
 async def bootstrap(config: Mapping[str, Any], run: RunConfig) -> None:
     """Organizer: the first DHT peer; publishes the signed run configuration and keeps it fresh."""
-    node, identity = await _start(run)
+    node = await LiveNode.start(node_settings(run.swarm))
     try:
-        organizer = fingerprint(identity.get_public_key().to_bytes())
-        validator = node.dht.protocol.record_validator
+        organizer = run_config.signer_fingerprint(node.signer.local_public_key)
         bandwidth.serve_probe(node.runtime)
-        publisher = asyncio.create_task(run_config.keep_publishing(node.dht, validator, config, run.run_id))
+        publisher = asyncio.create_task(run_config.keep_publishing(node.dht, node.signer, config, run.run_id))
         make_organizer(node.runtime, run).serve()  # topology.stage_assignment=central
         join = f"swarm.initial_peers=[{','.join(node.visible_maddrs)}] swarm.organizer_key={organizer} run_id={run.run_id}"
         print(f"Bootstrap peer {node.runtime.peer_id} of run {run.run_id!r} is up. Others join with:\n  {join}", flush=True)
@@ -154,7 +148,7 @@ def measured_flops(device: torch.device, repeats: int = 8) -> float:
 
 async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
     """A stage server: picks its stage (``swarm.stage`` or the weakest), loads state, serves, averages."""
-    node, _ = await _start(swarm_run)
+    node = await LiveNode.start(node_settings(swarm_run.swarm))
     member = None
     try:
         run, _ = await _joined_run(node, local, swarm_run.swarm, swarm_run.run_id)
@@ -259,7 +253,7 @@ async def train(
 ) -> dict[str, Any]:
     """A trainer: streams its data shard through the swarm; writes metrics.jsonl and summary.json."""
     wall_start = time.perf_counter()
-    node, _ = await _start(swarm_run)
+    node = await LiveNode.start(node_settings(swarm_run.swarm))
     try:
         run, document = await _joined_run(node, local, swarm_run.swarm, swarm_run.run_id)
         rt = node.runtime

@@ -4,7 +4,9 @@ One :class:`LiveRuntime` per process. It owns
 - a libp2p daemon (``hivemind.p2p.P2P``, i.e. ``p2pd``) for RPC: one binary stream handler
   (``node0sim.rpc``) carries every protocol method, messages encoded by :mod:`swarm.wire`;
 - a Kademlia DHT node (``hivemind.dht.DHTNode``) in the same event loop, with hivemind's RSA
-  signature validator (signed records are how the run configuration is protected);
+  signature validator and :class:`SubkeyValidator`: the run configuration is signed by the organizer,
+  and a peer's own entry of a dictionary record (``per_peer``) is signed by the key its peer id is the
+  hash of, so no peer can write, overwrite or withdraw another's;
 - one "accelerator" thread: ``compute`` runs the stage's tensor work there, one call at a
   time like the simulator's GPU queue, so the event loop keeps serving RPCs meanwhile.
 """
@@ -12,19 +14,24 @@ One :class:`LiveRuntime` per process. It owns
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any, Callable, Coroutine, TypeVar
 
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
+from hivemind.dht.protocol import DHTProtocol
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError
-from hivemind.utils import get_dht_time
+from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from node0sim.model.costs import ComputeCost
 from node0sim.runtime import Future, Handler, Message, RemoteError, RequestTimeout, RPCError, Runtime, Task
 from swarm import wire
+from swarm.lifecycle import rsa_peer_id
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -37,6 +44,47 @@ REPLY_LINGER_S = 30.0
 """How long a server keeps a stream open after its reply, waiting for the caller to close it first (below)."""
 _OK, _ERROR = b"\x00", b"\x01"
 _LENGTH_BYTES = 8
+
+
+OWNER_MARKER_START = RSASignatureValidator.PUBLIC_KEY_FORMAT.split(b"_key_")[0]
+"""``[owner:``: what hivemind's signature validator looks for in a key or subkey to require the owner's signature."""
+
+
+def subkey_owner(subkey: Any) -> str | None:
+    """The peer whose own entry ``subkey`` is: for ``b"<peer id>[owner:<RSA public key>]"`` where the peer id is
+    that key's (the signature validator makes sure the entry was signed with it); otherwise None."""
+    return _owner(subkey) if isinstance(subkey, bytes) else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _owner(subkey: bytes) -> str | None:
+    peer_id, marker, rest = subkey.partition(OWNER_MARKER_START)
+    if not marker or not rest.endswith(b"]"):
+        return None
+    try:
+        owner = rsa_peer_id(rest[:-1])
+    except Exception:  # any bytes can arrive: not a key, or a key type the library refuses
+        return None
+    return owner if owner.encode() == peer_id else None
+
+
+class SubkeyValidator(RecordValidatorBase):
+    """Accepts a DHT record without subkey, one under an ``[owner:...]`` subkey (the run configuration), or a
+    peer's own entry (:func:`subkey_owner`); refuses anything else, so together with the signature validator
+    a dictionary entry that names a peer can only come from that peer.
+
+    Refusing subkeys that are not bytes also keeps out a hivemind 1.1.12 bug (seen here): a str subkey and a
+    bytes one with the same expiration in one record make its storage's heap compare them, the TypeError
+    escapes inside the DHT's search, and every later get of that key hangs."""
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.subkey == DHTProtocol.IS_REGULAR_VALUE:
+            return True
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+        except Exception:  # bytes from the network
+            return False
+        return isinstance(subkey, bytes) and (subkey.startswith(OWNER_MARKER_START) or subkey_owner(subkey) is not None)
 
 
 class LiveTask(Task):
@@ -82,10 +130,13 @@ class LiveFuture(Future):
 class LiveRuntime(Runtime):
     """The runtime interface for one live peer (see the module docstring)."""
 
-    def __init__(self, p2p: P2P, dht: DHTNode, max_message_bytes: int, injected_latency_s: float = 0.0):
+    def __init__(self, p2p: P2P, dht: DHTNode, owner_marker: bytes, max_message_bytes: int,
+                 injected_latency_s: float = 0.0):
         self.p2p = p2p
         self.dht = dht
         self.peer_id = p2p.peer_id.to_base58()
+        self._own_subkey = self.peer_id.encode() + owner_marker
+        """This peer's entry of dictionary records: its id and the ``[owner:...]`` marker of the key that signs."""
         self.max_message_bytes = max_message_bytes
         self.injected_latency_s = injected_latency_s
         """Software-injected one-way delay before each RPC message this peer writes (``swarm.injected_latency_ms``)."""
@@ -104,7 +155,7 @@ class LiveRuntime(Runtime):
         self._handlers: dict[str, Handler] = {}
         self._tasks: set[asyncio.Task] = set()
         self._accelerator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accelerator")
-        self._last_expiration: dict[tuple[str, str | None], float] = {}
+        self._last_expiration: dict[tuple[str, bool], float] = {}
 
     async def start(self) -> None:
         """Register the RPC stream handler."""
@@ -151,14 +202,14 @@ class LiveRuntime(Runtime):
         return list(await asyncio.gather(*(task.join() for task in tasks)))
 
     # ---- DHT -------------------------------------------------------------------------------
-    async def dht_store(self, key: str, value: Any, expires_in: float, subkey: str | None = None) -> None:
+    async def dht_store(self, key: str, value: Any, expires_in: float, per_peer: bool = False) -> None:
         # hivemind keeps the record with the latest expiration, while the interface promises that a
         # peer's later store replaces its earlier one (a withdrawal stores None with expires_in=0):
         # so each store of this peer expires strictly later than its previous one for that key
-        previous = self._last_expiration.get((key, subkey), 0.0)
+        previous = self._last_expiration.get((key, per_peer), 0.0)
         expiration = max(get_dht_time() + expires_in, previous + 1e-3)
-        self._last_expiration[(key, subkey)] = expiration
-        await self.dht.store(key, value, expiration, subkey=subkey)
+        self._last_expiration[(key, per_peer)] = expiration
+        await self.dht.store(key, value, expiration, subkey=self._own_subkey if per_peer else None)
 
     async def dht_get(self, key: str) -> Any:
         found = await self.dht.get(key, latest=True)
@@ -166,7 +217,9 @@ class LiveRuntime(Runtime):
             return None
         if isinstance(found.value, dict):  # withdrawn subkeys hold None until they expire: they are absent
             now = get_dht_time()
-            live = {sub: item.value for sub, item in found.value.items() if item.expiration_time > now and item.value is not None}
+            live = {subkey_owner(sub): item.value for sub, item in found.value.items()
+                    if item.expiration_time > now and item.value is not None}
+            live.pop(None, None)  # None: a key owner's entry (the run configuration), or no peer's
             return live or None
         return found.value
 

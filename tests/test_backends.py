@@ -225,20 +225,20 @@ def test_parts_from_outside_the_group_are_refused_and_junk_rounds_are_not_kept_o
 def test_a_withdrawn_dht_record_is_absent_and_a_later_store_replaces_an_earlier_one(backend):
     async def scenario(runtimes):
         a, b = runtimes["a"], runtimes["b"]
-        await a.dht_store("test/k", {"x": 1}, expires_in=60, subkey="a")
-        await b.dht_store("test/k", {"x": 2}, expires_in=60, subkey="b")
-        await a.dht_store("test/k", {"x": 3}, expires_in=30, subkey="a")  # expires sooner, replaces all the same
+        await a.dht_store("test/k", {"x": 1}, expires_in=60, per_peer=True)
+        await b.dht_store("test/k", {"x": 2}, expires_in=60, per_peer=True)
+        await a.dht_store("test/k", {"x": 3}, expires_in=30, per_peer=True)  # expires sooner, replaces all the same
         replaced = await b.dht_get("test/k")
-        await a.dht_store("test/k", None, expires_in=0, subkey="a")
+        await a.dht_store("test/k", None, expires_in=0, per_peer=True)
         withdrawn = await b.dht_get("test/k")
-        await b.dht_store("test/k", None, expires_in=0, subkey="b")
+        await b.dht_store("test/k", None, expires_in=0, per_peer=True)
         await a.dht_store("test/plain", "v", expires_in=60)
         await a.dht_store("test/plain", None, expires_in=0)
-        return replaced, withdrawn, await a.dht_get("test/k"), await b.dht_get("test/plain")
+        return a.peer_id, b.peer_id, replaced, withdrawn, await a.dht_get("test/k"), await b.dht_get("test/plain")
 
-    replaced, withdrawn, emptied, plain = run_scenario(backend, ["a", "b"], scenario)
-    assert replaced == {"a": {"x": 3}, "b": {"x": 2}}
-    assert withdrawn == {"b": {"x": 2}}
+    a, b, replaced, withdrawn, emptied, plain = run_scenario(backend, ["a", "b"], scenario)
+    assert replaced == {a: {"x": 3}, b: {"x": 2}}  # each entry under the id of the peer that stored it
+    assert withdrawn == {b: {"x": 2}}
     assert emptied is None and plain is None
 
 
@@ -396,10 +396,9 @@ def test_the_organizer_names_the_stage_the_joiner_would_pick_itself_on_both_back
     async def scenario(runtimes):
         organizer = StageOrganizer(runtimes["organizer"], "run", 3, pending_s=60.0)
         organizer.serve()
-        for stage, throughputs in enumerate(([5.0, 5.0], [3.0], [4.0, 1.0])):  # stage 1 is the weakest: 3 < 5 < 10
-            for i, throughput in enumerate(throughputs):
-                record = StageRecord(0, 0, 0.0, 0.0, throughput, 50.0, True, None)
-                await runtimes["organizer"].dht_store(stage_key("run", stage), record.to_dht(), expires_in=60, subkey=f"p{stage}{i}")
+        for stage, throughput in enumerate((10.0, 3.0, 5.0)):  # stage 1 is the weakest: 3 < 5 < 10
+            record = StageRecord(0, 0, 0.0, 0.0, throughput, 50.0, True, None)
+            await runtimes[f"p{stage}"].dht_store(stage_key("run", stage), record.to_dht(), expires_in=60, per_peer=True)
         joiner = runtimes["joiner"]
 
         def peer(organizer_id):
@@ -408,7 +407,7 @@ def test_the_organizer_names_the_stage_the_joiner_would_pick_itself_on_both_back
         return (await peer(runtimes["organizer"].peer_id)._assigned_stage(), await peer(None)._assigned_stage(),
                 organizer.assigned)
 
-    central, decentralized, assigned = run_scenario(backend, ["organizer", "joiner"], scenario)
+    central, decentralized, assigned = run_scenario(backend, ["organizer", "joiner", "p0", "p1", "p2"], scenario)
     assert central == decentralized == 1 and assigned == 1
 
 
@@ -423,7 +422,7 @@ def test_the_organizer_spreads_joiners_that_arrive_together_where_their_own_pick
         organizer = StageOrganizer(runtimes["organizer"], "run", 2, pending_s=pending_s)
         organizer.serve()
         record = StageRecord(0, 0, 0.0, 0.0, 2.0, 50.0, True, None)
-        await runtimes["organizer"].dht_store(stage_key("run", 0), record.to_dht(), expires_in=60, subkey="p00")
+        await runtimes["p0"].dht_store(stage_key("run", 0), record.to_dht(), expires_in=60, per_peer=True)
 
         def peer(name, organizer_id):
             return SwarmPeer(runtimes[name], "run", 2, 2.0, None, BalanceConfig(0.0), organizer_id)
@@ -435,7 +434,7 @@ def test_the_organizer_spreads_joiners_that_arrive_together_where_their_own_pick
         after_expiry = await peer("j4", runtimes["organizer"].peer_id)._assigned_stage()
         return own, central, after_expiry
 
-    own, central, after_expiry = run_scenario(backend, ["organizer", "j1", "j2", "j3", "j4"], scenario)
+    own, central, after_expiry = run_scenario(backend, ["organizer", "j1", "j2", "j3", "j4", "p0"], scenario)
     assert own == [1, 1, 1]  # stage 1 is empty, so every lone pick goes there
     assert central == [1, 0, 1]  # 2 in stage 1 after j1 ties stage 0's 2 (the lowest index wins), then stage 1 again
     assert after_expiry == 1

@@ -10,20 +10,16 @@ CFG = AveragingConfig(8, matchmaking_time_s=1.0, matchmaking_slack_s=0.2, averag
 def _groups(vandal_values: dict, starts: dict[str, float]) -> dict[str, tuple[list[str], list[float]]]:
     """Each honest peer (registering at its start time) forms its group for epoch 0, after a vandal stored ``vandal_values``."""
     sim = make_sim(latency_s=0.01, dht_latency_s=0.02)
-    vandal = add(sim, "vandal")
     peers = {name: add(sim, name) for name in starts}
     results = {}
-
-    async def vandalize():
-        for subkey, value in vandal_values.items():
-            await vandal.runtime.dht_store(group_key("run", 0, 0), value, expires_in=100, subkey=subkey)
 
     async def join(name: str, start: float):
         rt = peers[name].runtime
         await rt.sleep(start)
         results[name] = await Matchmaker(rt, "run", 0, CFG, bandwidth_mbps=10.0 * len(name)).form_group(0)
 
-    vandal.runtime.spawn(vandalize())
+    for vandal, value in vandal_values.items():  # each vandal's own entry
+        sim.dht.store(group_key("run", 0, 0), vandal, value, 100)
     tasks = [peers[name].runtime.spawn(join(name, start)) for name, start in starts.items()]
     sim.run()
     assert all(not task.process.is_alive for task in tasks)
@@ -61,9 +57,9 @@ def _with_a_late_registration(announced_to_a: dict[str, float] | None) -> dict[s
     slow_rt = peers["slow"].runtime
     store = slow_rt.dht_store
 
-    async def late_store(key, value, expires_in, subkey=None):
+    async def late_store(key, value, expires_in, per_peer=False):
         await slow_rt.sleep(2.5)
-        await store(key, value, expires_in, subkey=subkey)
+        await store(key, value, expires_in, per_peer=per_peer)
 
     slow_rt.dht_store = late_store
     results = {}

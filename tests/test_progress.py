@@ -203,9 +203,10 @@ def test_read_stages_reads_every_stage_and_drops_malformed_records():
     rt = peer.runtime
 
     async def protocol():
-        await rt.dht_store(stage_key("run", 0), RECORD.to_dht(), expires_in=10, subkey="good")
-        await rt.dht_store(stage_key("run", 0), {"epoch": "x"}, expires_in=10, subkey="bad")
-        await rt.dht_store(stage_key("run", 2), "junk", expires_in=10, subkey="worse")
+        # records as the DHT may hold them: one peer's good one, two others' malformed ones
+        sim.dht.store(stage_key("run", 0), "good", RECORD.to_dht(), 10)
+        sim.dht.store(stage_key("run", 0), "bad", {"epoch": "x"}, 10)
+        sim.dht.store(stage_key("run", 2), "worse", "junk", 10)
         started = rt.now()
         stages = await read_stages(rt, "run", 3)
         return stages, rt.now() - started
@@ -219,7 +220,7 @@ def test_read_stages_reads_every_stage_and_drops_malformed_records():
 
 def test_malformed_records_crash_neither_a_server_nor_a_trainer():
     sim = make_sim(latency_s=0.005)
-    server_peer, trainer_peer, vandal = add(sim, "server"), add(sim, "trainer"), add(sim, "vandal")
+    server_peer, trainer_peer = add(sim, "server"), add(sim, "trainer")
     compute = TensorStageCompute(build_stages(CFG, 1, seed=0)[0], OptimConfig(), DenseCodec())
     server = StageServer(server_peer.runtime, "run", compute, AveragingConfig(8, progress_period_s=0.1),
                          throughput=1.0, bandwidth_mbps=100)
@@ -229,14 +230,11 @@ def test_malformed_records_crash_neither_a_server_nor_a_trainer():
         def next_micro_batch(self):
             return batch[:, :-1], batch[:, 1:]
 
-    async def vandalize():
-        malformed = (("junk", "junk"), ("half", {"ready": True, "throughput": 9.0}), ("typed", {**RECORD.to_dht(), "ready": "yes"}))
-        for subkey, value in malformed:
-            await vandal.runtime.dht_store(stage_key("run", 0), value, expires_in=100, subkey=subkey)
-
     trainer = Trainer(trainer_peer.runtime, "run", 1, Repeat(),
                       TrainerConfig(micro_batches=20, micro_batches_per_step=1, schedule="async"), lambda record: None)
-    _run(sim, vandal, vandalize())
+    malformed = (("junk", "junk"), ("half", {"ready": True, "throughput": 9.0}), ("typed", {**RECORD.to_dht(), "ready": "yes"}))
+    for vandal, value in malformed:  # three vandals' own entries
+        sim.dht.store(stage_key("run", 0), vandal, value, 100)
     server_peer.runtime.spawn(server.start())
     _run(sim, trainer_peer, trainer.run())
     assert trainer.stats.micro_batches_done == 20
@@ -261,9 +259,9 @@ def _lost_stores(rt, key: str, outage: tuple[float, float]):
     """``rt.dht_store``, except that stores of ``key`` during ``outage`` never land."""
     store = rt.dht_store
 
-    async def lossy_store(k, value, expires_in, subkey=None):
+    async def lossy_store(k, value, expires_in, per_peer=False):
         if k != key or not outage[0] <= rt.now() < outage[1]:
-            await store(k, value, expires_in, subkey=subkey)
+            await store(k, value, expires_in, per_peer=per_peer)
 
     return lossy_store
 

@@ -200,8 +200,8 @@ def test_dht_values_expire_and_subkeys_merge():
 
     async def protocol():
         await a.runtime.dht_store("k", "v", expires_in=5.0)
-        await a.runtime.dht_store("stage", 1, expires_in=5.0, subkey="a")
-        await b.runtime.dht_store("stage", 2, expires_in=50.0, subkey="b")
+        await a.runtime.dht_store("stage", 1, expires_in=5.0, per_peer=True)
+        await b.runtime.dht_store("stage", 2, expires_in=50.0, per_peer=True)
         first = (await b.runtime.dht_get("k"), await b.runtime.dht_get("stage"))
         await b.runtime.sleep(10)
         second = (await b.runtime.dht_get("k"), await b.runtime.dht_get("stage"))

@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hivemind.dht.crypto import RSASignatureValidator
 
 from node0sim.protocol.averaging import Ack, ReducePart
 from node0sim.runtime import RemoteError, RequestTimeout, RPCError
 from swarm import run_config
-from swarm.lifecycle import SwarmError, clean_leftovers, ensure_identity, fingerprint
+from swarm.lifecycle import SwarmError, clean_leftovers, ensure_identity, fingerprint, rsa_peer_id
 from swarm.node import LiveNode, NodeSettings
+from swarm.runtime import subkey_owner
 
 pytestmark = pytest.mark.slow
 
@@ -102,31 +104,85 @@ def test_a_server_keeps_the_stream_open_after_its_reply_until_the_caller_closes_
 
 
 def test_peers_accept_only_the_run_configuration_signed_by_the_organizer(tmp_path):
-    organizer_key, stranger_key = ensure_identity(tmp_path / "org.key"), ensure_identity(tmp_path / "x.key")
+    organizer_key = ensure_identity(tmp_path / "org.key")
     assert oct((tmp_path / "org.key").stat().st_mode & 0o777) == "0o600"
     expected = fingerprint(organizer_key.get_public_key().to_bytes())
 
     async def main():
-        organizer = await LiveNode.start(NodeSettings(), signing_key=organizer_key)
-        stranger = await LiveNode.start(NodeSettings(initial_peers=tuple(organizer.visible_maddrs)), signing_key=stranger_key)
+        organizer = await LiveNode.start(NodeSettings(identity_path=tmp_path / "org.key"))
+        stranger = await LiveNode.start(NodeSettings(initial_peers=tuple(organizer.visible_maddrs)))
         reader = await LiveNode.start(NodeSettings(initial_peers=tuple(organizer.visible_maddrs)))
         try:
+            assert run_config.signer_fingerprint(organizer.signer.local_public_key) == expected
             # a stranger publishes first: signed by the wrong key, and an unsigned record
-            await run_config.publish(stranger.dht, stranger.dht.protocol.record_validator, {"model": "evil"}, "r")
-            await stranger.runtime.dht_store(run_config.config_key("r"), {"model": "unsigned"}, 60, subkey="plain")
+            await run_config.publish(stranger.dht, stranger.signer, {"model": "evil"}, "r")
+            await stranger.dht.store(run_config.config_key("r"), {"model": "unsigned"}, time.time() + 60, subkey=b"plain")
             with pytest.raises(SwarmError, match="no run configuration .* signed by " + expected):
                 await run_config.fetch(reader.dht, "r", expected, timeout_s=1.0)
-            await run_config.publish(organizer.dht, organizer.dht.protocol.record_validator, {"model": "tiny"}, "r")
+            await run_config.publish(organizer.dht, organizer.signer, {"model": "tiny"}, "r")
             assert await run_config.fetch(reader.dht, "r", expected, timeout_s=10) == {"model": "tiny"}
             # the stranger cannot overwrite the organizer's subkey: the DHT refuses unsigned changes
             await stranger.dht.store(run_config.config_key("r"), {"model": "evil"}, time.time() + 900,
-                                     subkey=organizer.dht.protocol.record_validator.local_public_key)
+                                     subkey=organizer.signer.local_public_key)
             assert await run_config.fetch(reader.dht, "r", expected, timeout_s=10) == {"model": "tiny"}
         finally:
             for node in (reader, stranger, organizer):
                 await node.stop()
 
     asyncio.run(main())
+
+
+def test_a_per_peer_subkey_names_its_owner_only_when_signed_by_the_key_whose_hash_is_that_peer_id(tmp_path):
+    from hivemind.p2p import PeerID
+
+    key, other = ensure_identity(tmp_path / "a.key"), ensure_identity(tmp_path / "b.key")
+    peer_id = PeerID.from_identity((tmp_path / "a.key").read_bytes()).to_base58()  # what p2pd derives from the file
+    marker, other_marker = (RSASignatureValidator(k).local_public_key for k in (key, other))
+    assert rsa_peer_id(key.get_public_key().to_bytes()) == peer_id
+    assert subkey_owner(peer_id.encode() + marker) == peer_id
+    assert subkey_owner(peer_id.encode() + other_marker) is None  # another key's marker: not that peer's entry
+    assert subkey_owner(b"x" + marker) is None and subkey_owner(peer_id.encode()) is None
+    assert subkey_owner(peer_id) is None and subkey_owner(peer_id.encode() + b"[owner:junk]") is None
+
+    async def main():
+        node = await LiveNode.start(NodeSettings(identity_path=tmp_path / "a.key"))
+        try:
+            assert node.runtime.peer_id == peer_id and node.signer.local_public_key == marker
+        finally:
+            await node.stop()
+
+    asyncio.run(main())
+
+
+def test_no_peer_can_write_overwrite_or_forge_another_peers_record():
+    """Four forgeries of the honest peer's entry, all refused by every DHT node; the forger's own entry is kept."""
+    key = "run/stage0"
+
+    async def main():
+        honest = await LiveNode.start(NodeSettings())
+        forger = await LiveNode.start(NodeSettings(initial_peers=tuple(honest.visible_maddrs)))
+        reader = await LiveNode.start(NodeSettings(initial_peers=tuple(honest.visible_maddrs)))
+        try:
+            await honest.runtime.dht_store(key, {"v": "honest"}, expires_in=60, per_peer=True)
+            victim = honest.runtime.peer_id.encode()
+            later = time.time() + 120
+            forgeries = [
+                (victim + honest.signer.local_public_key, {"v": "overwritten"}),  # the victim's entry, unsigned
+                (victim + honest.signer.local_public_key, None),  # its withdrawal, unsigned
+                (victim + forger.signer.local_public_key, {"v": "forged"}),  # the victim's id, the forger's signature
+                (honest.runtime.peer_id, {"v": "plain"}),  # the victim's id as a plain str subkey
+            ]
+            for subkey, value in forgeries:
+                assert await forger.dht.store(key, value, later, subkey=subkey) is False, subkey
+            await forger.runtime.dht_store(key, {"v": "forger"}, expires_in=60, per_peer=True)
+            assert await reader.runtime.dht_get(key) == {
+                honest.runtime.peer_id: {"v": "honest"}, forger.runtime.peer_id: {"v": "forger"},
+            }
+        finally:
+            for node in (reader, forger, honest):
+                await node.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
 
 
 def test_a_taken_port_and_an_unreachable_bootstrap_give_clear_messages():

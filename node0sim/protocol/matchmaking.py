@@ -57,7 +57,7 @@ class Matchmaker:
         key = group_key(self.run_id, self.stage, epoch)
         ttl = self.cfg.matchmaking_time_s + self.cfg.averaging_timeout_s
         registered = self.rt.now()
-        await self.rt.dht_store(key, {"time": registered, "bandwidth": self.bandwidth_mbps}, expires_in=ttl, subkey=me)
+        await self.rt.dht_store(key, {"time": registered, "bandwidth": self.bandwidth_mbps}, expires_in=ttl, per_peer=True)
         group = parse_group(await self.rt.dht_get(key))
         # the window opens at the earliest registration seen, this peer's included (a read that lags may miss
         # it); a time older than a registration lives, or a window ahead, is no honest peer's and is ignored

@@ -181,7 +181,7 @@ class ProgressTracker:
             self.epoch, self.samples, self._rate, now, self.throughput, self.bandwidth_mbps, self.ready,
             self.ending_epoch if self.ending_epoch == self.epoch else None,  # a round past its epoch is over
         )
-        await self.rt.dht_store(self.key, record.to_dht(), expires_in=self.record_lifetime_s, subkey=self.rt.peer_id)
+        await self.rt.dht_store(self.key, record.to_dht(), expires_in=self.record_lifetime_s, per_peer=True)
         self._stored = True
 
     async def keep_reporting(self) -> None:
@@ -193,7 +193,7 @@ class ProgressTracker:
     async def withdraw(self) -> None:
         """Remove this peer's record, so the stage's others stop counting on it."""
         self._stored = False
-        await self.rt.dht_store(self.key, None, expires_in=0.0, subkey=self.rt.peer_id)
+        await self.rt.dht_store(self.key, None, expires_in=0.0, per_peer=True)
 
     # ---- the stage -------------------------------------------------------------------------
     async def refresh(self) -> None:

@@ -303,9 +303,9 @@ class SimRuntime(Runtime):
     def serve(self, method: str, handler: Handler) -> None:
         self.peer.handlers[method] = handler
 
-    async def dht_store(self, key: str, value: Any, expires_in: float, subkey: str | None = None) -> None:
+    async def dht_store(self, key: str, value: Any, expires_in: float, per_peer: bool = False) -> None:
         await wait(self._env.timeout(self._sim.dht.lookup_latency_s))
-        self._sim.dht.store(key, subkey, value, self._env.now + expires_in)
+        self._sim.dht.store(key, self.peer_id if per_peer else None, value, self._env.now + expires_in)
 
     async def dht_get(self, key: str) -> Any:
         await wait(self._env.timeout(self._sim.dht.lookup_latency_s))
