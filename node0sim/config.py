@@ -413,6 +413,8 @@ class SwarmConfig:
     # (0: announce network.up_mbps; a failed probe falls back to it with a warning)
     injected_latency_ms: float = 0.0  # software-injected one-way delay before every RPC message this peer sends
     # (the fidelity lab's latency where the kernel has no netem; 0: none)
+    run_config_lifetime_h: float = 24.0  # bootstrap: the signed run configuration expires this long after its latest
+    # refresh; joined peers re-store it unchanged, so peers can join that long after the bootstrap left
 
     def __post_init__(self) -> None:
         _one_of("swarm.role", self.role, SWARM_ROLES)
@@ -432,7 +434,7 @@ class SwarmConfig:
         _require(self.bandwidth_probe_mb >= 0, f"swarm.bandwidth_probe_mb: must be >= 0, got {self.bandwidth_probe_mb}")
         _require(self.injected_latency_ms >= 0, f"swarm.injected_latency_ms: must be >= 0, got {self.injected_latency_ms}")
         _require(self.trainer_index >= 0, f"swarm.trainer_index: must be >= 0, got {self.trainer_index}")
-        for name in ("startup_timeout_s", "log_period_s", "max_message_mb"):
+        for name in ("startup_timeout_s", "log_period_s", "max_message_mb", "run_config_lifetime_h"):
             _require(getattr(self, name) > 0, f"swarm.{name}: must be > 0, got {getattr(self, name)}")
         if self.role in ("server", "trainer"):
             _require(bool(self.initial_peers), f"swarm.initial_peers: a {self.role} needs the bootstrap's multiaddr")

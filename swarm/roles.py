@@ -93,6 +93,7 @@ def _until_stopped(main: Awaitable[Any]) -> Any:
 
 async def _joined_run(node: LiveNode, local: Mapping[str, Any], swarm: SwarmConfig, run_id: str) -> tuple[RunConfig, dict]:
     published = await run_config.fetch(node.dht, run_id, swarm.organizer_key, swarm.startup_timeout_s)
+    node.runtime.spawn(run_config.keep_restoring(node.dht, run_id, swarm.organizer_key))  # outlives the organizer
     run, document = run_config.merge(published, local)
     log.info("Joined run %r (model %s, %d stages), configuration signed by %s", run.run_id,
              run.model.get("name"), run.topology.num_stages, swarm.organizer_key)
@@ -106,7 +107,9 @@ async def bootstrap(config: Mapping[str, Any], run: RunConfig) -> None:
     try:
         organizer = run_config.signer_fingerprint(node.signer.local_public_key)
         bandwidth.serve_probe(node.runtime)
-        publisher = asyncio.create_task(run_config.keep_publishing(node.dht, node.signer, config, run.run_id))
+        publisher = asyncio.create_task(run_config.keep_publishing(
+            node.dht, node.signer, config, run.run_id, run.swarm.run_config_lifetime_h * 3600
+        ))
         make_organizer(node.runtime, run).serve()  # topology.stage_assignment=central
         join = f"swarm.initial_peers=[{','.join(node.visible_maddrs)}] swarm.organizer_key={organizer} run_id={run.run_id}"
         print(f"Bootstrap peer {node.runtime.peer_id} of run {run.run_id!r} is up. Others join with:\n  {join}", flush=True)

@@ -6,6 +6,11 @@ its RSA public key (``[owner:...]``): hivemind's ``RSASignatureValidator`` then 
 version of that record to carry a valid signature by that key, on every DHT node. Servers and
 trainers accept only the subkey whose key has the fingerprint they were given
 (``swarm.organizer_key``); unsigned or foreign records are ignored with a warning.
+
+The record expires ``swarm.run_config_lifetime_h`` after the organizer's latest refresh, and every peer that
+joined re-stores the organizer's entry, bytes and expiration unchanged (so its signature stays valid), on
+the DHT nodes nearest its key: joining keeps working after the organizer leaves, for as long as one such peer
+is online, until that expiration.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Any, Mapping
 
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
+from hivemind.dht.routing import DHTID
+from hivemind.dht.storage import DictionaryDHTValue
 from hivemind.utils import get_dht_time
 
 from node0sim.config import RunConfig, load_run_config
@@ -30,7 +37,9 @@ TRAINER_OWN_KEYS = ("steps", "allow_partial", "hedge_quantile")
 """``train`` keys a trainer sets for itself: how many steps it feeds, whether stopping short is an error for its process,
 and whether it hedges its calls. The others (batch sizes, timeouts, bans, bounds) are the organizer's."""
 
-RECORD_TTL_S = 600.0
+REFRESH_S = 150.0
+"""How often the organizer re-signs the run configuration and every joined peer re-stores it (a DHT node that
+joined since holds no copy until then)."""
 
 
 def config_key(run_id: str) -> str:
@@ -52,20 +61,67 @@ def merge(published: Mapping[str, Any], local: Mapping[str, Any]) -> tuple[RunCo
     return load_run_config(document), document
 
 
-async def publish(dht: DHTNode, validator: RSASignatureValidator, config: Mapping[str, Any], run_id: str) -> None:
-    """Store (or refresh) the signed configuration."""
+async def publish(
+    dht: DHTNode, validator: RSASignatureValidator, config: Mapping[str, Any], run_id: str, lifetime_s: float
+) -> None:
+    """Store (or refresh) the signed configuration, expiring ``lifetime_s`` from now."""
     stored = await dht.store(
-        config_key(run_id), published_part(config), get_dht_time() + RECORD_TTL_S, subkey=validator.local_public_key
+        config_key(run_id), published_part(config), get_dht_time() + lifetime_s, subkey=validator.local_public_key
     )
     if not stored:
         log.warning("the run configuration could not be stored in the DHT yet; retrying at the next refresh")
 
 
-async def keep_publishing(dht: DHTNode, validator: RSASignatureValidator, config: Mapping[str, Any], run_id: str) -> None:
-    """Refresh the record well before it expires (the bootstrap does this for as long as it runs)."""
+async def keep_publishing(
+    dht: DHTNode, validator: RSASignatureValidator, config: Mapping[str, Any], run_id: str, lifetime_s: float
+) -> None:
+    """Refresh the record every :data:`REFRESH_S` (the bootstrap does this for as long as it runs)."""
     while True:
-        await publish(dht, validator, config, run_id)
-        await asyncio.sleep(RECORD_TTL_S / 4)
+        await publish(dht, validator, config, run_id, lifetime_s)
+        await asyncio.sleep(REFRESH_S)
+
+
+def held_copy(dht: DHTNode, run_id: str, organizer_key: str) -> tuple[bytes, bytes, float] | None:
+    """The organizer's entry as this DHT node holds it, in its storage or its cache of what it read: the subkey, the
+    value bytes with their signature, the expiration; None if it holds no unexpired one."""
+    key_id = DHTID.generate(source=config_key(run_id))
+    for storage in (dht.protocol.storage, dht.protocol.cache):
+        found = storage.get(key_id)
+        if found is None or not isinstance(found.value, DictionaryDHTValue):
+            continue
+        for subkey, (value, expiration) in found.value.items():
+            if signer_fingerprint(subkey) == organizer_key and expiration > get_dht_time():
+                return subkey, value, expiration
+    return None
+
+
+async def restore_copy(dht: DHTNode, run_id: str, organizer_key: str) -> int:
+    """Store the organizer's entry that this node holds, unchanged, on the DHT nodes now nearest its key (this one
+    included); returns how many took it (0 if this node holds none; a node holding a later version refuses)."""
+    held = held_copy(dht, run_id, organizer_key)
+    if held is None:
+        return 0
+    subkey, value, expiration = held
+    key_id = DHTID.generate(source=config_key(run_id))
+    nearest = (await dht.find_nearest_nodes([key_id], k_nearest=dht.num_replicas))[key_id]
+    others = [peer for node_id, peer in nearest.items() if node_id != dht.node_id]
+    replies = await asyncio.gather(*(dht.protocol.call_store(peer, [key_id], [value], expiration, [subkey]) for peer in others))
+    stored = sum(bool(reply and reply[0]) for reply in replies)
+    if dht.node_id in nearest:
+        stored += dht.protocol.storage.store_subkey(key_id, subkey, value, expiration)
+    return stored
+
+
+async def keep_restoring(dht: DHTNode, run_id: str, organizer_key: str) -> None:
+    """Every :data:`REFRESH_S`: read the newest organizer-signed configuration (this node keeps a copy of what it reads)
+    and store that copy on the nodes nearest its key (every joined peer does this for as long as it runs)."""
+    while True:
+        await asyncio.sleep(REFRESH_S)
+        try:
+            await dht.get(config_key(run_id), latest=True)
+            await restore_copy(dht, run_id, organizer_key)
+        except Exception as error:  # the DHT's own failures: try again at the next period
+            log.warning("could not re-store the run configuration (%s); retrying in %g s", error, REFRESH_S)
 
 
 def signer_fingerprint(subkey: Any) -> str | None:

@@ -115,11 +115,11 @@ def test_peers_accept_only_the_run_configuration_signed_by_the_organizer(tmp_pat
         try:
             assert run_config.signer_fingerprint(organizer.signer.local_public_key) == expected
             # a stranger publishes first: signed by the wrong key, and an unsigned record
-            await run_config.publish(stranger.dht, stranger.signer, {"model": "evil"}, "r")
+            await run_config.publish(stranger.dht, stranger.signer, {"model": "evil"}, "r", lifetime_s=600)
             await stranger.dht.store(run_config.config_key("r"), {"model": "unsigned"}, time.time() + 60, subkey=b"plain")
             with pytest.raises(SwarmError, match="no run configuration .* signed by " + expected):
                 await run_config.fetch(reader.dht, "r", expected, timeout_s=1.0)
-            await run_config.publish(organizer.dht, organizer.signer, {"model": "tiny"}, "r")
+            await run_config.publish(organizer.dht, organizer.signer, {"model": "tiny"}, "r", lifetime_s=600)
             assert await run_config.fetch(reader.dht, "r", expected, timeout_s=10) == {"model": "tiny"}
             # the stranger cannot overwrite the organizer's subkey: the DHT refuses unsigned changes
             await stranger.dht.store(run_config.config_key("r"), {"model": "evil"}, time.time() + 900,
@@ -130,6 +130,42 @@ def test_peers_accept_only_the_run_configuration_signed_by_the_organizer(tmp_pat
                 await node.stop()
 
     asyncio.run(main())
+
+
+def test_the_run_configuration_outlives_every_peer_that_held_it_when_it_was_published(tmp_path):
+    """The organizer and ``a`` hold the record; ``c`` joins later and holds nothing until ``a`` re-stores its copy;
+    then the organizer and ``a`` leave, and a newcomer still gets the configuration, signature and expiry unchanged."""
+    from hivemind.dht.routing import DHTID
+
+    expected = fingerprint(ensure_identity(tmp_path / "org.key").get_public_key().to_bytes())
+    key_id = DHTID.generate(source=run_config.config_key("r"))
+
+    async def main():
+        organizer = await LiveNode.start(NodeSettings(identity_path=tmp_path / "org.key"))
+        a = await LiveNode.start(NodeSettings(initial_peers=tuple(organizer.visible_maddrs)))
+        nodes = [organizer, a]
+        try:
+            await run_config.publish(organizer.dht, organizer.signer, {"model": "tiny"}, "r", lifetime_s=3600)
+            assert await run_config.fetch(a.dht, "r", expected, timeout_s=10) == {"model": "tiny"}
+            c = await LiveNode.start(NodeSettings(initial_peers=tuple(a.visible_maddrs)))
+            nodes.append(c)
+            assert run_config.held_copy(c.dht, "r", expected) is None  # a DHT hands nothing to a node that joins
+            subkey, value, expiration = run_config.held_copy(a.dht, "r", expected)
+            tampered = await a.dht.protocol.call_store(c.p2p.peer_id, [key_id], [value], expiration + 60, [subkey])
+            assert tampered == [False]  # the signature covers the expiry: a copy cannot be extended
+            assert await run_config.restore_copy(a.dht, "r", expected) >= 1
+            assert run_config.held_copy(c.dht, "r", expected) == (subkey, value, expiration)
+            for node in (organizer, a):
+                await node.stop()
+                nodes.remove(node)
+            newcomer = await LiveNode.start(NodeSettings(initial_peers=tuple(c.visible_maddrs)))
+            nodes.append(newcomer)
+            assert await run_config.fetch(newcomer.dht, "r", expected, timeout_s=10) == {"model": "tiny"}
+        finally:
+            for node in reversed(nodes):
+                await node.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
 
 
 def test_a_per_peer_subkey_names_its_owner_only_when_signed_by_the_key_whose_hash_is_that_peer_id(tmp_path):
