@@ -41,7 +41,7 @@ from node0sim.protocol.swarm_peer import SwarmPeer
 from node0sim.protocol.trainer import Trainer
 from node0sim.runtime import RPCError
 from node0sim.summary import ServerReport, ServerTotals, TrainerTotals
-from swarm import allreduce, bandwidth, run_config
+from swarm import allreduce, bandwidth, reachability, run_config
 from swarm.lifecycle import SwarmError
 from swarm.node import LiveNode, NodeSettings
 from swarm.runtime import LiveRuntime
@@ -107,6 +107,7 @@ async def bootstrap(config: Mapping[str, Any], run: RunConfig) -> None:
     try:
         organizer = run_config.signer_fingerprint(node.signer.local_public_key)
         bandwidth.serve_probe(node.runtime)
+        reachability.serve_dial_back(node.runtime)
         publisher = asyncio.create_task(run_config.keep_publishing(
             node.dht, node.signer, config, run.run_id, run.swarm.run_config_lifetime_h * 3600
         ))
@@ -160,6 +161,8 @@ async def serve(local: Mapping[str, Any], swarm_run: RunConfig) -> None:
         throughput = measured_flops(device) / flops_per_sample(run, templates)
         rt = node.runtime
         bootstrap_peer = run.swarm.initial_peers[0].rsplit("/p2p/", 1)[1] if run.swarm.initial_peers else None
+        if bootstrap_peer:
+            await reachability.check_reachable(rt, bootstrap_peer, node.visible_maddrs, run.swarm.nat_traversal)
         up_mbps = await bandwidth.announced_uplink_mbps(rt, bootstrap_peer, run.network.up_mbps, run.swarm.bandwidth_probe_mb)
         run = replace(run, network=replace(run.network, up_mbps=up_mbps))
 

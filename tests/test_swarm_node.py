@@ -168,6 +168,40 @@ def test_the_run_configuration_outlives_every_peer_that_held_it_when_it_was_publ
     asyncio.run(asyncio.wait_for(main(), 120))
 
 
+def test_a_server_learns_at_join_whether_other_peers_can_reach_it(caplog):
+    from swarm.reachability import DIAL_BACK, DialBack, check_reachable, serve_dial_back
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+
+    async def main():
+        bootstrap = await LiveNode.start(NodeSettings())
+        serve_dial_back(bootstrap.runtime)
+        joiners = [await LiveNode.start(NodeSettings(initial_peers=tuple(bootstrap.visible_maddrs), **announced))
+                   for announced in ({}, {"announce_port": closed})]
+        reachable, hidden = joiners
+        boot = bootstrap.runtime.peer_id
+        try:
+            await check_reachable(reachable.runtime, boot, reachable.visible_maddrs, relays=False)
+            message = rf"cannot reach this peer: the bootstrap could not connect to 127\.0\.0\.1:{closed} .*nat_traversal=true"
+            with pytest.raises(SwarmError, match=message):
+                await check_reachable(hidden.runtime, boot, hidden.visible_maddrs, relays=False)
+            with caplog.at_level("WARNING", logger="node0sim.swarm"):
+                await check_reachable(hidden.runtime, boot, hidden.visible_maddrs, relays=True)  # relays: a warning
+                # a bootstrap without the check: going on unchecked
+                await check_reachable(bootstrap.runtime, reachable.runtime.peer_id, bootstrap.visible_maddrs, False)
+            assert f"connect to 127.0.0.1:{closed}" in caplog.text and "going on through relays" in caplog.text
+            assert "did not run the reachability check" in caplog.text and "does not serve 'dial_back'" in caplog.text
+            with pytest.raises(RemoteError, match=r"DialBack\.port: must be a TCP port"):
+                await reachable.runtime.call(boot, DIAL_BACK, DialBack(70000), 10)
+        finally:
+            for node in (*joiners, bootstrap):
+                await node.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+
+
 def test_a_per_peer_subkey_names_its_owner_only_when_signed_by_the_key_whose_hash_is_that_peer_id(tmp_path):
     from hivemind.p2p import PeerID
 
