@@ -128,15 +128,21 @@ def load_identity(path: Path) -> RSAPrivateKey:
     return key
 
 
+def new_identity(path: Path) -> RSAPrivateKey:
+    """Create a new RSA identity key file at ``path`` (owner-only permissions; it must not exist)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = RSAPrivateKey()
+    protobuf = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=key.to_bytes())
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(protobuf.SerializeToString())
+    return key
+
+
 def ensure_identity(path: Path) -> RSAPrivateKey:
     """Load ``path`` or create it (owner-only permissions): the peer's persistent identity."""
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = RSAPrivateKey()
-        protobuf = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=key.to_bytes())
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(protobuf.SerializeToString())
+        new_identity(path)
         log.info("Created a new identity key at %s (keep it to rejoin as the same peer)", path)
     elif path.stat().st_mode & 0o077:
         os.chmod(path, 0o600)

@@ -14,7 +14,7 @@ from hivemind.dht.validation import CompositeValidator, RecordValidatorBase
 from hivemind.p2p import P2P
 from hivemind.p2p.p2p_daemon_bindings.control import P2PDaemonError
 
-from swarm.lifecycle import P2PD_PID_FILE, SwarmError, check_port_free, clean_leftovers, ensure_identity, node_dir
+from swarm.lifecycle import P2PD_PID_FILE, SwarmError, check_port_free, clean_leftovers, ensure_identity, new_identity, node_dir
 from swarm.runtime import LiveRuntime, SubkeyValidator
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,12 @@ class LiveNode:
         P2P._UNIX_SOCKET_PREFIX = f"/unix/{folder}/"  # sockets in our folder, not /tmp (see lifecycle)
         p2p = None
         try:
-            settings = dataclasses.replace(settings, identity_path=settings.identity_path or folder / EPHEMERAL_IDENTITY_FILE)
-            signer = RSASignatureValidator(ensure_identity(settings.identity_path))
+            if settings.identity_path is None:
+                settings = dataclasses.replace(settings, identity_path=folder / EPHEMERAL_IDENTITY_FILE)
+                key = new_identity(settings.identity_path)
+            else:
+                key = ensure_identity(settings.identity_path)
+            signer = RSASignatureValidator(key)
             p2p = await _start_p2p(settings)
             if p2p._child is not None:
                 (folder / P2PD_PID_FILE).write_text(str(p2p._child.pid))
