@@ -97,7 +97,8 @@ def held_copy(dht: DHTNode, run_id: str, organizer_key: str) -> tuple[bytes, byt
 
 async def restore_copy(dht: DHTNode, run_id: str, organizer_key: str) -> int:
     """Store the organizer's entry that this node holds, unchanged, on the DHT nodes now nearest its key (this one
-    included); returns how many took it (0 if this node holds none; a node holding a later version refuses)."""
+    included); returns how many took it (0 if this node holds none; a node holding this version or a later one
+    refuses, so 0 may also mean that every one of them holds it already)."""
     held = held_copy(dht, run_id, organizer_key)
     if held is None:
         return 0
