@@ -24,7 +24,7 @@ from hivemind.p2p import P2PContext, PeerID, ServicerBase
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import achain, anext, as_aiter
 
-from node0sim.protocol.averaging import Averager, AveragingConfig
+from node0sim.protocol.averaging import MAX_EARLY_ROUNDS, Averager, AveragingConfig
 from node0sim.protocol.messages import GATHER_PART, REDUCE_PART
 from swarm.runtime import LiveRuntime
 
@@ -37,7 +37,12 @@ EARLY_STREAM_WAIT_S = 10.0
 
 
 class AllReduceRouter(ServicerBase):
-    """Hands each incoming ``rpc_aggregate_part`` stream to the runner of its group (one per peer)."""
+    """Hands each incoming ``rpc_aggregate_part`` stream to the runner of its group (one per peer).
+
+    A stream for a group this peer has not started waits for it (up to ``EARLY_STREAM_WAIT_S``), as the protocol
+    all-reduce keeps early parts: only from a member named in the group id, and for at most ``MAX_EARLY_ROUNDS``
+    such groups at once; anything else is refused at once with ``BAD_GROUP_ID`` and leaves no state behind.
+    """
 
     def __init__(self) -> None:
         self._runners: dict[bytes, asyncio.Future] = {}
@@ -57,10 +62,22 @@ class AllReduceRouter(ServicerBase):
         """The round is over: later parts for it are refused."""
         self._runners.pop(group_id, None)
 
+    def _may_wait(self, group_id: bytes, sender: str) -> bool:
+        """Whether a stream from ``sender`` for ``group_id`` gets a slot: a started group's, or an early one's."""
+        if group_id in self._runners:
+            return True
+        members = group_id.decode(errors="replace").rpartition("/")[2].split(",")
+        early = sum(not slot.done() for slot in self._runners.values())
+        return sender in members and early < MAX_EARLY_ROUNDS
+
     async def rpc_aggregate_part(
         self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
     ) -> AsyncIterator[averaging_pb2.AveragingData]:
         request = await anext(stream)
+        if not self._may_wait(request.group_id, context.remote_id.to_base58()):
+            log.debug("refused an all-reduce stream from %s for group %r", context.remote_id, request.group_id[:200])
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
         slot = self._slot(request.group_id)
         try:
             runner = await asyncio.wait_for(asyncio.shield(slot), EARLY_STREAM_WAIT_S)
