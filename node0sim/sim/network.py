@@ -299,8 +299,9 @@ class Network:
             for flow in link.flows:
                 if flow not in flows:
                     flows[flow] = None
-                    stack.append(flow.up)
-                    stack.append(flow.down)
+                    other = flow.down if flow.up is link else flow.up
+                    if other not in links:
+                        stack.append(other)
         return links, flows
 
     def _reshare(self, seeds: tuple[Link, ...]) -> None:
@@ -311,7 +312,8 @@ class Network:
         else:
             flows = {flow: None for link in seeds for flow in link.flows}
         for flow in flows:
-            flow.remaining = max(0.0, flow.remaining - flow.rate * (now - flow.updated_at))
+            remaining = flow.remaining - flow.rate * (now - flow.updated_at)
+            flow.remaining = remaining if remaining > 0.0 else 0.0
             flow.updated_at = now
         if self.sharing == "maxmin":
             new_rates = self._max_min_rates(links, flows)
@@ -363,12 +365,14 @@ class Network:
 
         Each level freezes, in the order of ``links``, every link whose fair share (capacity left / unfrozen
         flows, kept on the link in ``left`` and ``unfrozen``) is within a relative 1e-12 of the smallest. The
-        smallest comes from a heap of ``(share, position, link)`` entries, one pushed whenever a link's share
-        changes (older ones are skipped), so a level costs the links it touches, not every link of the component.
+        smallest comes from a heap of ``(share, position, link)`` entries, one pushed for each link whose share a
+        level (or a capped flow) changed (older ones are skipped), so a level costs the links it touches, not
+        every link of the component. (This is the hot loop of a large swarm's simulation, hence inlined.)
         """
         if len(flows) == 1:
             (flow,) = flows
             return {flow: min(flow.up.capacity, flow.down.capacity, flow.cap)}
+        heappop, heappush = heapq.heappop, heapq.heappush
         position: dict[Link, int] = {}
         heap: list[tuple[float, int, Link]] = []
         for link in links:
@@ -378,42 +382,46 @@ class Network:
                 position[link] = len(position)
                 heap.append((link.left / link.unfrozen, position[link], link))
         heapq.heapify(heap)
-
-        def is_current(entry: tuple[float, int, Link]) -> bool:
-            link = entry[2]
-            return link.unfrozen > 0 and link.left / link.unfrozen == entry[0]
-
-        def freeze(flow: Flow, rate: float) -> None:
-            rates[flow] = rate
-            for shared in (flow.up, flow.down):
-                shared.left -= rate
-                shared.unfrozen -= 1
-                if shared.unfrozen:
-                    heapq.heappush(heap, (shared.left / shared.unfrozen, position[shared], shared))
-
         rates: dict[Flow, float] = {}
         capped = sorted((f for f in flows if f.cap < math.inf), key=lambda f: f.cap)
+        next_capped = 0
         while len(rates) < len(flows):
-            while not is_current(heap[0]):
-                heapq.heappop(heap)
-            share = heap[0][0]
-            while capped and capped[0] in rates:
-                capped.pop(0)
-            if capped and capped[0].cap <= share:
-                flow = capped.pop(0)
-                freeze(flow, flow.cap)
+            while True:  # drop entries whose link's share changed since they were pushed
+                share, _, link = heap[0]
+                if link.unfrozen > 0 and link.left / link.unfrozen == share:
+                    break
+                heappop(heap)
+            while next_capped < len(capped) and capped[next_capped] in rates:
+                next_capped += 1
+            if next_capped < len(capped) and capped[next_capped].cap <= share:
+                flow = capped[next_capped]
+                next_capped += 1
+                rates[flow] = flow.cap
+                for shared in (flow.up, flow.down):
+                    shared.left -= flow.cap
+                    shared.unfrozen -= 1
+                    if shared.unfrozen:
+                        heappush(heap, (shared.left / shared.unfrozen, position[shared], shared))
                 continue
             bound = share * (1 + 1e-12)
             level: dict[Link, None] = {}
             while heap and heap[0][0] <= bound:
-                entry = heapq.heappop(heap)
-                if is_current(entry):
-                    level[entry[2]] = None
+                entry_share, _, link = heappop(heap)
+                if link.unfrozen > 0 and link.left / link.unfrozen == entry_share:
+                    level[link] = None
+            touched: dict[Link, None] = {}
             for link in sorted(level, key=position.__getitem__):
                 if link.unfrozen and link.left / link.unfrozen <= bound:
                     for flow in link.flows:
                         if flow not in rates:
-                            freeze(flow, share)
+                            rates[flow] = share
+                            for shared in (flow.up, flow.down):
+                                shared.left -= share
+                                shared.unfrozen -= 1
+                                touched[shared] = None
+            for shared in touched:
+                if shared.unfrozen:
+                    heappush(heap, (shared.left / shared.unfrozen, position[shared], shared))
         return rates
 
     def _complete(self, item: Flow | Link) -> None:
