@@ -43,6 +43,10 @@ that the issue named."""
 DTYPES = ("bfloat16", "float32")
 """``sim.timing_dtype``: the preset's bf16 wire, and Node0's fp32 (no autocast or half anywhere in its code)."""
 SEEDS = (0, 1, 2)
+STEPS_PER_INFLIGHT = 8
+"""``train.steps`` per micro-batch in flight per trainer (at least the preset's 16): the steady window skips two
+generations of in-flight micro-batches (the fill, 2 x in-flight steps of 32 micro-batches) and ends when the first
+trainer starts its last micro-batch, up to ~2 x in-flight steps before the end; 16 steps at 4 in flight left no window."""
 JITTER_MS = 5.0
 """Upper end of the uniform one-way jitter. Not measured or cited: the value of the repo's ``network=worldwide``
 preset, itself without a source."""
@@ -68,7 +72,8 @@ class Cell:
 
     def overrides(self, experiment: str) -> list[str]:
         """The Hydra overrides of this cell on top of ``experiment=<experiment>``."""
-        common = [f"experiment={experiment}", f"train.max_inflight={self.inflight}", f"sim.gpu={self.gpu}",
+        common = [f"experiment={experiment}", f"train.max_inflight={self.inflight}",
+                  f"train.steps={max(16, STEPS_PER_INFLIGHT * self.inflight)}", f"sim.gpu={self.gpu}",
                   f"sim.timing_dtype={self.dtype}", f"seed={self.seed}"]
         if self.rtt_ms is None:
             return [*common, "network=datacenter", "compression=none"]
@@ -156,7 +161,7 @@ def shares(data: dict[str, Any]) -> dict[tuple[str, str, int, float], Share]:
     for name, record in data["cells"].items():
         cell, rate = record["cell"], record["tokens_per_s_steady"]
         if rate is None:
-            raise ValueError(f"surface cell {name}: no steady-state rate (fewer than two steps before the drain)")
+            raise ValueError(f"surface cell {name}: no steady-state rate (fewer than two steps between the fill and the drain)")
         key = (cell["gpu"], cell["dtype"], cell["inflight"])
         if cell["rtt_ms"] is None:
             dense.setdefault(key, []).append(rate)

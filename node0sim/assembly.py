@@ -146,13 +146,15 @@ def summarize(
     done = sum(t.micro_batches_done for t in trainers)
     last_starts = [t.last_start_s for t in trainers if t.last_start_s is not None]
     drain_start_s = min(last_starts) - time_origin_s if last_starts else None
+    fill_tokens = 2 * sum(t.peak_in_flight for t in trainers) * run.train.micro_batch_size * run.train.seq_len
     losses = [r["loss"] for r in records if r.get("loss") is not None]
     return RunSummary(
         backend=backend, numerics=numerics, model=model, seed=run.seed, num_stages=run.topology.num_stages,
         num_trainers=run.topology.num_trainers, schedule=run.train.schedule, compression=run.compression.name,
         compression_rate=run.compression.rate, churn=churn, steps=done // run.train.micro_batches_per_step,
         samples=tracker.samples, tokens=tracker.tokens, sim_time_s=elapsed_s, wall_time_s=wall_s,
-        tokens_per_s=tracker.tokens / elapsed_s if elapsed_s > 0 else 0.0, tokens_per_s_steady=steady_throughput(records, drain_start_s),
+        tokens_per_s=tracker.tokens / elapsed_s if elapsed_s > 0 else 0.0,
+        tokens_per_s_steady=steady_throughput(records, drain_start_s, fill_tokens),
         loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None, val_loss=val_loss,
         activation_bytes_per_token=stage_bytes / tracker.tokens if tracker.tokens else None,
         micro_batches_started=sum(t.micro_batches_started for t in trainers), micro_batches_done=done,

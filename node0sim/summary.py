@@ -270,19 +270,27 @@ def with_server_reports(
     return {**summary, **asdict(totals), "server_reports": [{"name": name, **asdict(r)} for name, r in reports.items()]}
 
 
-def steady_throughput(records: list[dict[str, Any]], drain_start_s: float | None = None) -> float | None:
-    """Tokens per second over the second half of the steps logged before ``drain_start_s``.
+def steady_throughput(records: list[dict[str, Any]], drain_start_s: float | None = None, fill_tokens: int = 0) -> float | None:
+    """Tokens per second over the second half of the steps logged before ``drain_start_s``, from the first step with
+    at least ``fill_tokens`` tokens on if that comes later.
 
-    The window excludes the pipeline's fill (the first half) and its drain: once a trainer has started its last
-    micro-batch (``drain_start_s``, on the records' clock), fewer micro-batches queue at every stage behind the
-    bottleneck, so the last ones reach the trainer sooner after leaving it than earlier ones did; a window that
-    ended at the run's last completion counted them at a rate no stage could sustain (17,876 tok/s for the dense
-    100 Gb/s headline cell against its tail stage's bound of 17,620). None: fewer than two steps before the drain.
+    The window excludes the pipeline's fill and its drain. The fill: the first half of the steps, and at least the
+    first two generations of micro-batches in flight (``fill_tokens``): the first starts all at once, and until the
+    queues they form at every stage settle the trainers see completions faster than the bottleneck serves (the dense
+    100 Gb/s headline cell at 4 in flight, 128 micro-batches of 32 per step, read 18,115 tok/s over steps 4 to 8,
+    against its tail stage's bound of 17,620). The drain: once a trainer has started its last micro-batch
+    (``drain_start_s``, on the records' clock), fewer micro-batches queue at every stage behind the bottleneck, so the
+    last ones reach the trainer sooner after leaving it than earlier ones did; a window that ended at the run's last
+    completion counted them at a rate no stage could sustain (17,876 tok/s for the dense 100 Gb/s headline cell
+    against the same bound). None: fewer than two steps between the fill and the drain (run more steps).
     """
     steps = [r for r in records if "step" in r and (drain_start_s is None or r["time_s"] <= drain_start_s)]
     if len(steps) < 2:
         return None
-    mid, last = steps[(len(steps) - 1) // 2], steps[-1]
+    first = max((len(steps) - 1) // 2, next((i for i, r in enumerate(steps) if r["tokens"] >= fill_tokens), len(steps)))
+    if first >= len(steps) - 1:
+        return None
+    mid, last = steps[first], steps[-1]
     elapsed = last["time_s"] - mid["time_s"]
     return (last["tokens"] - mid["tokens"]) / elapsed if elapsed > 0 else None
 

@@ -24,6 +24,16 @@ def test_the_steady_window_ends_where_the_pipeline_starts_to_drain():
     assert steady_throughput(records, drain_start_s=1.5) is None  # one step before the drain: no rate
 
 
+def test_the_steady_window_starts_after_two_generations_of_micro_batches_in_flight():
+    # 4 steps of 100 tokens arrive fast (the first micro-batches, all started at once), then one a second
+    records = _steps([0.5, 0.7, 0.9, 1.0] + [float(t) for t in range(2, 10)], tokens_per_step=100)
+    assert steady_throughput(records, fill_tokens=400) == pytest.approx(100.0)  # a fill shorter than half: the midpoint rules
+    assert steady_throughput(records, fill_tokens=900) == pytest.approx(100.0)  # from step 9 (t = 6) to step 12
+    assert steady_throughput(records[:6]) > 100.0  # the second half of 6 steps is still in the fill
+    assert steady_throughput(records[:6], fill_tokens=400) == pytest.approx(100.0)
+    assert steady_throughput(records, drain_start_s=6.0, fill_tokens=900) is None  # no step between fill and drain
+
+
 def _tail_bound(run) -> float:
     """Tokens/s the tail stage can serve at most: one fused forward + backward call (3 forward passes of FLOPs, at
     ``peak x utilization``) plus the call overhead per micro-batch."""
@@ -47,12 +57,23 @@ def test_a_compute_bound_pipeline_runs_at_its_tail_bound_and_never_above(tmp_pat
 
 
 @pytest.mark.slow
-def test_the_dense_datacenter_headline_stays_under_its_tail_bound(tmp_path):
-    # the estimator used to report 17,876 tok/s here, above the tail's 17,620 (it counted the pipeline's drain)
-    overrides = ("experiment=headline", "network=datacenter", "compression=none", "wandb.enabled=false")
+@pytest.mark.parametrize("inflight, steps", [(2, 16), (4, 32)])
+def test_the_dense_datacenter_headline_stays_under_its_tail_bound(tmp_path, inflight, steps):
+    # the estimator used to report 17,876 tok/s at 2 in flight, above the tail's 17,620 (it counted the pipeline's
+    # drain), and 18,115 at 4 in flight (16 steps: its window, steps 4 to 8, lay in the fill)
+    overrides = ("experiment=headline", "network=datacenter", "compression=none", "wandb.enabled=false",
+                 f"train.max_inflight={inflight}", f"train.steps={steps}")
     bound = _tail_bound(run_config(*overrides))
     steady = simulate(tmp_path, *overrides)["tokens_per_s_steady"]
     assert 0.98 * bound <= steady <= bound
+
+
+@pytest.mark.slow
+def test_a_headline_run_too_short_for_its_in_flight_work_has_no_steady_rate(tmp_path):
+    # 16 steps at 4 in flight (128 micro-batches, 4 steps' worth): the drain starts at step 8, where the fill ends
+    overrides = ("experiment=headline", "network=datacenter", "compression=none", "wandb.enabled=false",
+                 "train.max_inflight=4", "train.steps=16")
+    assert simulate(tmp_path, *overrides)["tokens_per_s_steady"] is None
 
 
 def test_a_link_bound_pipeline_runs_at_its_trainers_uplink_bound(tmp_path):

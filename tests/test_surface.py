@@ -33,6 +33,9 @@ def test_cell_overrides_compose_to_the_intended_run():
     assert (compressed.sim.timing_dtype, compressed.seed) == ("float32", 2)
     dense = compose_run_config(*surface.Cell(4, "h100", "float32", 0).overrides("headline"))
     assert (dense.network.up_mbps, dense.network.jitter_ms, dense.compression.name) == (100000, 0.0, "none")
+    # enough steps for a steady window past the fill (2 generations of in-flight micro-batches) and before the drain
+    assert (compressed.train.steps, dense.train.steps) == (32, 32)
+    assert compose_run_config(*surface.Cell(2, "l4", "bfloat16", 0).overrides("headline")).train.steps == 16
 
 
 def _data(rates: dict[surface.Cell, float | None]) -> dict:

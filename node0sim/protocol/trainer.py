@@ -141,6 +141,9 @@ class TrainerStats:
     last_start_s: float | None = None
     """When this trainer last started a micro-batch (runtime clock): from then on it no longer keeps its pipeline
     full, so the pipeline drains (the steady-state window ends there)."""
+    peak_in_flight: int = 0
+    """The most micro-batches this trainer had in flight at once (the steady-state window skips the first two such
+    generations: the pipeline's fill)."""
 
     @property
     def micro_batches_in_flight(self) -> int:
@@ -436,6 +439,7 @@ class Trainer:
     async def _micro_batch(self, barrier: Barrier | None) -> None:
         self.stats.micro_batches_started += 1
         self.stats.last_start_s = self.rt.now()
+        self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.micro_batches_in_flight)
         inputs, targets = self.source.next_micro_batch()
         request_id = next(self._micro_batch_ids)
         try:
