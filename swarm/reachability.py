@@ -85,6 +85,10 @@ def serve_dial_back(rt: LiveRuntime) -> None:
         except (OSError, asyncio.TimeoutError) as error:
             return DialBackResult(address, str(error) or f"no answer within {DIAL_TIMEOUT_S:g} s")
         writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), DIAL_TIMEOUT_S)
+        except (OSError, asyncio.TimeoutError):
+            pass  # the dial itself succeeded: how the probe's socket closes does not change the answer
         return DialBackResult(address, "")
 
     rt.serve(DIAL_BACK, dial_back)

@@ -468,8 +468,8 @@ class StageServer:
                 self.optimizer_lock.release_epoch_end()
             progress.ending_epoch = None
 
-    def _watch_round(self, mean: Payload | None, contributors: int, group_size: int, timeouts_before: int,
-                     had_samples: bool = True) -> None:
+    def _watch_round(self, mean: Payload | None, contributors: int, group_size: int, timeouts_before: int, *,
+                     had_samples: bool) -> None:
         """Count failed all-reduces, gradient and state rounds alike (Node0's ``n0/utils/monitor.py``: a timeout or no
         result fails a round, a success resets the count in a row; a group of one is a success, as Node0's matchmaking
         forms it; in a group, a result with nothing of another member fails too); exit at the limit.
@@ -507,7 +507,7 @@ class StageServer:
         values = await self.rt.compute(0.0, lambda: read(index))
         timeouts = self.averager.timeouts
         mean, contributors = await self.averager.all_reduce(f"state/{self.epoch}", members, bandwidths, values, 1.0)
-        self._watch_round(mean, contributors, len(members), timeouts)
+        self._watch_round(mean, contributors, len(members), timeouts, had_samples=True)  # parameters: always values
         if mean is not None and contributors > 1:
             await self.rt.compute(0.0, lambda: write(mean, index))
             self.stats.state_averaging_rounds += 1
