@@ -53,7 +53,11 @@ def main() -> None:
         results[f"{net}/{comp}"] = summary
 
     def rate(net: str, comp: str) -> float:
-        return results[f"{net}/{comp}"]["tokens_per_s_steady"]
+        steady = results[f"{net}/{comp}"]["tokens_per_s_steady"]
+        if steady is None:
+            raise SystemExit(f"headline: cell {net}/{comp} has no steady-state rate (fewer than two steps between the "
+                             "pipeline's fill and its drain): run more train.steps")
+        return steady
 
     baseline = rate("datacenter", "none")
     rows = []

@@ -100,3 +100,17 @@ def test_finished_cells_are_read_not_rerun_and_parts_of_a_grid_add_up(tmp_path):
     assert surface.cached_summary(folder, first.overrides("headline"))["tokens_per_s_steady"] == 1000.0
     assert surface.cached_summary(folder, first.overrides("node0")) is None  # run under another preset: run again
     assert surface.cached_summary(folder, [*first.overrides("headline"), "sim.utilization=0.6"]) is None
+
+
+def test_the_four_cell_headline_names_a_cell_without_a_steady_rate(tmp_path, monkeypatch):
+    import headline
+
+    def fake_run_cell(out: Path, *overrides: str) -> tuple[dict, list]:
+        dense_datacenter = "network=datacenter" in overrides and "compression=none" in overrides
+        return {"tokens_per_s_steady": None if dense_datacenter else 1000.0, "activation_bytes_per_token": 1.0,
+                "sim_time_s": 1.0, "wall_time_s": 1.0}, []
+
+    monkeypatch.setattr(headline, "run_cell", fake_run_cell)
+    monkeypatch.setattr(sys, "argv", ["headline.py", "--out", str(tmp_path), "train.max_inflight=4"])
+    with pytest.raises(SystemExit, match="cell datacenter/none has no steady-state rate"):
+        headline.main()
