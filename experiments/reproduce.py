@@ -292,7 +292,12 @@ def simulated_value(quantity: Quantity, cells: dict[str, dict[str, Any]]) -> flo
     if quantity.kind == "slowdown":
         return cells[quantity.numerator]["step_time_s"] / cells[quantity.denominator]["step_time_s"]
     if quantity.kind == "throughput_ratio":
-        return cells[quantity.numerator]["tokens_per_s_steady"] / cells[quantity.denominator]["tokens_per_s_steady"]
+        rates = {name: cells[name]["tokens_per_s_steady"] for name in (quantity.numerator, quantity.denominator)}
+        missing = [name for name, rate in rates.items() if rate is None]
+        if missing:
+            raise ValueError(f"cell {missing[0]} has no steady-state rate (fewer than two steps between the pipeline's "
+                             "fill and its drain): run more train.steps")
+        return rates[quantity.numerator] / rates[quantity.denominator]
     raise ValueError(f"unknown quantity kind {quantity.kind!r}; known: step_time, slowdown, throughput_ratio")
 
 

@@ -121,6 +121,9 @@ def test_table_arithmetic_on_a_fake_result():
     assert (keeps["simulated"], keeps["error_pct"]) == (0.125, pytest.approx(-50.0))
     assert step["dominant"] == "transfer (60%)"
     assert reproduce.error_pct(91.0, 100.0) == pytest.approx(-9.0)
+    cells["dc"]["tokens_per_s_steady"] = None  # a run too short for a steady window
+    with pytest.raises(ValueError, match="cell dc has no steady-state rate"):
+        reproduce.simulated_value(fake.quantities[2], cells)
 
 
 def test_steady_step_time_is_the_median_gap_after_the_first_step():
