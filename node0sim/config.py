@@ -415,10 +415,14 @@ class SwarmConfig:
     # (the fidelity lab's latency where the kernel has no netem; 0: none)
     run_config_lifetime_h: float = 24.0  # bootstrap: the signed run configuration expires this long after its latest
     # refresh; joined peers re-store it unchanged, so peers can join that long after the bootstrap left
+    admission: str = "open"  # bootstrap: open (anyone may join) | token (only peers with a token it signed; swarm.admission)
+    # the bootstrap's choice is published with the run configuration and binds every peer
+    admission_token: str | None = None  # this peer's token file, from `python -m swarm.admission issue` (admission=token)
 
     def __post_init__(self) -> None:
         _one_of("swarm.role", self.role, SWARM_ROLES)
         _one_of("swarm.all_reduce", self.all_reduce, ("hivemind", "protocol"))
+        _one_of("swarm.admission", self.admission, ("open", "token"))
         for name in ("host_port", "announce_port"):
             port = getattr(self, name)
             _require(port is None or 0 <= port <= 65535, f"swarm.{name}: must be a TCP port (0-65535), got {port}")

@@ -45,7 +45,7 @@ def run_local(run: RunConfig, out_dir: Path, overrides: Sequence[str]) -> dict[s
         raise ConfigError("swarm.role=local runs one trainer: set topology.num_trainers=1 (start more with swarm.role=trainer); "
                           "experiment=minimal starts from one trainer and one server per stage")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below on SIGTERM too
-    swarm = LocalSwarm(overrides, out_dir / "swarm")
+    swarm = LocalSwarm(overrides, out_dir / "swarm", admission=run.swarm.admission == "token")
     try:
         info = swarm.start_bootstrap(run.swarm.startup_timeout_s)
         print(f"local swarm: bootstrap {info['maddrs'][0]}, logs in {swarm.folder}", flush=True)

@@ -3,7 +3,8 @@
 Each peer is a real ``node0sim backend=swarm swarm.role=...`` process on 127.0.0.1 (or wherever ``place``
 puts it, e.g. a namespace of the shaped-link lab ``swarm.netlab``), exactly what volunteers run, so the
 ``local`` role (and the tests) exercise the same code paths. Servers and the bootstrap log to
-``<folder>/<name>.log``; ``stop()`` ends every child (SIGTERM, then SIGKILL after a grace period) and
+``<folder>/<name>.log``; with ``admission``, the bootstrap runs with ``swarm.admission=token`` and this process, holding
+its key, signs every other peer's token (``<folder>/<name>.token``); ``stop()`` ends every child (SIGTERM, then SIGKILL after a grace period) and
 removes what killed peers left behind.
 """
 
@@ -19,7 +20,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from node0sim.summary import ServerReport
-from swarm.lifecycle import SwarmError, clean_leftovers, runtime_dir
+from swarm import admission
+from swarm.lifecycle import SwarmError, clean_leftovers, ensure_identity, load_identity, rsa_peer_id, runtime_dir
+
+LOCAL_TOKEN_HOURS = 24.0
+"""How long the tokens of a local swarm's peers admit them (``admission``)."""
 
 PER_PEER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 """Several peers share the machine's cores: one intra-op thread each avoids oversubscription."""
@@ -40,6 +45,7 @@ class LocalSwarm:
 
     def __init__(
         self, overrides: Sequence[str], folder: Path, extra_env: dict[str, str] | None = None, place: Placement = on_loopback,
+        admission: bool = False,
     ):
         self.overrides = [o for o in overrides if not o.startswith(OWN_KEYS)]
         self.folder = Path(folder)
@@ -48,6 +54,7 @@ class LocalSwarm:
         self.processes: dict[str, subprocess.Popen] = {}
         self.bootstrap_info: dict[str, Any] | None = None
         self.place = place
+        self.admission = admission
 
     def __enter__(self) -> "LocalSwarm":
         return self
@@ -61,12 +68,25 @@ class LocalSwarm:
         if self.bootstrap_info is not None:
             join = [f"swarm.initial_peers=[{','.join(self.bootstrap_info['maddrs'])}]",
                     f"swarm.organizer_key={self.bootstrap_info['organizer_key']}"]
+            if self.admission:
+                join.append(f"swarm.admission_token={self.issue_token(name)}")
+        elif self.admission:
+            join.append("swarm.admission=token")
         host, prefix = self.place(name)
         return [
             *prefix, sys.executable, "-m", "node0sim", *self.overrides, "backend=swarm", f"swarm.role={role}", f"swarm.host={host}",
             f"swarm.identity_path={self.folder / name}.key", f"swarm.info_path={self.folder / name}.json",
             f"hydra.run.dir={self.folder / name}", *join, *extra,
         ]
+
+    def issue_token(self, name: str) -> Path:
+        """Sign an admission token for peer ``name`` (creating its identity) with the bootstrap's key; its path."""
+        peer_id = rsa_peer_id(ensure_identity(self.folder / f"{name}.key").get_public_key().to_bytes())
+        organizer = load_identity(self.folder / "bootstrap.key")
+        expires_at = time.time() + LOCAL_TOKEN_HOURS * 3600  # DHT time is wall time
+        path = self.folder / f"{name}.token"
+        path.write_bytes(admission.issue(organizer, self.bootstrap_info["run_id"], peer_id, expires_at).to_bytes())
+        return path
 
     def start(self, name: str, role: str, *extra: str, log_file: bool = True) -> subprocess.Popen:
         """Start peer ``name``; its output goes to ``<folder>/<name>.log`` (or this terminal)."""

@@ -41,8 +41,8 @@ from node0sim.protocol.swarm_peer import SwarmPeer
 from node0sim.protocol.trainer import Trainer
 from node0sim.runtime import RPCError
 from node0sim.summary import ServerReport, ServerTotals, TrainerTotals
-from swarm import allreduce, bandwidth, reachability, run_config
-from swarm.lifecycle import SwarmError
+from swarm import admission, allreduce, bandwidth, reachability, run_config
+from swarm.lifecycle import SwarmError, load_identity
 from swarm.node import LiveNode, NodeSettings
 from swarm.runtime import LiveRuntime
 
@@ -95,6 +95,11 @@ async def _joined_run(node: LiveNode, local: Mapping[str, Any], swarm: SwarmConf
     published = await run_config.fetch(node.dht, run_id, swarm.organizer_key, swarm.startup_timeout_s)
     node.runtime.spawn(run_config.keep_restoring(node.dht, run_id, swarm.organizer_key))  # outlives the organizer
     run, document = run_config.merge(published, local)
+    if run.swarm.admission == "token":
+        rule = admission.Admission(run_id, swarm.organizer_key)
+        rt = node.runtime
+        rt.admit(rule, admission.load_own_token(run.swarm.admission_token, rule, rt.peer_id, rt.now()))  # before joining
+        rt.spawn(admission.keep_own_token(rt, rule, run.swarm.admission_token, run_config.REFRESH_S))
     log.info("Joined run %r (model %s, %d stages), configuration signed by %s", run.run_id,
              run.model.get("name"), run.topology.num_stages, swarm.organizer_key)
     return run, document
@@ -106,6 +111,11 @@ async def bootstrap(config: Mapping[str, Any], run: RunConfig) -> None:
     node = await LiveNode.start(node_settings(run.swarm))
     try:
         organizer = run_config.signer_fingerprint(node.signer.local_public_key)
+        if run.swarm.admission == "token":
+            rule = admission.Admission(run.run_id, organizer)
+            key = load_identity(Path(run.swarm.identity_path))
+            admission.admit_organizer(node.runtime, rule, key, run_config.REFRESH_S)
+            node.runtime.spawn(admission.keep_organizer_token(node.runtime, rule, key, run_config.REFRESH_S))
         bandwidth.serve_probe(node.runtime)
         reachability.serve_dial_back(node.runtime)
         publisher = asyncio.create_task(run_config.keep_publishing(

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 LOCAL_SECTIONS = ("swarm", "wandb")
 """Sections every peer sets for itself; all others come from the organizer."""
 
+ORGANIZER_SWARM_KEYS = ("admission",)
+"""``swarm`` keys the organizer sets for every peer: whether the run admits only peers with a token it signed."""
+
 TRAINER_OWN_KEYS = ("steps", "allow_partial", "hedge_quantile")
 """``train`` keys a trainer sets for itself: how many steps it feeds, whether stopping short is an error for its process,
 and whether it hedges its calls. The others (batch sizes, timeouts, bans, bounds) are the organizer's."""
@@ -48,14 +51,18 @@ def config_key(run_id: str) -> str:
 
 
 def published_part(config: Mapping[str, Any]) -> dict[str, Any]:
-    """What the organizer publishes: the resolved config without per-peer sections and Hydra's own."""
-    return {k: v for k, v in config.items() if k not in LOCAL_SECTIONS and k != "hydra"}
+    """What the organizer publishes: the resolved config without per-peer sections and Hydra's own, but with the
+    :data:`ORGANIZER_SWARM_KEYS` of ``swarm``."""
+    published = {k: v for k, v in config.items() if k not in LOCAL_SECTIONS and k != "hydra"}
+    return {**published, "swarm": {k: config["swarm"][k] for k in ORGANIZER_SWARM_KEYS}}
 
 
 def merge(published: Mapping[str, Any], local: Mapping[str, Any]) -> tuple[RunConfig, dict[str, Any]]:
-    """The run as the organizer defined it, with this peer's own ``swarm`` and ``wandb`` settings and, for a trainer,
-    its own :data:`TRAINER_OWN_KEYS` of ``train`` (validated, and as a plain config mapping)."""
+    """The run as the organizer defined it, with this peer's own ``swarm`` (but the organizer's
+    :data:`ORGANIZER_SWARM_KEYS`) and ``wandb`` settings and, for a trainer, its own :data:`TRAINER_OWN_KEYS` of
+    ``train`` (validated, and as a plain config mapping)."""
     document = {**published, **{k: local[k] for k in LOCAL_SECTIONS}}
+    document["swarm"] = {**local["swarm"], **{k: published["swarm"][k] for k in ORGANIZER_SWARM_KEYS}}
     if local["swarm"]["role"] == "trainer":
         document["train"] = {**published["train"], **{k: local["train"][k] for k in TRAINER_OWN_KEYS}}
     return load_run_config(document), document

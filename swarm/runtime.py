@@ -7,6 +7,9 @@ One :class:`LiveRuntime` per process. It owns
   signature validator and :class:`SubkeyValidator`: the run configuration is signed by the organizer,
   and a peer's own entry of a dictionary record (``per_peer``) is signed by the key its peer id is the
   hash of, so no peer can write, overwrite or withdraw another's;
+- admission (``swarm.admission=token``, :mod:`swarm.admission`): once :meth:`LiveRuntime.admit` is called, every
+  call carries this peer's token, calls from peers without a valid one are refused, and dictionary-record entries
+  carry the writer's token and are dropped by readers when it does not admit their owner;
 - one "accelerator" thread: ``compute`` runs the stage's tensor work there, one call at a
   time like the simulator's GPU queue, so the event loop keeps serving RPCs meanwhile.
 """
@@ -31,6 +34,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from node0sim.model.costs import ComputeCost
 from node0sim.runtime import Future, Handler, Message, RemoteError, RequestTimeout, RPCError, Runtime, Task
 from swarm import wire
+from swarm.admission import MAX_TOKEN_BYTES, Admission, AdmissionError
 from swarm.lifecycle import rsa_peer_id
 
 T = TypeVar("T")
@@ -43,6 +47,8 @@ MAX_METHOD_BYTES = 64
 REPLY_LINGER_S = 30.0
 """How long a server keeps a stream open after its reply, waiting for the caller to close it first (below)."""
 _OK, _ERROR = b"\x00", b"\x01"
+ADMISSION_FIELD, VALUE_FIELD = "admission", "value"
+"""An entry of a dictionary record in an admission run: the writer's token and what it stored."""
 _LENGTH_BYTES = 8
 
 
@@ -156,6 +162,17 @@ class LiveRuntime(Runtime):
         self._tasks: set[asyncio.Task] = set()
         self._accelerator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="accelerator")
         self._last_expiration: dict[tuple[str, bool], float] = {}
+        self.admission: Admission | None = None
+        """The run's admission rule once :meth:`admit` was called (``swarm.admission=token``); None: anyone may call."""
+        self.own_token = b""
+        """This peer's admission token, sent with every call and record entry (empty in an open run)."""
+        self.refused_peers: set[str] = set()
+        """Peers whose calls or record entries were refused for want of a valid token (each logged once)."""
+
+    def admit(self, admission: Admission, own_token: bytes) -> None:
+        """From now on, refuse calls and drop record entries of peers without a token that ``admission`` accepts, and
+        send ``own_token`` with this peer's own calls and entries."""
+        self.admission, self.own_token = admission, own_token
 
     async def start(self) -> None:
         """Register the RPC stream handler."""
@@ -209,6 +226,8 @@ class LiveRuntime(Runtime):
         previous = self._last_expiration.get((key, per_peer), 0.0)
         expiration = max(get_dht_time() + expires_in, previous + 1e-3)
         self._last_expiration[(key, per_peer)] = expiration
+        if per_peer and self.admission is not None:
+            value = {ADMISSION_FIELD: self.own_token, VALUE_FIELD: value}
         await self.dht.store(key, value, expiration, subkey=self._own_subkey if per_peer else None)
 
     async def dht_get(self, key: str) -> Any:
@@ -217,11 +236,30 @@ class LiveRuntime(Runtime):
             return None
         if isinstance(found.value, dict):  # withdrawn subkeys hold None until they expire: they are absent
             now = get_dht_time()
-            live = {subkey_owner(sub): item.value for sub, item in found.value.items()
-                    if item.expiration_time > now and item.value is not None}
+            live = {subkey_owner(sub): item.value for sub, item in found.value.items() if item.expiration_time > now}
             live.pop(None, None)  # None: a key owner's entry (the run configuration), or no peer's
-            return live or None
+            if self.admission is not None:
+                live = {owner: self._admitted_value(key, owner, value, now) for owner, value in live.items()}
+            return {owner: value for owner, value in live.items() if value is not None} or None
         return found.value
+
+    def _admitted_value(self, key: str, owner: str, entry: Any, now: float) -> Any:
+        """What ``owner`` stored in its entry of ``key`` if the token stored with it admits ``owner``; else None."""
+        if not (isinstance(entry, dict) and entry.keys() == {ADMISSION_FIELD, VALUE_FIELD}):
+            return self._refuse(owner, f"its entry of {key} carries no admission token")
+        token = entry[ADMISSION_FIELD]
+        try:
+            self.admission.check(token if isinstance(token, bytes) else b"", owner, now)
+        except AdmissionError as error:
+            return self._refuse(owner, f"its entry of {key} was ignored: {error}")
+        return entry[VALUE_FIELD]
+
+    def _refuse(self, peer: str, why: str) -> None:
+        """Note a peer refused for admission (logged the first time)."""
+        if peer not in self.refused_peers:
+            self.refused_peers.add(peer)
+            log.warning("peer %s is not admitted to this run: %s", peer, why)
+        return None
 
     # ---- RPC -------------------------------------------------------------------------------
     def sent_bytes_total(self) -> int:
@@ -251,7 +289,7 @@ class LiveRuntime(Runtime):
         _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer), RPC_PROTOCOL)
         try:
             await self._inject_latency()
-            await _write_frames(writer, method.encode(), payload)
+            await _write_frames(writer, method.encode(), self.own_token, payload)
             self._count(self.sent_bytes, method, len(payload))
             status = await reader.readexactly(1)
             body = await _read_frame(reader, self.max_message_bytes)
@@ -289,8 +327,15 @@ class LiveRuntime(Runtime):
         method = "?"
         try:
             method = (await _read_frame(reader, MAX_METHOD_BYTES)).decode(errors="replace")
+            token = await _read_frame(reader, MAX_TOKEN_BYTES)
             payload = await _read_frame(reader, self.max_message_bytes)
             self._count(self.received_bytes, method, len(payload))
+            if self.admission is not None:
+                try:
+                    self.admission.check(token, caller, self.now())
+                except AdmissionError as error:
+                    self._refuse(caller, f"its {method} call was refused: {error}")
+                    raise RPCError(f"not admitted to run {self.admission.run_id!r}: {error}") from None
             handler = self._handlers.get(method)
             if handler is None:
                 raise RemoteError(f"this peer does not serve {method!r}")
@@ -319,10 +364,12 @@ async def _caller_closed(reader: asyncio.StreamReader) -> None:
         await asyncio.wait_for(reader.read(1), REPLY_LINGER_S)
 
 
-async def _write_frames(writer: asyncio.StreamWriter, first: bytes, second: bytes, raw_first: bool = False) -> None:
+async def _write_frames(writer: asyncio.StreamWriter, first: bytes, *frames: bytes, raw_first: bool = False) -> None:
+    """Write ``first`` (as is with ``raw_first``, else length-prefixed) and then each of ``frames`` length-prefixed."""
     writer.write(first if raw_first else len(first).to_bytes(_LENGTH_BYTES, "big") + first)
-    writer.write(len(second).to_bytes(_LENGTH_BYTES, "big"))
-    writer.write(second)
+    for frame in frames:
+        writer.write(len(frame).to_bytes(_LENGTH_BYTES, "big"))
+        writer.write(frame)
     await writer.drain()
 
 
