@@ -139,6 +139,7 @@ def test_cross_section_checks_happen_at_load_time():
         (("train.hedge_quantile=1.0",), r"train\.hedge_quantile: must be in \(0, 1\) or null"),
         (("train.ban_s=100", "train.max_ban_s=50"), r"train\.max_ban_s: must be >= train\.ban_s"),
         (("swarm.run_config_lifetime_h=0",), r"swarm\.run_config_lifetime_h: must be > 0, got 0"),
+        (("swarm.admission=tokens",), r"swarm\.admission: .*tokens"),
         # the tiny model has dim 128: rank 1 is rate 128; topk keeps one fp32 value + int16 index per token at 128*4/6
         (("compression=subspace", "compression.rate=100000"), r"compression\.rate: 100000 is above the maximum 128 "),
         (("compression=topk", "compression.rate=100"), r"compression\.rate: 100 is above the maximum 85\.3333 "),

@@ -24,6 +24,9 @@ from swarm.runtime import subkey_owner
 
 pytestmark = pytest.mark.slow
 
+OPEN = {"admission": "open"}
+"""The ``swarm`` keys an organizer publishes (``run_config.ORGANIZER_SWARM_KEYS``)."""
+
 
 @pytest.fixture(autouse=True)
 def private_runtime_dir(monkeypatch):
@@ -89,7 +92,7 @@ def test_a_server_keeps_the_stream_open_after_its_reply_until_the_caller_closes_
         try:
             a.runtime.serve("ack", lambda caller, msg: asyncio.sleep(0, Ack()))
             _, reader, writer = await b.p2p.call_binary_stream_handler(PeerID.from_base58(a.runtime.peer_id), RPC_PROTOCOL)
-            await _write_frames(writer, b"ack", wire.encode(Ack()))
+            await _write_frames(writer, b"ack", b"", wire.encode(Ack()))  # method, admission token (none), request
             assert await reader.readexactly(1) == b"\x00" and isinstance(wire.decode(await _read_frame(reader, 2**20)), Ack)
             with pytest.raises(asyncio.TimeoutError):  # nothing more comes, and no end of stream either
                 await asyncio.wait_for(reader.read(1), 1.0)
@@ -115,16 +118,16 @@ def test_peers_accept_only_the_run_configuration_signed_by_the_organizer(tmp_pat
         try:
             assert run_config.signer_fingerprint(organizer.signer.local_public_key) == expected
             # a stranger publishes first: signed by the wrong key, and an unsigned record
-            await run_config.publish(stranger.dht, stranger.signer, {"model": "evil"}, "r", lifetime_s=600)
+            await run_config.publish(stranger.dht, stranger.signer, {"model": "evil", "swarm": OPEN}, "r", lifetime_s=600)
             await stranger.dht.store(run_config.config_key("r"), {"model": "unsigned"}, time.time() + 60, subkey=b"plain")
             with pytest.raises(SwarmError, match="no run configuration .* signed by " + expected):
                 await run_config.fetch(reader.dht, "r", expected, timeout_s=1.0)
-            await run_config.publish(organizer.dht, organizer.signer, {"model": "tiny"}, "r", lifetime_s=600)
-            assert await run_config.fetch(reader.dht, "r", expected, timeout_s=10) == {"model": "tiny"}
+            await run_config.publish(organizer.dht, organizer.signer, {"model": "tiny", "swarm": OPEN}, "r", lifetime_s=600)
+            assert await run_config.fetch(reader.dht, "r", expected, timeout_s=10) == {"model": "tiny", "swarm": OPEN}
             # the stranger cannot overwrite the organizer's subkey: the DHT refuses unsigned changes
             await stranger.dht.store(run_config.config_key("r"), {"model": "evil"}, time.time() + 900,
                                      subkey=organizer.signer.local_public_key)
-            assert await run_config.fetch(reader.dht, "r", expected, timeout_s=10) == {"model": "tiny"}
+            assert await run_config.fetch(reader.dht, "r", expected, timeout_s=10) == {"model": "tiny", "swarm": OPEN}
         finally:
             for node in (reader, stranger, organizer):
                 await node.stop()
@@ -145,8 +148,8 @@ def test_the_run_configuration_outlives_every_peer_that_held_it_when_it_was_publ
         a = await LiveNode.start(NodeSettings(initial_peers=tuple(organizer.visible_maddrs)))
         nodes = [organizer, a]
         try:
-            await run_config.publish(organizer.dht, organizer.signer, {"model": "tiny"}, "r", lifetime_s=3600)
-            assert await run_config.fetch(a.dht, "r", expected, timeout_s=10) == {"model": "tiny"}
+            await run_config.publish(organizer.dht, organizer.signer, {"model": "tiny", "swarm": OPEN}, "r", lifetime_s=3600)
+            assert await run_config.fetch(a.dht, "r", expected, timeout_s=10) == {"model": "tiny", "swarm": OPEN}
             c = await LiveNode.start(NodeSettings(initial_peers=tuple(a.visible_maddrs)))
             nodes.append(c)
             # hivemind hands a joiner a copy at first contact only from the holder nearest the key, and only if the joiner
@@ -167,7 +170,7 @@ def test_the_run_configuration_outlives_every_peer_that_held_it_when_it_was_publ
                 nodes.remove(node)
             newcomer = await LiveNode.start(NodeSettings(initial_peers=tuple(c.visible_maddrs)))
             nodes.append(newcomer)
-            assert await run_config.fetch(newcomer.dht, "r", expected, timeout_s=10) == {"model": "tiny"}
+            assert await run_config.fetch(newcomer.dht, "r", expected, timeout_s=10) == {"model": "tiny", "swarm": OPEN}
         finally:
             for node in reversed(nodes):
                 await node.stop()
@@ -333,3 +336,15 @@ def test_a_trainer_keeps_its_own_steps_partial_rule_and_hedging_and_takes_the_re
         7, True, 0.9, 5)
     server, _ = run_config.merge(published, {**local, "swarm": {**local["swarm"], "role": "server"}})
     assert (server.train.steps, server.train.allow_partial, server.train.hedge_quantile) == (published["train"]["steps"], False, None)
+
+
+def test_the_organizers_admission_rule_binds_every_peer_and_nothing_else_of_its_swarm_section_is_published():
+    organizer = _composed("experiment=minimal", "backend=swarm", "swarm.role=bootstrap", "swarm.admission=token",
+                          "swarm.host_port=49200")
+    published = run_config.published_part(organizer)
+    assert published["swarm"] == {"admission": "token"}  # not its port, key path or role
+    local = _composed("experiment=minimal", "backend=swarm", "swarm.role=server", "swarm.initial_peers=[/ip4/127.0.0.1/tcp/1/p2p/Qm]",
+                      "swarm.organizer_key=ab12", "swarm.admission=open", "swarm.admission_token=me.token")
+    server, document = run_config.merge(published, local)
+    assert (server.swarm.admission, server.swarm.admission_token, server.swarm.host_port) == ("token", "me.token", 0)
+    assert document["swarm"]["role"] == "server"
