@@ -3,9 +3,9 @@
 Each peer is a real ``node0sim backend=swarm swarm.role=...`` process on 127.0.0.1 (or wherever ``place``
 puts it, e.g. a namespace of the shaped-link lab ``swarm.netlab``), exactly what volunteers run, so the
 ``local`` role (and the tests) exercise the same code paths. Servers and the bootstrap log to
-``<folder>/<name>.log``; with ``admission``, the bootstrap runs with ``swarm.admission=token`` and this process, holding
-its key, signs every other peer's token (``<folder>/<name>.token``); ``stop()`` ends every child (SIGTERM, then SIGKILL after a grace period) and
-removes what killed peers left behind.
+``<folder>/<name>.log``; with ``admission``, the bootstrap runs with ``swarm.admission=token`` and this process,
+holding its key, signs every other peer's token (``<folder>/<name>.token``); ``stop()`` ends every child (SIGTERM,
+then SIGKILL after a grace period) and removes what killed peers left behind.
 """
 
 from __future__ import annotations

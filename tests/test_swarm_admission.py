@@ -4,10 +4,8 @@ without one, and the joiner's own check with its message."""
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import torch
 from node0sim.protocol.averaging import Ack, ReducePart
 from node0sim.runtime import RemoteError
 from swarm import admission
-from swarm.admission import Admission, AdmissionError, Token
+from swarm.admission import Admission, AdmissionError
 from swarm.lifecycle import SwarmError, ensure_identity, fingerprint, rsa_peer_id
 from swarm.local import LocalSwarm
 from swarm.node import LiveNode, NodeSettings
@@ -27,16 +25,6 @@ RUN = "admission-test"
 NOW = 1_000_000.0
 LIVE = ["train.batch_size=8", "train.micro_batch_size=4", "train.seq_len=32", "train.eval_batches=1", "wandb.enabled=false",
         f"run_id={RUN}", MINIMAL]
-
-
-@pytest.fixture
-def runtime_dir(monkeypatch):
-    folder = Path(tempfile.mkdtemp(prefix="n0-"))  # short: unix socket paths are limited to 107 characters
-    monkeypatch.setenv("NODE0SIM_RUNTIME_DIR", str(folder))
-    yield folder
-    leftovers = list(folder.glob("*"))
-    shutil.rmtree(folder, ignore_errors=True)
-    assert not leftovers, "a peer left its socket folder behind"
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +109,7 @@ def test_the_command_line_prints_peer_ids_and_issues_tokens(tmp_path):
 
 
 @pytest.mark.slow
-def test_peers_without_a_valid_token_are_refused_on_rpc_and_their_record_entries_ignored(tmp_path, runtime_dir):
+def test_peers_without_a_valid_token_are_refused_on_rpc_and_their_record_entries_ignored(tmp_path, private_runtime_dir):
     """Three live peers: the organizer, an admitted peer, and an intruder that first has no token and then presents the
     admitted peer's. The intruder's calls are refused with a message naming why, and its entries are not read."""
     organizer = ensure_identity(tmp_path / "organizer.key")
@@ -168,7 +156,7 @@ async def _ack() -> Ack:
 
 
 @pytest.mark.slow
-def test_a_local_swarm_with_admission_trains_and_a_peer_without_a_token_is_told_why_it_cannot_join(tmp_path, runtime_dir):
+def test_a_local_swarm_with_admission_trains_and_a_peer_without_a_token_is_told_why_it_cannot_join(tmp_path, private_runtime_dir):
     done = subprocess.run(
         [sys.executable, "-m", "node0sim", "backend=swarm", "swarm.role=local", "swarm.admission=token", *LIVE,
          "topology.num_stages=2", "train.steps=3", f"hydra.run.dir={tmp_path / 'run'}"],

@@ -2,14 +2,11 @@
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,20 +19,10 @@ from swarm.lifecycle import SwarmError, clean_leftovers, ensure_identity, finger
 from swarm.node import LiveNode, NodeSettings
 from swarm.runtime import subkey_owner
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("private_runtime_dir")]
 
 OPEN = {"admission": "open"}
 """The ``swarm`` keys an organizer publishes (``run_config.ORGANIZER_SWARM_KEYS``)."""
-
-
-@pytest.fixture(autouse=True)
-def private_runtime_dir(monkeypatch):
-    folder = Path(tempfile.mkdtemp(prefix="n0-"))  # short: unix socket paths are limited to 107 characters
-    monkeypatch.setenv("NODE0SIM_RUNTIME_DIR", str(folder))
-    yield folder
-    leftovers = list(folder.glob("*"))
-    shutil.rmtree(folder, ignore_errors=True)
-    assert not leftovers, "a node left its socket folder behind"
 
 
 async def _pair(**settings):
