@@ -95,6 +95,7 @@ async def _joined_run(node: LiveNode, local: Mapping[str, Any], swarm: SwarmConf
     published = await run_config.fetch(node.dht, run_id, swarm.organizer_key, swarm.startup_timeout_s)
     node.runtime.spawn(run_config.keep_restoring(node.dht, run_id, swarm.organizer_key))  # outlives the organizer
     run, document = run_config.merge(published, local)
+    node.runtime.request_idle_s = run.train.request_timeout_s
     if run.swarm.admission == "token":
         rule = admission.Admission(run_id, swarm.organizer_key)
         rt = node.runtime
@@ -111,6 +112,7 @@ async def bootstrap(config: Mapping[str, Any], run: RunConfig) -> None:
     node = await LiveNode.start(node_settings(run.swarm))
     try:
         organizer = run_config.signer_fingerprint(node.signer.local_public_key)
+        node.runtime.request_idle_s = run.train.request_timeout_s
         if run.swarm.admission == "token":
             rule = admission.Admission(run.run_id, organizer)
             key = load_identity(Path(run.swarm.identity_path))

@@ -166,6 +166,10 @@ class LiveRuntime(Runtime):
         """The run's admission rule once :meth:`admit` was called (``swarm.admission=token``); None: anyone may call."""
         self.own_token = b""
         """This peer's admission token, sent with every call and record entry (empty in an open run)."""
+        self.request_idle_s: float | None = None
+        """A request whose bytes stop arriving for this long is dropped (the roles set ``train.request_timeout_s``:
+        an honest caller closes its stream when its call times out, so only a stalled or hostile one is idle longer;
+        None: wait for ever)."""
         self.refused_peers: set[str] = set()
         """Peers whose calls or record entries were refused for want of a valid token (each logged once)."""
 
@@ -326,9 +330,9 @@ class LiveRuntime(Runtime):
         """Read one request, run its handler; (method, status, body) of the reply."""
         method = "?"
         try:
-            method = (await _read_frame(reader, MAX_METHOD_BYTES)).decode(errors="replace")
-            token = await _read_frame(reader, MAX_TOKEN_BYTES)
-            payload = await _read_frame(reader, self.max_message_bytes)
+            method = (await _read_frame(reader, MAX_METHOD_BYTES, self.request_idle_s)).decode(errors="replace")
+            token = await _read_frame(reader, MAX_TOKEN_BYTES, self.request_idle_s)
+            payload = await _read_frame(reader, self.max_message_bytes, self.request_idle_s)
             self._count(self.received_bytes, method, len(payload))
             if self.admission is not None:
                 try:
@@ -373,8 +377,30 @@ async def _write_frames(writer: asyncio.StreamWriter, first: bytes, *frames: byt
     await writer.drain()
 
 
-async def _read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
-    length = int.from_bytes(await reader.readexactly(_LENGTH_BYTES), "big")
+async def _read_frame(reader: asyncio.StreamReader, limit: int, idle_s: float | None = None) -> bytes:
+    """One length-prefixed frame of at most ``limit`` bytes; with ``idle_s``, :class:`StalledStream` if no byte of it
+    arrives for that long (however slowly the bytes come, as long as they come)."""
+    length = int.from_bytes(await _read_exactly(reader, _LENGTH_BYTES, idle_s), "big")
     if length > limit:
         raise ValueError(f"message of {length} bytes is over the {limit}-byte limit")
-    return await reader.readexactly(length)
+    return await _read_exactly(reader, length, idle_s)
+
+
+class StalledStream(ConnectionError):
+    """A peer stopped sending in the middle of its request."""
+
+
+async def _read_exactly(reader: asyncio.StreamReader, size: int, idle_s: float | None) -> bytes:
+    if idle_s is None:
+        return await reader.readexactly(size)
+    parts, left = [], size
+    while left:
+        try:
+            chunk = await asyncio.wait_for(reader.read(left), idle_s)
+        except asyncio.TimeoutError:
+            raise StalledStream(f"no byte for {idle_s:g} s with {left} of {size} bytes still to come") from None
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"".join(parts), size)
+        parts.append(chunk)
+        left -= len(chunk)
+    return b"".join(parts)

@@ -335,3 +335,41 @@ def test_the_organizers_admission_rule_binds_every_peer_and_nothing_else_of_its_
     server, document = run_config.merge(published, local)
     assert (server.swarm.admission, server.swarm.admission_token, server.swarm.host_port) == ("token", "me.token", 0)
     assert document["swarm"]["role"] == "server"
+
+
+def test_a_request_that_stops_arriving_is_dropped_and_a_slow_one_is_not():
+    """Item 6 of issue 14: streams that declared a large message and then stalled were held for ever (file handles
+    10 -> 391). A request idle for ``request_idle_s`` is dropped; one whose bytes keep coming, however slowly, is read."""
+    from hivemind.p2p import PeerID
+
+    from swarm import wire
+    from swarm.runtime import _LENGTH_BYTES, RPC_PROTOCOL, _read_frame, _write_frames
+
+    async def main():
+        a, b = await _pair()
+        try:
+            a.runtime.request_idle_s = 1.0
+            a.runtime.serve("ack", lambda caller, msg: asyncio.sleep(0, Ack()))
+            peer = PeerID.from_base58(a.runtime.peer_id)
+            _, reader, writer = await b.p2p.call_binary_stream_handler(peer, RPC_PROTOCOL)
+            await _write_frames(writer, b"ack", b"")
+            writer.write((200 * 2**20).to_bytes(_LENGTH_BYTES, "big") + b"x" * 10)  # declares 200 MB, sends 10 bytes
+            await writer.drain()
+            started = time.monotonic()
+            assert await asyncio.wait_for(reader.read(1), 20) == b""  # the server ended the stream
+            assert 0.9 < time.monotonic() - started < 10
+            writer.close()
+
+            _, reader, writer = await b.p2p.call_binary_stream_handler(peer, RPC_PROTOCOL)
+            request = b"".join(len(f).to_bytes(_LENGTH_BYTES, "big") + f for f in (b"ack", b"", wire.encode(Ack())))
+            for offset in range(0, len(request), 16):  # 16 bytes every 0.5 s: slower than idle_s in all, never idle
+                writer.write(request[offset:offset + 16])
+                await writer.drain()
+                await asyncio.sleep(0.5)
+            assert await reader.readexactly(1) == b"\x00" and isinstance(wire.decode(await _read_frame(reader, 2**20)), Ack)
+            writer.close()
+        finally:
+            await b.stop()
+            await a.stop()
+
+    asyncio.run(main())
