@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/bench_swarm.py hop [--repeats 20]        # per-hop overhead of one stage
     .venv/bin/python tools/bench_swarm.py throughput [--steps 40]   # local swarm vs the simulator's prediction
+    .venv/bin/python tools/bench_swarm.py admission [--repeats 20]  # what admission and the idle check cost
 
 ``hop``: forward + backward through a 1-layer stage served by a live peer (two hivemind nodes in this
 process, real libp2p streams over 127.0.0.1, the protocol's StageServer, the stage on ``--device``:
@@ -11,6 +12,10 @@ CUDA when available) against the same work in raw PyTorch on the same layer and 
 ``throughput``: a ``swarm.role=local`` run (bootstrap, 2 stage servers, 1 trainer: separate processes,
 one torch thread each) against the simulator on the same topology with loopback-like settings (10 Gb/s,
 0.1 ms, the "GPU" calibrated to this CPU's measured single-thread matmul rate).
+
+``admission``: the size of an admission token, one check of it (signature verified, and cached), and a 32 MB request
+between two live peers with the server's idle check (``request_idle_s`` = ``train.request_timeout_s``) against the
+same request without it, interleaved.
 """
 
 from __future__ import annotations
@@ -133,15 +138,66 @@ def bench_throughput(steps: int) -> None:
     print(f"live / predicted (steady): {live['tokens_per_s_steady'] / simulated['tokens_per_s_steady']:.2f}")
 
 
+def bench_admission(repeats: int) -> None:
+    import timeit
+
+    from node0sim.config import TrainConfig
+    from node0sim.protocol.averaging import Ack, ReducePart
+    from swarm import admission
+    from swarm.lifecycle import ensure_identity, fingerprint, rsa_peer_id
+
+    folder = Path(tempfile.mkdtemp())
+    organizer = ensure_identity(folder / "organizer.key")
+    peer = rsa_peer_id(ensure_identity(folder / "peer.key").get_public_key().to_bytes())
+    token = admission.issue(organizer, "bench", peer, time.time() + 3600).to_bytes()
+    rule = admission.Admission("bench", fingerprint(organizer.get_public_key().to_bytes()))
+
+    def uncached() -> None:
+        admission._verified.cache_clear()
+        rule.check(token, peer, time.time())
+
+    print(f"token: {len(token)} bytes")
+    print(f"check: {timeit.timeit(uncached, number=200) / 200 * 1e6:.0f} us uncached, "
+          f"{timeit.timeit(lambda: rule.check(token, peer, time.time()), number=2000) / 2000 * 1e6:.1f} us cached")
+
+    async def requests() -> dict[float | None, list[float]]:
+        from swarm.node import LiveNode, NodeSettings
+
+        server = await LiveNode.start(NodeSettings())
+        client = await LiveNode.start(NodeSettings(initial_peers=tuple(server.visible_maddrs)))
+        try:
+            server.runtime.serve("reduce_part", lambda caller, msg: asyncio.sleep(0, Ack()))
+            part = ReducePart(0, "t", torch.ones(8 * 2**20), 1.0)  # 32 MB of float32
+            times: dict[float | None, list[float]] = {None: [], TrainConfig.request_timeout_s: []}
+            await client.runtime.call(server.runtime.peer_id, "reduce_part", part, 60)  # warm-up
+            for _ in range(repeats):
+                for idle in times:
+                    server.runtime.request_idle_s = idle
+                    started = time.perf_counter()
+                    await client.runtime.call(server.runtime.peer_id, "reduce_part", part, 60)
+                    times[idle].append(time.perf_counter() - started)
+            return times
+        finally:
+            await client.stop()
+            await server.stop()
+
+    times = asyncio.run(requests())
+    without, with_check = (statistics.median(t) * 1000 for t in times.values())
+    print(f"32 MB request, median of {repeats}: {without:.0f} ms without the idle check, {with_check:.0f} ms with it "
+          f"({with_check / without:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["hop", "throughput"])
+    parser.add_argument("what", choices=["hop", "throughput", "admission"])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="hop: the stage's device")
     args = parser.parse_args()
     if args.what == "hop":
         bench_hop(args.repeats, args.device)
+    elif args.what == "admission":
+        bench_admission(args.repeats)
     else:
         bench_throughput(args.steps)
 
