@@ -1,12 +1,20 @@
-"""The benchmark tools' configuration: tools/bench_scale.py composes the scale_bench preset."""
+"""The benchmark tools: tools/bench_scale.py composes the scale_bench preset; the soak's phases; the admission bench runs."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from node0sim.app import compose_run_config
 from tests.runs import run_config
 from tools.bench_scale import scale_overrides
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
 # What tools/bench_scale.py set by hand before the preset existed (the README's scale numbers were measured with it),
 # on top of the default run of then: the minimal pipeline.
@@ -34,3 +42,15 @@ def test_the_soak_reports_steps_per_second_between_its_events():
               {"event": "s1p0 resumed", "step": 101, "time_s": 40.0}, {"event": "trainer ended", "step": 101, "time_s": 40.0}]
     assert [(p["from"], p["steps"], p["steps_per_s"]) for p in _phases(events)] == [
         ("trainer started", 100, 5.0), ("s1p0 frozen", 1, 0.05), ("s1p0 resumed", 0, None)]
+
+
+@pytest.mark.slow
+def test_the_admission_benchmark_runs_and_reports_what_the_readme_quotes():
+    env = {**os.environ, "NODE0SIM_RUNTIME_DIR": tempfile.mkdtemp(prefix="n0-"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(TOOLS / "bench_swarm.py"), "admission", "--repeats", "1"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for line in ("token: ", "check: ", "32 MB request, median of 1: "):
+        assert line in done.stdout, done.stdout
+    assert not os.listdir(env["NODE0SIM_RUNTIME_DIR"])
+    os.rmdir(env["NODE0SIM_RUNTIME_DIR"])

@@ -146,9 +146,9 @@ def bench_admission(repeats: int) -> None:
     from swarm import admission
     from swarm.lifecycle import ensure_identity, fingerprint, rsa_peer_id
 
-    folder = Path(tempfile.mkdtemp())
-    organizer = ensure_identity(folder / "organizer.key")
-    peer = rsa_peer_id(ensure_identity(folder / "peer.key").get_public_key().to_bytes())
+    with tempfile.TemporaryDirectory() as folder:
+        organizer = ensure_identity(Path(folder) / "organizer.key")
+        peer = rsa_peer_id(ensure_identity(Path(folder) / "peer.key").get_public_key().to_bytes())
     token = admission.issue(organizer, "bench", peer, time.time() + 3600).to_bytes()
     rule = admission.Admission("bench", fingerprint(organizer.get_public_key().to_bytes()))
 
