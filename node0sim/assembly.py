@@ -8,6 +8,7 @@ run is decided here, once.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from node0sim.config import RunConfig
 from node0sim.metrics import StepTracker
 from node0sim.protocol.averaging import AveragerFactory, GroupAverager
+from node0sim.protocol.checkpoints import CheckpointStore
 from node0sim.protocol.direct import DirectConfig
 from node0sim.protocol.messages import TensorSpec
 from node0sim.protocol.stage_compute import StageCompute
@@ -49,12 +51,16 @@ def make_swarm_peer(
     direct = DirectConfig(run.topology.num_stages, train.request_timeout_s, ban_s=train.ban_s, max_ban_s=train.max_ban_s) \
         if run.topology.pipeline == "direct" else None
 
+    swarm = run.swarm
+    checkpoints = CheckpointStore(Path(swarm.checkpoint_dir), run.run_id, swarm.checkpoint_every_epochs) if swarm.checkpoint_dir else None
+
     def make_server(stage: int) -> StageServer:
         return StageServer(
             rt, run.run_id, compute_for(stage), run.averaging, throughput=throughput, bandwidth_mbps=run.network.up_mbps,
             seed=run.seed, max_batch_requests=run.topology.max_batch_requests, averager=averager,
             delay_history=run.train.delay_history if run.sim.numerics or run.backend == "swarm" else 0,
             weight_stashing=run.topology.weight_stashing, direct=direct, max_abs_value=run.train.max_abs_value,
+            checkpoints=checkpoints,
         )
 
     balance = BalanceConfig(run.topology.rebalance_period_s, run.topology.rebalance_margin)
@@ -129,7 +135,8 @@ def server_report(server: StageServer, averaging_bytes: int | None = None, state
         weight_gap_count=stats.staleness.weight_gap_count, lookahead_cosine_sum=stats.staleness.lookahead_cosine_sum,
         lookahead_cosine_count=stats.staleness.lookahead_cosine_count, watchdog_exit=stats.watchdog_exit,
         failed_rounds=stats.failed_rounds, refused_values=stats.refused_values,
-        declined_state_downloads=stats.declined_state_downloads,
+        declined_state_downloads=stats.declined_state_downloads, checkpoints_saved=stats.checkpoints_saved,
+        checkpoint_restores=stats.checkpoint_restores, failed_checkpoints=stats.failed_checkpoints,
     )
 
 

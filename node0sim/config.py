@@ -418,6 +418,9 @@ class SwarmConfig:
     admission: str = "open"  # bootstrap: open (anyone may join) | token (only peers with a token it signed; swarm.admission)
     # the bootstrap's choice is published with the run configuration and binds every peer
     admission_token: str | None = None  # this peer's token file, from `python -m swarm.admission issue` (admission=token)
+    checkpoint_dir: str | None = None  # server: save its stage's state here, and start from it where the stage has no
+    # ready peer (a folder per run; see "Checkpoints" in the README)
+    checkpoint_every_epochs: int = 1  # server: save every this many epochs (swarm.checkpoint_dir)
 
     def __post_init__(self) -> None:
         _one_of("swarm.role", self.role, SWARM_ROLES)
@@ -438,6 +441,7 @@ class SwarmConfig:
         _require(self.bandwidth_probe_mb >= 0, f"swarm.bandwidth_probe_mb: must be >= 0, got {self.bandwidth_probe_mb}")
         _require(self.injected_latency_ms >= 0, f"swarm.injected_latency_ms: must be >= 0, got {self.injected_latency_ms}")
         _require(self.trainer_index >= 0, f"swarm.trainer_index: must be >= 0, got {self.trainer_index}")
+        _require(self.checkpoint_every_epochs >= 1, f"swarm.checkpoint_every_epochs: must be >= 1, got {self.checkpoint_every_epochs}")
         for name in ("startup_timeout_s", "log_period_s", "max_message_mb", "run_config_lifetime_h"):
             _require(getattr(self, name) > 0, f"swarm.{name}: must be > 0, got {getattr(self, name)}")
         if self.role in ("server", "trainer"):
@@ -584,6 +588,10 @@ def load_run_config(cfg: Mapping[str, Any]) -> RunConfig:
     _require(
         run.search.objective == "none" or run.backend == "sim",
         f"search.objective: {run.search.objective!r} is computed from a simulated run; needs backend=sim",
+    )
+    _require(
+        run.swarm.checkpoint_dir is None or run.backend == "swarm",
+        "swarm.checkpoint_dir: checkpoints are kept by live stage servers (backend=swarm); the simulator keeps none",
     )
     _check_weight_stashing(run)
     return run

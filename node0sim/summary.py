@@ -88,6 +88,10 @@ class ServerReport:
     """Requests refused for a non-finite or too large activation or gradient (``train.max_abs_value``)."""
     declined_state_downloads: int = 0
     """State requests declined by a donor serving another download (the next donor was tried)."""
+    checkpoints_saved: int = 0
+    checkpoint_restores: int = 0
+    failed_checkpoints: int = 0
+    """Checkpoint saves that failed (``swarm.checkpoint_dir``; the server served on)."""
 
     @classmethod
     def from_dict(cls, content: dict[str, Any]) -> ServerReport:
@@ -124,6 +128,10 @@ class ServerTotals:
     """Requests refused at the trust boundary for a non-finite or too large value."""
     declined_state_downloads: int | None = None
     """State requests a donor declined, serving another download (not failures: the next donor was tried)."""
+    checkpoints_saved: int | None = None
+    """Stage checkpoints saved (``swarm.checkpoint_dir``), restores from one, and saves that failed."""
+    checkpoint_restores: int | None = None
+    failed_checkpoints: int | None = None
     delay_per_stage: list[float | None] | None = None
     """Mean delay (epochs between a forward and its backward) per stage, over all its servers."""
     delay_histogram_per_stage: list[list[int]] | None = None
@@ -151,6 +159,9 @@ class ServerTotals:
             duplicate_requests=sum(r.duplicate_requests for r in reports),
             failed_rounds=sum(r.failed_rounds for r in reports), refused_values=sum(r.refused_values for r in reports),
             declined_state_downloads=sum(r.declined_state_downloads for r in reports),
+            checkpoints_saved=sum(r.checkpoints_saved for r in reports),
+            checkpoint_restores=sum(r.checkpoint_restores for r in reports),
+            failed_checkpoints=sum(r.failed_checkpoints for r in reports),
             watchdog_exits={reason: sum(r.watchdog_exit == reason for r in reports) for reason in WATCHDOG_REASONS},
             mean_requests_per_call=sum(r.batched_requests for r in reports) / calls if calls else None,
             **_staleness_per_stage(reports, len(final_peers_per_stage)),

@@ -202,6 +202,7 @@ async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: Swarm
     """Node0-style log lines: batches processed per period, every averaging round with its group size; returns when the
     watchdog made the server exit."""
     rounds, solo, failed, downloads, failed_downloads, stale_reads, processed, last_log = 0, 0, 0, 0, 0, 0, 0, time.monotonic()
+    saved, failed_saves = 0, 0
     seen_peers = None
     serving = None
     while True:
@@ -210,19 +211,29 @@ async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: Swarm
         if server is None:
             continue
         if server.exited:
-            log.error("Watchdog: %s (stage %d). Exiting run.", server.stats.watchdog_exit, server.stage)
+            cause = f": {server.stats.checkpoint_error}" if server.stats.checkpoint_error else ""
+            log.error("Watchdog: %s (stage %d)%s. Exiting run.", server.stats.watchdog_exit, server.stage, cause)
             return
         if server is not serving:
             serving = server
             layers = server.compute.layer_range
             log.info("Serving stage %d of %d (layers %d-%d%s)", server.stage, member.num_stages, layers.start, layers.stop - 1,
                      ", named by the organizer" if member.named_by_organizer and not member.moves else "")
+            if server.stats.checkpoint_restores:
+                log.info("Restored stage %d from its checkpoint %s (epoch %d): no ready peer was in the stage", server.stage,
+                         server.checkpoints.path(server.stage), server.epoch)
         if server.stats.state_downloads > downloads:
             downloads = server.stats.state_downloads
             log.info("Downloaded the stage state from a peer (stage %d, now at epoch %d)", server.stage, server.epoch)
         if server.stats.failed_state_downloads > failed_downloads:
             failed_downloads = server.stats.failed_state_downloads
             log.warning("State download failed (%d so far, stage %d): retrying with another peer", failed_downloads, server.stage)
+        if server.stats.checkpoints_saved > saved:
+            saved = server.stats.checkpoints_saved
+            log.debug("Saved the checkpoint of stage %d at epoch %d (%d so far)", server.stage, server.epoch, saved)
+        if server.stats.failed_checkpoints > failed_saves:
+            failed_saves = server.stats.failed_checkpoints
+            log.warning("Checkpoint not saved (%d failed so far), serving on: %s", failed_saves, server.stats.checkpoint_error)
         if len(server.progress.others()) != seen_peers:
             seen_peers = len(server.progress.others())
             log.info("Sees %d other ready peer(s) in stage %d", seen_peers, server.stage)

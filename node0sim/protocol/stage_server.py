@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Hashable
 from node0sim.protocol.averaging import AveragerFactory, AveragingConfig, GroupAverager
 from node0sim.protocol.batching import BatchingQueue
 from node0sim.protocol.bounds import check_message_values
+from node0sim.protocol.checkpoints import CheckpointError, CheckpointStore
 from node0sim.protocol.direct import DirectConfig, DirectHops
 from node0sim.protocol.matchmaking import Matchmaker
 from node0sim.protocol.messages import (
@@ -81,6 +82,13 @@ class ServerStats:
     """Why the watchdog made this peer exit (one of ``WATCHDOG_REASONS``); None while it runs."""
     refused_values: int = 0
     """Requests refused for non-finite values or values above ``max_abs_value`` (before anything of them ran)."""
+    checkpoints_saved: int = 0
+    failed_checkpoints: int = 0
+    """Saves that failed (a full disk, a folder it may not write): the peer serves on; the last error is kept."""
+    checkpoint_restores: int = 0
+    """Starts from a checkpoint (0 or 1 per server: a peer that found its stage without a ready peer)."""
+    checkpoint_error: str | None = None
+    """The last checkpoint save or restore that failed, and why."""
 
 
 WATCHDOG_REASONS = ("failed_rounds", "failed_state_loads", "nan_gradients")
@@ -167,6 +175,7 @@ class StageServer:
         weight_stashing: bool = False,
         direct: DirectConfig | None = None,
         max_abs_value: float = math.inf,
+        checkpoints: CheckpointStore | None = None,
     ):
         """``averager(rt, stage, cfg)`` builds the in-stage all-reduce (the protocol's own by default; a
         backend may supply another with the same ``serve``/``all_reduce``/``timeouts`` interface).
@@ -175,7 +184,8 @@ class StageServer:
         in timing mode), to measure the weight gap and look-ahead cosine of each backward; ``weight_stashing`` runs
         each backward with its forward's weights from that history (the caller checks the topology permits it).
         ``direct``: also serve the direct pipeline (:class:`DirectHops`). ``max_abs_value``: the largest |value| a
-        request's activations or gradients may hold (``train.max_abs_value``, see ``bounds.py``)."""
+        request's activations or gradients may hold (``train.max_abs_value``, see ``bounds.py``). ``checkpoints``: save the
+        stage's state there on its schedule, and start from it where the stage has no ready peer (``checkpoints.py``)."""
         self.rt = rt
         self.compute = compute
         self.stage = compute.index
@@ -198,6 +208,7 @@ class StageServer:
         self.weight_stashing = weight_stashing and self.history is not None
         self.direct = DirectHops(self, run_id, direct) if direct is not None else None
         self.max_abs_value = max_abs_value
+        self.checkpoints = checkpoints
 
     @property
     def epoch(self) -> int:
@@ -216,7 +227,8 @@ class StageServer:
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self, load_state: bool = False) -> None:
-        """Load state from the stage's peers if asked (a joiner), then serve and keep averaging.
+        """Load state from the stage's peers if asked (a joiner), or else from the stage's checkpoint (if this peer keeps
+        them), then serve and keep averaging.
 
         While it downloads, the peer is already announced (so the balancing rule counts it) but
         marked not ready (so trainers do not route to it and peers do not average with it).
@@ -231,6 +243,10 @@ class StageServer:
                 return
             if self.cfg.join_waits_for_round:
                 await self.state_transfer.wait_for_round_under(JOIN_RESUME_FRACTION)
+        elif self.checkpoints is not None:
+            await self.restore_checkpoint()
+            if self.exited:
+                return
         progress.ready = True
         self.rt.serve(FORWARD, self.handle_forward)
         self.rt.serve(BACKWARD, self.handle_backward)
@@ -256,6 +272,39 @@ class StageServer:
         if limit and self.stats.failed_state_downloads >= limit:
             self.exit("failed_state_loads")
         return loaded
+
+    async def restore_checkpoint(self) -> None:
+        """Start from the stage's checkpoint, if one was saved. One that cannot be restored (unreadable, of another run,
+        stage or model) exits the peer (``failed_state_loads``, as a failed download does in Node0) with the reason in
+        ``stats.checkpoint_error``: starting afresh would overwrite it with the initial weights."""
+        store = self.checkpoints
+
+        def restore() -> bool:
+            saved = store.load(self.stage)
+            if saved is not None:
+                try:
+                    self.state_transfer.apply(saved)
+                except ValueError as error:
+                    raise CheckpointError(f"{store.path(self.stage)}: {error}") from None
+            return saved is not None
+
+        try:
+            restored = await self.rt.compute(0.0, restore)
+        except CheckpointError as error:
+            self.stats.checkpoint_error = str(error)
+            self.exit("failed_state_loads")
+            return
+        self.stats.checkpoint_restores += restored
+
+    async def _save_checkpoint(self) -> None:
+        """Save the stage's state; a failed save is counted (the peer serves on) and its error kept."""
+        try:
+            await self.rt.compute(0.0, lambda: self.checkpoints.save(self.stage, self.state_transfer.snapshot()))
+        except CheckpointError as error:
+            self.stats.failed_checkpoints += 1
+            self.stats.checkpoint_error = str(error)
+            return
+        self.stats.checkpoints_saved += 1
 
     @property
     def exited(self) -> bool:
@@ -462,6 +511,8 @@ class StageServer:
                 self.optimizer_lock.release_epoch_end()
             if self.history is not None:  # the weights this epoch's forwards will use (state averaging included)
                 self.history.record(progress.epoch, self.compute.parameter_values(None))
+            if self.checkpoints is not None and self.checkpoints.due(progress.epoch):
+                await self._save_checkpoint()
             await progress.report()
         finally:
             if self.optimizer_lock:

@@ -78,11 +78,14 @@ class StateTransfer:
             # state_averager_wrap.py)
             return StateResponse(self.progress.epoch, None)
         self._uploading_until = float("inf")  # taken before the export, so a request arriving meanwhile is declined too
-        state = await self.rt.compute(0.0, self.compute.export_state)
-        queries = self.powersgd.export_queries() if self.powersgd is not None else None
-        response = StateResponse(self.progress.epoch, state, queries)
+        response = await self.rt.compute(0.0, self.snapshot)
         self._uploading_until = self.rt.now() + response.wire_bytes() * 8 / (self.progress.bandwidth_mbps * 1e6)
         return response
+
+    def snapshot(self) -> StateResponse:
+        """This peer's state as a joiner receives it (run it on the accelerator: ``rt.compute``)."""
+        queries = self.powersgd.export_queries() if self.powersgd is not None else None
+        return StateResponse(self.progress.epoch, self.compute.export_state(), queries)
 
     async def wait_for_round_under(self, fraction: float) -> None:
         """Poll the stage every progress period until its newest round has under ``fraction`` of the target."""
@@ -129,12 +132,13 @@ class StateTransfer:
             if response.state is None:
                 self.stats.declined_state_downloads += 1
                 continue
-            await self.rt.compute(0.0, lambda: self._import(response))
+            await self.rt.compute(0.0, lambda: self.apply(response))
             self.stats.state_downloads += 1
             return True
         return False
 
-    def _import(self, response: StateResponse) -> None:
+    def apply(self, response: StateResponse) -> None:
+        """Replace this peer's state with ``response``'s (a ValueError if it does not fit this stage)."""
         self.compute.import_state(response.state)
         if self.powersgd is not None:
             self.powersgd.import_queries(response.queries)
