@@ -220,7 +220,7 @@ async def _report_while_serving(rt: LiveRuntime, member: SwarmPeer, swarm: Swarm
             log.info("Serving stage %d of %d (layers %d-%d%s)", server.stage, member.num_stages, layers.start, layers.stop - 1,
                      ", named by the organizer" if member.named_by_organizer and not member.moves else "")
             if server.stats.checkpoint_restores:
-                log.info("Restored stage %d from its checkpoint %s (epoch %d): no ready peer was in the stage", server.stage,
+                log.info("Restored stage %d from its checkpoint %s (epoch %d): no peer of the stage sent its state", server.stage,
                          server.checkpoints.path(server.stage), server.epoch)
         if server.stats.state_downloads > downloads:
             downloads = server.stats.state_downloads

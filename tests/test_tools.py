@@ -54,3 +54,10 @@ def test_the_admission_benchmark_runs_and_reports_what_the_readme_quotes():
         assert line in done.stdout, done.stdout
     assert not os.listdir(env["NODE0SIM_RUNTIME_DIR"])
     os.rmdir(env["NODE0SIM_RUNTIME_DIR"])
+
+
+def test_the_checkpoint_benchmark_runs_and_reports_what_the_readme_quotes():
+    done = subprocess.run([sys.executable, str(TOOLS / "bench_swarm.py"), "checkpoint", "--repeats", "1"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "MB on disk, median of 1" in done.stdout and " raw write " in done.stdout and " raw read " in done.stdout, done.stdout

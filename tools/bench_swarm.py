@@ -3,6 +3,7 @@
     .venv/bin/python tools/bench_swarm.py hop [--repeats 20]        # per-hop overhead of one stage
     .venv/bin/python tools/bench_swarm.py throughput [--steps 40]   # local swarm vs the simulator's prediction
     .venv/bin/python tools/bench_swarm.py admission [--repeats 20]  # what admission and the idle check cost
+    .venv/bin/python tools/bench_swarm.py checkpoint [--repeats 20] # a stage checkpoint's save and restore
 
 ``hop``: forward + backward through a 1-layer stage served by a live peer (two hivemind nodes in this
 process, real libp2p streams over 127.0.0.1, the protocol's StageServer, the stage on ``--device``:
@@ -16,6 +17,10 @@ one torch thread each) against the simulator on the same topology with loopback-
 ``admission``: the size of an admission token, one check of it (signature verified, and cached), and a 32 MB request
 between two live peers with the server's idle check (``request_idle_s`` = ``train.request_timeout_s``) against the
 same request without it, interleaved.
+
+``checkpoint``: saving the medium 1-layer stage's checkpoint (``swarm.checkpoint_dir``: its state exported, written,
+synced and renamed into place) and restoring it (read and applied), against writing (and syncing) and reading the same
+number of bytes as one raw file, in a temporary folder on this machine's disk, interleaved.
 """
 
 from __future__ import annotations
@@ -187,9 +192,44 @@ def bench_admission(repeats: int) -> None:
           f"({with_check / without:.2f}x)")
 
 
+def bench_checkpoint(repeats: int) -> None:
+    from node0sim.protocol.checkpoints import CheckpointStore
+    from node0sim.protocol.state_transfer import StateResponse
+
+    dim, heads, kv_heads, _, seq_len = SIZES["medium"]
+    compute = one_layer_stage(dim, heads, kv_heads, seq_len, "cpu")
+    compute.step_with(torch.zeros(compute.num_trainable))  # the optimizer's state exists, as after a first step
+    with tempfile.TemporaryDirectory() as folder:
+        store = CheckpointStore(Path(folder), "bench", every_epochs=1)
+        raw = Path(folder) / "raw.bin"
+
+        def save() -> None:
+            store.save(compute.index, StateResponse(1, compute.export_state()))
+
+        def write_raw() -> None:
+            with open(raw, "wb") as file:
+                file.write(payload)
+                file.flush()
+                os.fsync(file.fileno())
+
+        save()
+        payload = os.urandom(store.path(compute.index).stat().st_size)
+        times: dict[str, list[float]] = {"save": [], "raw write": [], "restore": [], "raw read": []}
+        for _ in range(repeats):
+            for name, run in (("save", save), ("raw write", write_raw), ("restore", lambda: compute.import_state(store.load(compute.index).state)),
+                              ("raw read", raw.read_bytes)):
+                started = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - started)
+    ms = {name: statistics.median(t) * 1000 for name, t in times.items()}
+    print(f"checkpoint of a 1-layer d={dim} stage: {len(payload) / 1e6:.1f} MB on disk, median of {repeats}")
+    print(f"save {ms['save']:.0f} ms, raw write {ms['raw write']:.0f} ms ({ms['save'] / ms['raw write']:.2f}x); "
+          f"restore {ms['restore']:.0f} ms, raw read {ms['raw read']:.0f} ms ({ms['restore'] / ms['raw read']:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["hop", "throughput", "admission"])
+    parser.add_argument("what", choices=["hop", "throughput", "admission", "checkpoint"])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="hop: the stage's device")
@@ -198,6 +238,8 @@ def main() -> None:
         bench_hop(args.repeats, args.device)
     elif args.what == "admission":
         bench_admission(args.repeats)
+    elif args.what == "checkpoint":
+        bench_checkpoint(args.repeats)
     else:
         bench_throughput(args.steps)
 

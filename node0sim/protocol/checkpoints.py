@@ -5,7 +5,7 @@ Node0's volunteers keep no checkpoints (``checkpoint_dir=None``, see ``node0-cod
 all leave loses its weights. Here a peer started with ``swarm.checkpoint_dir`` keeps one file per stage,
 ``<dir>/stage-<k>.pt``: its parameters, optimizer state and PowerSGD Q (what a joiner downloads, see
 ``state_transfer.py``), the epoch, and the run id. A save replaces the file atomically (written beside it, then
-renamed), so a crash mid-save leaves the previous checkpoint whole.
+synced, then renamed over it), so a crash mid-save leaves the previous checkpoint whole.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ class CheckpointStore:
             handle, partial = tempfile.mkstemp(prefix=f"{target.name}.", suffix=".partial", dir=self.directory)
             with os.fdopen(handle, "wb") as file:
                 torch.save(content, file)
+                file.flush()
+                os.fsync(file.fileno())  # on disk before it replaces the previous checkpoint
             os.replace(partial, target)
         except (OSError, RuntimeError) as error:  # torch's writer reports some write failures as RuntimeError
             if partial is not None:

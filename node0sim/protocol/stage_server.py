@@ -86,7 +86,7 @@ class ServerStats:
     failed_checkpoints: int = 0
     """Saves that failed (a full disk, a folder it may not write): the peer serves on; the last error is kept."""
     checkpoint_restores: int = 0
-    """Starts from a checkpoint (0 or 1 per server: a peer that found its stage without a ready peer)."""
+    """Starts from a checkpoint (0 or 1 per server: a peer that got no state from a ready peer of its stage)."""
     checkpoint_error: str | None = None
     """The last checkpoint save or restore that failed, and why."""
 
@@ -227,8 +227,8 @@ class StageServer:
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self, load_state: bool = False) -> None:
-        """Load state from the stage's peers if asked (a joiner), or else from the stage's checkpoint (if this peer keeps
-        them), then serve and keep averaging.
+        """Load state from the stage's peers if asked (a joiner); where no peer's state came, from the stage's checkpoint
+        (if this peer keeps them); then serve and keep averaging.
 
         While it downloads, the peer is already announced (so the balancing rule counts it) but
         marked not ready (so trainers do not route to it and peers do not average with it).
@@ -236,14 +236,15 @@ class StageServer:
         progress = self.progress
         self._loops = [self.rt.spawn(progress.keep_reporting())]
         await progress.refresh()
+        loaded = False
         if load_state and progress.others():
             await progress.report()
-            await self.load_state_from_peers()
+            loaded = await self.load_state_from_peers()
             if self.exited:
                 return
             if self.cfg.join_waits_for_round:
                 await self.state_transfer.wait_for_round_under(JOIN_RESUME_FRACTION)
-        elif self.checkpoints is not None:
+        if not loaded and self.checkpoints is not None:  # no peer, or none answered (a crashed peer's record outlives it)
             await self.restore_checkpoint()
             if self.exited:
                 return
