@@ -36,7 +36,8 @@ def run_swarm(
 def run_local(run: RunConfig, out_dir: Path, overrides: Sequence[str]) -> dict[str, Any]:
     """Bootstrap, ``num_stages x peers_per_stage`` servers and one trainer on 127.0.0.1, then a clean stop.
 
-    Server ``s<i>p<k>`` serves stage i, or (``topology.stage_assignment=central``) the stage the organizer names.
+    Server ``s<i>p<k>`` serves stage i, or (``topology.stage_assignment=central``) the stage the organizer names; every
+    server keeps checkpoints in ``swarm.checkpoint_dir`` if it is set.
 
     The trainer writes ``metrics.jsonl`` and ``summary.json`` into ``out_dir``; the servers' counters
     (averaging rounds, state downloads, ...) are added to the summary when they have stopped.
@@ -50,9 +51,11 @@ def run_local(run: RunConfig, out_dir: Path, overrides: Sequence[str]) -> dict[s
         info = swarm.start_bootstrap(run.swarm.startup_timeout_s)
         print(f"local swarm: bootstrap {info['maddrs'][0]}, logs in {swarm.folder}", flush=True)
         central = run.topology.stage_assignment == "central"  # the organizer (the bootstrap peer) names each stage
+        keeping = [f"swarm.checkpoint_dir={Path(run.swarm.checkpoint_dir).resolve()}",
+                   f"swarm.checkpoint_every_epochs={run.swarm.checkpoint_every_epochs}"] if run.swarm.checkpoint_dir else []
         for stage in range(run.topology.num_stages):
             for k in range(run.topology.peers_per_stage):
-                swarm.start_server(f"s{stage}p{k}", None if central else stage)
+                swarm.start_server(f"s{stage}p{k}", None if central else stage, *keeping)
         trainer = swarm.start(
             "trainer0", "trainer", f"hydra.run.dir={out_dir}", "hydra.output_subdir=null", "hydra.job.name=trainer",
             log_file=False,

@@ -237,7 +237,7 @@ def test_the_local_role_runs_a_whole_swarm_from_one_command(tmp_path):
     try:
         done = subprocess.run(
             [sys.executable, "-m", "node0sim", "backend=swarm", "swarm.role=local", *OVERRIDES[1:], "topology.num_stages=2",
-             "train.steps=3", f"hydra.run.dir={tmp_path}"],
+             "train.steps=3", f"hydra.run.dir={tmp_path}", f"swarm.checkpoint_dir={tmp_path / 'checkpoints'}"],
             env=env, capture_output=True, text=True, timeout=300,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -247,6 +247,10 @@ def test_the_local_role_runs_a_whole_swarm_from_one_command(tmp_path):
         assert summary["averaging_rounds"] == 0  # one server per stage: nobody to average with
         # the servers' own counters reached the summary: 6 micro-batches = 18 requests, at most 4 per call
         assert summary["request_calls"] >= 5 and summary["mean_requests_per_call"] >= 1
+        # the servers kept checkpoints: one per step of each stage (3 steps' epochs; a step of an epoch the stage's rate
+        # estimate ended after the trainer stopped may add one)
+        assert summary["checkpoints_saved"] >= 6 and summary["failed_checkpoints"] == 0
+        assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["stage-0.pt", "stage-1.pt"]
         run_simulation(compose_run_config(*OVERRIDES, "train.steps=1"), tmp_path / "sim")
         simulated = _summary(tmp_path / "sim")
         assert set(simulated) <= set(summary), f"keys the simulator has and the live swarm lacks: {set(simulated) - set(summary)}"

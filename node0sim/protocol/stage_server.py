@@ -512,7 +512,7 @@ class StageServer:
                 self.optimizer_lock.release_epoch_end()
             if self.history is not None:  # the weights this epoch's forwards will use (state averaging included)
                 self.history.record(progress.epoch, self.compute.parameter_values(None))
-            if self.checkpoints is not None and self.checkpoints.due(progress.epoch):
+            if self.checkpoints is not None and mean is not None and self.checkpoints.due(progress.epoch):  # a step was made
                 await self._save_checkpoint()
             await progress.report()
         finally:
