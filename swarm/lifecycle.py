@@ -4,7 +4,8 @@ hivemind's libp2p daemon talks to Python over unix sockets, by default in ``/tmp
 killed with SIGKILL leaves its daemon (``p2pd``) running and its socket files behind
 (seen here: ``tests/test_swarm_node.py`` kills a peer with SIGKILL and checks the cleanup). Here every peer process gets its own
 folder ``<runtime dir>/<pid>.<n>/`` for its sockets and a ``p2pd.pid`` file; the next peer that
-starts on the machine removes the folders of dead processes and stops their daemons.
+starts on the machine removes the folders of dead processes and stops their daemons. A process whose own shutdown
+does not finish in time (:func:`exit_hard_after`) stops its daemons and exits.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -78,6 +80,16 @@ def _is_p2pd(pid: int) -> bool:
         return False
 
 
+def _remove_node_folder(folder: Path, sig: signal.Signals) -> None:
+    """Send ``sig`` to the daemon a node folder names (if it still runs), then remove the folder."""
+    pid_file = folder / P2PD_PID_FILE
+    if pid_file.is_file():
+        daemon = int(pid_file.read_text().strip() or 0)
+        if daemon and _alive(daemon) and _is_p2pd(daemon):
+            os.kill(daemon, sig)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def clean_leftovers(base: Path | None = None) -> list[int]:
     """Remove the folders of dead peer processes under ``base`` (default: :func:`runtime_dir`) and stop
     the daemons they left; returns their pids."""
@@ -87,16 +99,27 @@ def clean_leftovers(base: Path | None = None) -> list[int]:
         owner = int(folder.name.split(".")[0])
         if _alive(owner):
             continue
-        pid_file = folder / P2PD_PID_FILE
-        if pid_file.is_file():
-            daemon = int(pid_file.read_text().strip() or 0)
-            if daemon and _alive(daemon) and _is_p2pd(daemon):
-                os.kill(daemon, signal.SIGTERM)
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove_node_folder(folder, signal.SIGTERM)
         cleaned.append(owner)
     if cleaned:
         log.info("Removed the leftovers of %d peer process(es) that did not shut down cleanly: %s", len(cleaned), cleaned)
     return cleaned
+
+
+def exit_hard_after(deadline_s: float) -> threading.Timer:
+    """Unless cancelled within ``deadline_s``, stop this process's daemons (SIGKILL), remove its node folders and exit with
+    status 1: a stuck shutdown step must not hold the process (see ``swarm.roles.SHUTDOWN_DEADLINE_S``)."""
+    def exit_hard() -> None:
+        for folder in runtime_dir().glob(f"{os.getpid()}.*"):
+            _remove_node_folder(folder, signal.SIGKILL)
+        log.error("the shutdown did not finish within %g s: stopped this process's p2pd and exited", deadline_s)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(deadline_s, exit_hard)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -302,6 +302,40 @@ def test_the_leftovers_of_a_hard_killed_peer_are_removed_on_the_next_start(priva
         time.sleep(0.1)
 
 
+def test_a_shutdown_that_hangs_ends_at_the_deadline_with_its_daemon_stopped(private_runtime_dir):
+    """Seen once: a SIGTERMed server hung 12 minutes in its shutdown with an idle event loop. Here the hang is made: the
+    role's cleanup waits for ever. The process must still exit, stop its p2pd and leave no socket folder."""
+    script = (
+        "import asyncio\nfrom swarm.node import LiveNode, NodeSettings\nfrom swarm.roles import _until_stopped\n"
+        "async def main():\n    await LiveNode.start(NodeSettings())\n    try:\n        print('up', flush=True)\n"
+        "        await asyncio.sleep(600)\n    finally:\n        await asyncio.Event().wait()  # a cleanup that never ends\n"
+        "_until_stopped(main(), deadline_s=2.0)\n"
+    )
+    peer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ)
+    assert peer.stdout.readline().strip() == b"up"
+    daemons = _p2pd_children(peer.pid)
+    assert len(daemons) == 1
+    peer.send_signal(signal.SIGTERM)
+    try:
+        _, errors = peer.communicate(timeout=60)
+    finally:  # without the deadline it would hang: leave nothing behind
+        for pid in [peer.pid, *daemons] if peer.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)
+    assert peer.returncode == 1
+    assert b"the shutdown did not finish within 2 s: stopped this process's p2pd" in errors, errors[-2000:]
+    assert not os.path.exists(f"/proc/{daemons[0]}") or open(f"/proc/{daemons[0]}/stat").read().split()[2] == "Z"
+
+
+def test_a_role_that_ends_in_time_is_not_cut_short_by_the_shutdown_deadline():
+    script = (
+        "import time\nfrom swarm.roles import _until_stopped\n"
+        "async def main():\n    return 'done'\n"
+        "print(_until_stopped(main(), deadline_s=3.0), flush=True)\ntime.sleep(4.0)  # past the deadline\nprint('alive')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=os.environ)
+    assert done.returncode == 0 and done.stdout.split() == ["done", "alive"], done.stderr[-2000:]
+
+
 def _composed(*overrides: str) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
