@@ -22,7 +22,7 @@ from node0sim.protocol.messages import TensorSpec
 from node0sim.protocol.stage_compute import StageCompute
 from node0sim.protocol.stage_server import StageServer
 from node0sim.protocol.swarm_peer import BalanceConfig, StageOrganizer, SwarmPeer
-from node0sim.protocol.trainer import MicroBatchSource, Trainer, TrainerConfig, TrainerStats
+from node0sim.protocol.trainer import MicroBatchSource, Trainer, TrainerConfig, TrainerStats, in_flight_window
 from node0sim.runtime import Runtime
 from node0sim.summary import RunSummary, ServerReport, ServerTotals, TrainerTotals, latency_quantiles, steady_throughput
 
@@ -86,6 +86,22 @@ def trainer_steps(run: RunConfig, index: int) -> int:
     """Steps trainer ``index`` completes on its own share (what its live recorder counts): the whole run's
     ``train.steps`` for a single trainer."""
     return micro_batch_share(run, index) // run.train.micro_batches_per_step
+
+
+CALLS_BEYOND_PIPELINE = 16
+"""Calls a peer may have open to another beyond pipeline requests: the protocol all-reduce's parts and results (up to
+``MAX_EARLY_ROUNDS`` = 4 rounds at once), a state download, a stage assignment, the probes at join."""
+
+
+def calls_per_caller(run: RunConfig) -> int:
+    """The most calls an honest peer of ``run`` has open to one other peer at once, with a margin: twice the micro-batches
+    all ``topology.num_trainers`` trainers may have in flight (each has at most one call at a given server; in the direct
+    pipeline a server relays for every trainer; twice, as a call that timed out at its caller may still run at its
+    server when the retry comes), plus :data:`CALLS_BEYOND_PIPELINE`."""
+    schedule = TrainerConfig(micro_batches=1, micro_batches_per_step=run.train.micro_batches_per_step, schedule=run.train.schedule,
+                             max_inflight=run.train.max_inflight, pipeline=run.topology.pipeline, direct_schedule=run.topology.schedule)
+    window = in_flight_window(schedule, run.topology.num_stages, run.train.micro_batches_per_step)
+    return 2 * run.topology.num_trainers * window + CALLS_BEYOND_PIPELINE
 
 
 def make_trainer(

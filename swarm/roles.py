@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, Mapping
 import torch
 
 from node0sim.assembly import (
+    calls_per_caller,
     flops_per_sample,
     make_organizer,
     make_swarm_peer,
@@ -118,6 +119,7 @@ async def _joined_run(node: LiveNode, local: Mapping[str, Any], swarm: SwarmConf
     node.runtime.spawn(run_config.keep_restoring(node.dht, run_id, swarm.organizer_key))  # outlives the organizer
     run, document = run_config.merge(published, local)
     node.runtime.request_idle_s = run.train.request_timeout_s
+    node.runtime.max_calls_per_caller = calls_per_caller(run)
     if run.swarm.admission == "token":
         rule = admission.Admission(run_id, swarm.organizer_key)
         rt = node.runtime
@@ -135,6 +137,7 @@ async def bootstrap(config: Mapping[str, Any], run: RunConfig) -> None:
     try:
         organizer = run_config.signer_fingerprint(node.signer.local_public_key)
         node.runtime.request_idle_s = run.train.request_timeout_s
+        node.runtime.max_calls_per_caller = calls_per_caller(run)
         if run.swarm.admission == "token":
             rule = admission.Admission(run.run_id, organizer)
             key = load_identity(Path(run.swarm.identity_path))

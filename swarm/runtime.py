@@ -172,6 +172,12 @@ class LiveRuntime(Runtime):
         None: wait for ever)."""
         self.refused_peers: set[str] = set()
         """Peers whose calls or record entries were refused for want of a valid token (each logged once)."""
+        self.max_calls_per_caller: int | None = None
+        """A caller's calls beyond this many open at once are refused before their request is read (the roles set
+        ``assembly.calls_per_caller``: what the run's schedule lets an honest peer have open; None: no cap)."""
+        self.refused_calls = 0
+        """Calls refused by that cap."""
+        self._open_calls: dict[str, int] = {}
 
     def admit(self, admission: Admission, own_token: bytes) -> None:
         """From now on, refuse calls and drop record entries of peers without a token that ``admission`` accepts, and
@@ -310,7 +316,16 @@ class LiveRuntime(Runtime):
 
     async def _handle_stream(self, stream_info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         caller = stream_info.peer_id.to_base58()
+        open_calls = self._open_calls[caller] = self._open_calls.get(caller, 0) + 1
         try:
+            if self.max_calls_per_caller is not None and open_calls > self.max_calls_per_caller:
+                self.refused_calls += 1
+                if self.refused_calls == 1 or self.refused_calls % 1000 == 0:
+                    log.warning("refused a call from %s: it has %d calls open here, the run allows %d per caller (%d refused "
+                                "so far)", caller, open_calls - 1, self.max_calls_per_caller, self.refused_calls)
+                message = f"too many concurrent calls: {open_calls - 1} open, the run allows {self.max_calls_per_caller} per caller"
+                await _write_frames(writer, _ERROR, message.encode(), raw_first=True)
+                return
             method, status, body = await self._respond(caller, reader)
             await self._inject_latency()
             await _write_frames(writer, status, body, raw_first=True)
@@ -320,6 +335,10 @@ class LiveRuntime(Runtime):
             log.info("lost the connection to %s mid-request: %s", caller, error or type(error).__name__)
         finally:
             writer.close()
+            if self._open_calls[caller] == 1:
+                del self._open_calls[caller]
+            else:
+                self._open_calls[caller] -= 1
 
     async def _inject_latency(self) -> None:
         """Hold a message back by ``injected_latency_s``: propagation delay the lab's kernel cannot add (no netem)."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from node0sim.app import incomplete_run
-from node0sim.assembly import make_trainer
+from node0sim.assembly import CALLS_BEYOND_PIPELINE, calls_per_caller, make_trainer
 from node0sim.metrics import RunRecorder
 from node0sim.model import build_stages
 from node0sim.protocol.averaging import AveragingConfig
@@ -287,3 +287,16 @@ def test_a_lone_server_does_not_log_its_solo_steps_as_failures(caplog):
         "1 other ready peer(s) in the stage)"
     ]
 
+
+
+@pytest.mark.parametrize("overrides,window", [
+    ([], "micro_batches_per_step"),  # relayed, sync: a step's micro-batches
+    (["train.schedule=async", "train.max_inflight=6", "topology.num_trainers=3"], "max_inflight"),
+    (["topology.pipeline=direct"], "num_stages"),  # 1F1B
+    (["topology.pipeline=direct", "topology.schedule=gpipe"], "micro_batches_per_step"),
+])
+def test_the_cap_on_a_callers_open_calls_is_twice_what_the_schedule_keeps_in_flight_plus_the_rest(overrides, window):
+    run = run_config("train.batch_size=16", "train.micro_batch_size=4", *overrides)
+    in_flight = {"micro_batches_per_step": run.train.micro_batches_per_step, "max_inflight": run.train.max_inflight,
+                 "num_stages": run.topology.num_stages}[window]
+    assert calls_per_caller(run) == 2 * run.topology.num_trainers * in_flight + CALLS_BEYOND_PIPELINE

@@ -407,3 +407,37 @@ def test_a_request_that_stops_arriving_is_dropped_and_a_slow_one_is_not():
             await a.stop()
 
     asyncio.run(main())
+
+
+def test_a_callers_calls_beyond_the_runs_cap_are_refused_and_the_others_run():
+    """Item 3 of issue 14: a cap on concurrent streams per peer. Three calls at once from one caller to a server that
+    allows 2: the third is refused at once, naming the cap; the first two complete; once they have, calls are taken again."""
+    async def main():
+        a, b = await _pair()
+        release = asyncio.Event()
+
+        async def held(caller, msg):
+            await release.wait()
+            return Ack()
+
+        try:
+            a.runtime.max_calls_per_caller = 2
+            a.runtime.serve("held", held)
+            calls = [asyncio.ensure_future(b.runtime.call(a.runtime.peer_id, "held", Ack(), 30)) for _ in range(2)]
+            while sum(a.runtime._open_calls.values()) < 2:
+                await asyncio.sleep(0.05)
+            with pytest.raises(RPCError, match="too many concurrent calls: 2 open, the run allows 2 per caller"):
+                await b.runtime.call(a.runtime.peer_id, "held", Ack(), 30)
+            release.set()
+            assert [type(r) for r in await asyncio.gather(*calls)] == [Ack, Ack]
+            assert isinstance(await b.runtime.call(a.runtime.peer_id, "held", Ack(), 30), Ack)
+            for _ in range(200):  # the server ends a stream once its caller has closed it
+                if not a.runtime._open_calls:
+                    break
+                await asyncio.sleep(0.05)
+            assert a.runtime.refused_calls == 1 and a.runtime._open_calls == {}
+        finally:
+            await b.stop()
+            await a.stop()
+
+    asyncio.run(main())

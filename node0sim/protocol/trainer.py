@@ -155,6 +155,14 @@ class NoPeerForStage(RPCError):
     """No live peer serves a stage (the pipeline is stalled there)."""
 
 
+def in_flight_window(cfg: TrainerConfig, num_stages: int, step_size: int) -> int:
+    """How many micro-batches a trainer may have in flight: a step's (``step_size``; relayed ``sync``, GPipe),
+    ``num_stages`` (1F1B) or ``max_inflight`` (relayed ``async``)."""
+    if cfg.pipeline == "direct":
+        return step_size if cfg.direct_schedule == "gpipe" else num_stages
+    return step_size if cfg.schedule == "sync" else cfg.max_inflight
+
+
 class Trainer:
     """Drives micro-batches through the pipeline and reports each finished one to ``on_micro_batch``.
 
@@ -223,11 +231,7 @@ class Trainer:
             await self._run_window(cfg.micro_batches, self._window(cfg.micro_batches_per_step))
 
     def _window(self, step_size: int) -> int:
-        """How many micro-batches may be in flight: a step's (relayed ``sync``, GPipe), ``num_stages`` (1F1B) or
-        ``max_inflight`` (relayed ``async``)."""
-        if self.direct is not None:
-            return step_size if self.cfg.direct_schedule == "gpipe" else self.num_stages
-        return step_size if self.cfg.schedule == "sync" else self.cfg.max_inflight
+        return in_flight_window(self.cfg, self.num_stages, step_size)
 
     async def _run_window(self, count: int, window: int, barrier: Barrier | None = None) -> None:
         """Run ``count`` micro-batches, starting the next one when the oldest of ``window`` in flight is back."""
