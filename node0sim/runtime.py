@@ -120,9 +120,10 @@ class Runtime(ABC):
         - :class:`RequestTimeout` when no response came within ``timeout`` seconds: the peer is slow, gone,
           or crashed mid-request (a handler stopped by its peer's crash never replies);
         - a plain :class:`RPCError`, sooner, when the backend learns that the connection failed: a dial refused,
-          a peer killed mid-request (the simulator's ``kill``: its kernel resets the connection), a stream closed
-          before the whole reply came. Callers treat every :class:`RPCError` as "no response"; only a
-          :class:`RemoteError` says the handler did not run the request through, any other may have run it.
+          no address found for ``peer`` (an id no peer has: after about one DHT lookup), a peer killed mid-request
+          (the simulator's ``kill``: its kernel resets the connection), a stream closed before the whole reply came.
+          Callers treat every :class:`RPCError` as "no response"; only a :class:`RemoteError` says the handler did
+          not run the request through, any other may have run it.
 
         A request over the backend's message size limit raises ``ValueError`` here, before anything is sent.
         """

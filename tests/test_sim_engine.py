@@ -28,18 +28,20 @@ def _run(sim, peer, coro):
 
 
 def test_sleep_and_exceptions_reach_protocol_code_in_virtual_time():
-    sim = make_sim()
+    sim = make_sim(dht_latency_s=0.05)
     peer = add(sim, "p")
     rt = peer.runtime
 
     async def protocol():
         await rt.sleep(2.5)
         try:
-            await rt.call("nobody", "x", Blob(1), timeout=1.0)
-        except RequestTimeout:
-            return rt.now()
+            await rt.call("nobody", "x", Blob(1), timeout=10.0)
+        except RPCError as error:
+            return rt.now(), error
 
-    assert _run(sim, peer, protocol()) == pytest.approx(3.5)
+    now, error = _run(sim, peer, protocol())
+    assert now == pytest.approx(2.5 + 0.05)  # an id no peer has: one DHT lookup finds no address
+    assert type(error) is RPCError and "nobody: no address found" in str(error)  # not a refusal, not a timeout
 
 
 @pytest.mark.parametrize("pair_streams", ["shared", "serial"])

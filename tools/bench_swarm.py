@@ -4,6 +4,7 @@
     .venv/bin/python tools/bench_swarm.py throughput [--steps 40]   # local swarm vs the simulator's prediction
     .venv/bin/python tools/bench_swarm.py admission [--repeats 20]  # what admission and the idle check cost
     .venv/bin/python tools/bench_swarm.py checkpoint [--repeats 20] # a stage checkpoint's save and restore
+    .venv/bin/python tools/bench_swarm.py dial [--repeats 20]       # a call to a peer id no peer has
 
 ``hop``: forward + backward through a 1-layer stage served by a live peer (two hivemind nodes in this
 process, real libp2p streams over 127.0.0.1, the protocol's StageServer, the stage on ``--device``:
@@ -21,6 +22,10 @@ same request without it, interleaved.
 ``checkpoint``: saving the medium 1-layer stage's checkpoint (``swarm.checkpoint_dir``: its state exported, written,
 synced and renamed into place) and restoring it (read and applied), against writing (and syncing) and reading the same
 number of bytes as one raw file, in a temporary folder on this machine's disk, interleaved.
+
+``dial``: four live nodes on loopback; one calls a peer id that no peer has (a fresh key's), which fails once p2pd's
+peer lookup finds no address, against a DHT get of a missing key and a refused call to a live peer (one round trip),
+interleaved. The simulator charges such a call one DHT lookup (``sim.dht_latency_ms``) before it fails.
 """
 
 from __future__ import annotations
@@ -229,9 +234,55 @@ def bench_checkpoint(repeats: int) -> None:
           f"restore {ms['restore']:.0f} ms, raw read {ms['raw read']:.0f} ms ({ms['restore'] / ms['raw read']:.2f}x)")
 
 
+def bench_dial(repeats: int) -> None:
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from node0sim.protocol.state_transfer import StateRequest
+    from node0sim.runtime import RemoteError, RPCError
+    from swarm.lifecycle import rsa_peer_id
+    from swarm.node import LiveNode, NodeSettings
+
+    async def measure() -> dict[str, list[float]]:
+        nodes = [await LiveNode.start(NodeSettings())]
+        for _ in range(3):
+            nodes.append(await LiveNode.start(NodeSettings(initial_peers=tuple(nodes[0].visible_maddrs))))
+        client, server = nodes[-1].runtime, nodes[0].runtime
+        unknown = [rsa_peer_id(RSAPrivateKey().get_public_key().to_bytes()) for _ in range(repeats)]
+        errors: dict[str, str] = {}
+
+        async def call(peer: str, expected: type[Exception]) -> None:
+            try:
+                await client.call(peer, "bench_unserved", StateRequest(0), 30)
+            except expected as error:
+                errors[expected.__name__] = str(error)
+                return
+            raise AssertionError(f"the call to {peer} did not fail with {expected.__name__}")
+
+        times: dict[str, list[float]] = {"unknown peer id": [], "DHT get of a missing key": [], "refused call": []}
+        try:
+            await client.dht_get("bench/warm-up")
+            for peer in unknown:
+                for name, run in (("unknown peer id", lambda: call(peer, RPCError)),
+                                  ("DHT get of a missing key", lambda: client.dht_get(f"bench/{peer}")),
+                                  ("refused call", lambda: call(server.peer_id, RemoteError))):
+                    started = time.perf_counter()
+                    await run()
+                    times[name].append(time.perf_counter() - started)
+        finally:
+            for node in nodes:
+                await node.stop()
+        print(f"the unknown id's error: {errors['RPCError']}")
+        return times
+
+    times = asyncio.run(measure())
+    ms = {name: statistics.median(t) * 1000 for name, t in times.items()}
+    print(f"4 live nodes on loopback, median of {repeats}: " + ", ".join(f"{name} {value:.2f} ms" for name, value in ms.items()))
+    print(f"unknown peer id / DHT get: {ms['unknown peer id'] / ms['DHT get of a missing key']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["hop", "throughput", "admission", "checkpoint"])
+    parser.add_argument("what", choices=["hop", "throughput", "admission", "checkpoint", "dial"])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="hop: the stage's device")
@@ -242,6 +293,8 @@ def main() -> None:
         bench_admission(args.repeats)
     elif args.what == "checkpoint":
         bench_checkpoint(args.repeats)
+    elif args.what == "dial":
+        bench_dial(args.repeats)
     else:
         bench_throughput(args.steps)
 

@@ -386,7 +386,9 @@ class Simulation:
         """One RPC: request bytes, the handler on the destination, response bytes.
 
         A destination that is gone (or crashes before answering) never replies, so the caller's
-        timeout fires, as on a real network. A handler's exception reaches the caller as
+        timeout fires, as on a real network. An id that no peer ever had fails after one DHT lookup with a plain
+        :class:`RPCError`: the dial's peer lookup finds no address (p2pd's "routing: not found", 1-2 ms on loopback,
+        ``tools/bench_swarm.py dial``). A handler's exception reaches the caller as
         :meth:`Runtime.call` says; a bug then also fails an event nobody defuses, so that
         ``Simulation.run`` raises it once the caller has its reply. The handler runs inline in this (delivery) process,
         which meanwhile is a task of the destination instead of the source: a crash of the
@@ -394,7 +396,10 @@ class Simulation:
         it finish and only drops its reply.
         """
         dst = self.peers.get(dst_id)
-        if dst is None or not dst.alive:
+        if dst is None:  # no peer ever had this id: the dial's peer lookup finds no address, as p2pd's "routing: not found"
+            await wait(self.env.timeout(self.dht.lookup_latency_s))
+            raise RPCError(f"peer {dst_id}: no address found (no such peer)")
+        if not dst.alive:
             await self._dead_end(src, dst, round_trips=1.0)  # a dial to it
         if self.rpc_overhead_s > 0:
             await wait(self.env.timeout(self.rpc_overhead_s))
@@ -433,10 +438,10 @@ class Simulation:
         await self._send(dst, src, response.wire_bytes(), method)
         return response
 
-    async def _dead_end(self, src: SimPeer, dst: SimPeer | None, round_trips: float) -> None:
+    async def _dead_end(self, src: SimPeer, dst: SimPeer, round_trips: float) -> None:
         """A call that reached a dead peer: it never returns (the caller's timeout ends it), unless the peer's process
         was killed on a live host, whose reset reaches the caller after ``round_trips`` round trips."""
-        if dst is None or not dst.reset_connections:
+        if not dst.reset_connections:
             await wait(self.env.event())
         await wait(self.env.timeout(round_trips * self.network.round_trip(src.endpoint, dst.endpoint)))
         raise RPCError(f"peer {dst.peer_id}: connection reset (its process was killed)")  # not refused: it may have run
