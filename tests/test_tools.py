@@ -56,6 +56,18 @@ def test_the_admission_benchmark_runs_and_reports_what_the_readme_quotes():
     os.rmdir(env["NODE0SIM_RUNTIME_DIR"])
 
 
+@pytest.mark.slow
+def test_the_dial_benchmark_runs_and_reports_what_the_readme_quotes():
+    env = {**os.environ, "NODE0SIM_RUNTIME_DIR": tempfile.mkdtemp(prefix="n0-"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(TOOLS / "bench_swarm.py"), "dial", "--repeats", "2"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "routing: not found" in done.stdout and "4 live nodes on loopback, median of 2: unknown peer id " in done.stdout
+    assert "unknown peer id / DHT get: " in done.stdout, done.stdout
+    assert not os.listdir(env["NODE0SIM_RUNTIME_DIR"])
+    os.rmdir(env["NODE0SIM_RUNTIME_DIR"])
+
+
 def test_the_checkpoint_benchmark_runs_and_reports_what_the_readme_quotes():
     done = subprocess.run([sys.executable, str(TOOLS / "bench_swarm.py"), "checkpoint", "--repeats", "1"],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
