@@ -117,6 +117,7 @@ def make_trainer(
         max_ban_s=run.train.max_ban_s, send_token_ids=templates[0].codec.needs_token_ids, tail_calls=run.topology.tail_calls,
         pipeline=run.topology.pipeline, direct_schedule=run.topology.schedule, max_abs_value=run.train.max_abs_value,
         max_loss=run.train.max_loss_ratio * math.log(templates[-1].cfg.vocab_size), hedge_quantile=run.train.hedge_quantile,
+        probe_timeout_s=run.train.probe_timeout_s,
     )
     return Trainer(rt, run.run_id, len(templates), source, cfg, on_micro_batch, layouts=templates)
 
@@ -131,7 +132,7 @@ def trainer_totals(trainers: Sequence[TrainerStats], bytes_sent: int) -> Trainer
         dropped_micro_batches=total("micro_batches_dropped"), timed_out_requests=total("timed_out_requests"),
         no_peer_requests=total("no_peer_requests"), unaccumulated_retries=total("unaccumulated_retries"), bytes_sent=bytes_sent,
         invalid_replies=total("invalid_replies"), refused_requests=total("refused_requests"), lost_requests=total("lost_requests"),
-        hedged_requests=total("hedged_requests"), hedges_won=total("hedges_won"),
+        hedged_requests=total("hedged_requests"), hedges_won=total("hedges_won"), failed_probes=total("failed_probes"),
     )
 
 

@@ -186,6 +186,10 @@ class TrainConfig:
     hedge_quantile: float | None = None  # null: no hedging; q in (0, 1): a call unanswered after the q-quantile of its
     # stage's latest latencies also goes to another replica, the first valid reply wins (0.95: Dean & Barroso, "The Tail at
     # Scale", CACM 2013). Off by default: Node0's code (PluralisResearch/node0 at 32bd084) has no hedging
+    probe_timeout_s: float | None = None  # null: every peer a stage record lists gets work at once; > 0: a newly listed
+    # peer first answers a probe within this time (or is banned), so entries nobody serves cost no micro-batch a retry or
+    # timeout. Off by default: Node0's code (as above) has no such check, and a probe delays a new peer's first work by
+    # one round trip
     eval_batches: int = 4  # validation batches evaluated at the end
     delay_history: int = 0  # numerics mode: epochs of flat weights each server keeps, to measure the weight gap and
     # look-ahead cosine of stale backwards (and for topology.weight_stashing); 0: none (the delay is measured anyway)
@@ -215,6 +219,8 @@ class TrainConfig:
         _require(self.max_loss_ratio > 0, f"train.max_loss_ratio: must be > 0, got {self.max_loss_ratio}")
         _require(self.hedge_quantile is None or 0 < self.hedge_quantile < 1,
                  f"train.hedge_quantile: must be in (0, 1) or null, got {self.hedge_quantile}")
+        _require(self.probe_timeout_s is None or self.probe_timeout_s > 0,
+                 f"train.probe_timeout_s: must be > 0 or null, got {self.probe_timeout_s}")
         _require(self.eval_batches >= 0, f"train.eval_batches: must be >= 0, got {self.eval_batches}")
         _require(self.delay_history >= 0, f"train.delay_history: must be >= 0, got {self.delay_history}")
 

@@ -43,6 +43,8 @@ class TrainerTotals:
     """Requests also sent to a second replica after the hedge deadline (``train.hedge_quantile``)."""
     hedges_won: int = 0
     """Hedged requests answered first by the second replica."""
+    failed_probes: int = 0
+    """Probes of newly listed peers that got no valid answer (``train.probe_timeout_s``): those peers got no work."""
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ LOCAL_SECTIONS = ("swarm", "wandb")
 ORGANIZER_SWARM_KEYS = ("admission",)
 """``swarm`` keys the organizer sets for every peer: whether the run admits only peers with a token it signed."""
 
-TRAINER_OWN_KEYS = ("steps", "allow_partial", "hedge_quantile")
+TRAINER_OWN_KEYS = ("steps", "allow_partial", "hedge_quantile", "probe_timeout_s")
 """``train`` keys a trainer sets for itself: how many steps it feeds, whether stopping short is an error for its process,
 and whether it hedges its calls. The others (batch sizes, timeouts, bans, bounds) are the organizer's."""
 

@@ -137,6 +137,7 @@ def test_cross_section_checks_happen_at_load_time():
         (("train.batch_size=0",), r"train\.batch_size: must be >= 1, got 0"),
         (("train.ban_s=-1",), r"train\.ban_s: must be >= 0"),
         (("train.hedge_quantile=1.0",), r"train\.hedge_quantile: must be in \(0, 1\) or null"),
+        (("train.probe_timeout_s=0",), r"train\.probe_timeout_s: must be > 0 or null, got 0"),
         (("train.ban_s=100", "train.max_ban_s=50"), r"train\.max_ban_s: must be >= train\.ban_s"),
         (("swarm.run_config_lifetime_h=0",), r"swarm\.run_config_lifetime_h: must be > 0, got 0"),
         (("swarm.admission=tokens",), r"swarm\.admission: .*tokens"),

@@ -39,6 +39,7 @@ from node0sim.protocol.messages import (
     MESSAGE_TYPES,
     PIPE_BACKWARD,
     PIPE_FORWARD,
+    PROBE,
     REDUCE_PART,
     TAIL,
     BackwardRequest,
@@ -49,6 +50,8 @@ from node0sim.protocol.messages import (
     PipeBackwardRequest,
     PipeForwardRequest,
     PipeResponse,
+    ProbeRequest,
+    ProbeResponse,
     TailRequest,
     TailResponse,
     check_message,
@@ -137,7 +140,7 @@ SAMPLES = [  # one message of every class
     PipeForwardRequest(0, TOKENS, TOKENS, "trainer", 3, 1, 2, True), PipeBackwardRequest(1, "trainer", 3, 1, HIDDEN),
     PipeResponse(1.5, "tail"), ReducePart(0, "grad/0", torch.randn(5), 4), GatherPart(0, "grad/0", 1, torch.randn(5)),
     Ack(), StateRequest(0), StateResponse(1, Packed({"parameters": torch.randn(6), "updates": torch.tensor([1])}, (6,))),
-    StageRequest(2.0), StageAssignment(1),
+    StageRequest(2.0), StageAssignment(1), ProbeRequest(1), ProbeResponse(1),
 ]
 ENCODED = [encode(message) for message in SAMPLES]
 
@@ -258,7 +261,7 @@ STAGE_OF = {"head": 0, "tail": 1}
 METHODS = {  # (peer, method) -> (the request class, the response class)
     **{(peer, method): pair for peer in STAGE_OF for method, pair in {
         FORWARD: (ForwardRequest, ForwardResponse), BACKWARD: (BackwardRequest, BackwardResponse),
-        GET_STATE: (StateRequest, StateResponse), PIPE_FORWARD: (PipeForwardRequest, PipeResponse),
+        GET_STATE: (StateRequest, StateResponse), PROBE: (ProbeRequest, ProbeResponse), PIPE_FORWARD: (PipeForwardRequest, PipeResponse),
         PIPE_BACKWARD: (PipeBackwardRequest, PipeResponse), REDUCE_PART: (ReducePart, Ack), GATHER_PART: (GatherPart, Ack),
     }.items()},
     ("tail", TAIL): (TailRequest, TailResponse),
@@ -337,6 +340,7 @@ def _valid_request(peer: str, method: str, request_id: int, batch: int = 2, seq_
         BACKWARD: BackwardRequest(stage, inputs, hidden if head else torch.ones(batch, seq_len), targets=None if head else tokens),
         TAIL: TailRequest(stage, inputs, tokens, request_id=request_id),
         GET_STATE: StateRequest(stage),
+        PROBE: ProbeRequest(stage),
         PIPE_FORWARD: PipeForwardRequest(stage, inputs, tokens, "client", request_id, 0, 2, backward_now=False),
         PIPE_BACKWARD: PipeBackwardRequest(stage, "client", request_id, 0, hidden if head else None),
         REDUCE_PART: ReducePart(stage, "valid", torch.ones(4), 2),

@@ -231,6 +231,19 @@ def test_a_banned_peer_that_reannounces_stays_banned_with_its_estimate():
     assert r.state(0, "liar").banned_until == 80.0 + 120.0  # its second failure in a row: the ban doubled
 
 
+def test_with_require_proof_a_new_peer_gets_work_only_once_proven():
+    r = Router(random.Random(0), require_proof=True)
+    r.update_peers(0, {"a": 1e12, "b": 1.0})
+    assert r.choose(0, samples=4, now=0.0) is None and r.proven_peers(0) == [] and r.unproven(0, now=0.0) == ["a", "b"]
+    r.prove(0, "b")
+    assert r.choose(0, samples=4, now=0.0) == "b" and r.proven_peers(0) == ["b"]
+    r.report_failure(0, "a", now=0.0)  # its probe failed: banned, and not probed again until the ban is over
+    assert r.unproven(0, now=1.0) == [] and r.unproven(0, now=61.0) == ["a"]
+    r.update_peers(0, {"b": 1.0, "c": 5.0})  # a later joiner must prove itself too; a proven peer stays proven
+    assert r.unproven(0, now=61.0) == ["c"] and r.proven_peers(0) == ["b"]
+    assert Router(random.Random(0)).proven_peers(0) == [] and _router().require_proof is False
+
+
 def test_a_peer_that_never_failed_is_forgotten_when_it_leaves():
     r = _router()
     r.update_peers(0, {"a": 5.0})

@@ -346,17 +346,18 @@ def _composed(*overrides: str) -> dict:
         return OmegaConf.to_container(compose(config_name="config", overrides=list(overrides)), resolve=True)
 
 
-def test_a_trainer_keeps_its_own_steps_partial_rule_and_hedging_and_takes_the_rest_of_train_from_the_organizer():
+def test_a_trainer_keeps_its_own_steps_partial_rule_hedging_and_probes_and_takes_the_rest_of_train_from_the_organizer():
     # before, a trainer's train.allow_partial and train.hedge_quantile were silently replaced by the organizer's
     published = run_config.published_part(_composed("experiment=minimal", "train.max_retries=5"))
     local = _composed("experiment=minimal", "backend=swarm", "swarm.role=trainer", "swarm.initial_peers=[/ip4/127.0.0.1/tcp/1/p2p/Qm]",
-                      "swarm.organizer_key=ab12",
-                      "train.steps=7", "train.allow_partial=true", "train.hedge_quantile=0.9", "train.max_retries=1")
+                      "swarm.organizer_key=ab12", "train.steps=7", "train.allow_partial=true", "train.hedge_quantile=0.9",
+                      "train.probe_timeout_s=10", "train.max_retries=1")
     trainer, _ = run_config.merge(published, local)
-    assert (trainer.train.steps, trainer.train.allow_partial, trainer.train.hedge_quantile, trainer.train.max_retries) == (
-        7, True, 0.9, 5)
+    assert (trainer.train.steps, trainer.train.allow_partial, trainer.train.hedge_quantile, trainer.train.probe_timeout_s,
+            trainer.train.max_retries) == (7, True, 0.9, 10.0, 5)
     server, _ = run_config.merge(published, {**local, "swarm": {**local["swarm"], "role": "server"}})
-    assert (server.train.steps, server.train.allow_partial, server.train.hedge_quantile) == (published["train"]["steps"], False, None)
+    assert (server.train.steps, server.train.allow_partial, server.train.hedge_quantile, server.train.probe_timeout_s) == (
+        published["train"]["steps"], False, None, None)
 
 
 def test_the_organizers_admission_rule_binds_every_peer_and_nothing_else_of_its_swarm_section_is_published():

@@ -30,6 +30,8 @@ FORWARD = "forward"
 BACKWARD = "backward"
 TAIL = "tail"
 GET_STATE = "get_state"
+PROBE = "probe"
+"""A trainer's check that a newly listed peer answers for its stage before it gets work (``train.probe_timeout_s``)."""
 REDUCE_PART = "reduce_part"
 GATHER_PART = "gather_part"
 PIPE_FORWARD = "pipe_forward"
@@ -122,6 +124,26 @@ def check_message(request: object, cls: type) -> None:
             continue
         names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
         raise ValueError(f"{cls.__name__}.{name}: expected {names}, got {type(value).__name__}")
+
+
+@message
+class ProbeRequest:
+    """Ask a server whether it serves ``stage`` (it answers with a :class:`ProbeResponse`, or refuses another stage)."""
+
+    stage: int
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES
+
+
+@message
+class ProbeResponse:
+    """The stage the probed server serves."""
+
+    stage: int
+
+    def wire_bytes(self) -> int:
+        return HEADER_BYTES
 
 
 @message

@@ -12,6 +12,9 @@ the router learned of a peer outlives its record: a banned peer that withdraws a
 ban, its failure count and its estimate. A request that another peer answered first (a trainer's hedge) lowers the
 estimate toward the rate its wait implies, without a ban.
 
+With ``require_proof`` (a trainer's ``probe_timeout_s``), a peer first listed gets no work until it answered once (the
+trainer's probe): a stage record costs nothing to write, an answer from a process serving the stage does.
+
 Plain Python: times are seconds passed in by the caller, so this works on any backend.
 """
 
@@ -40,6 +43,8 @@ class PeerState:
     """Random rank breaking ties between equally good peers (drawn once per peer)."""
     failures: int = 0
     """Failures in a row (reset by a success): the ban doubles with each."""
+    proven: bool = True
+    """Whether the peer may get work: False for a new peer while the router requires proof, until it answers."""
 
 
 class Router:
@@ -58,8 +63,10 @@ class Router:
         backward_weight: float = 2.5,
         default_throughput: float = 1.0,
         max_ban_s: float | None = None,
+        require_proof: bool = False,
     ):
-        """``max_ban_s`` None: bans do not grow (every ban lasts ``ban_s``)."""
+        """``max_ban_s`` None: bans do not grow (every ban lasts ``ban_s``). ``require_proof``: a new peer gets no work
+        until it answered once (:meth:`prove`, or a success)."""
         if not 0.0 < ema_alpha <= 1.0:
             raise ValueError(f"ema_alpha must be in (0, 1], got {ema_alpha}")
         if ban_s < 0:
@@ -76,6 +83,7 @@ class Router:
         self.max_ban_s = ban_s if max_ban_s is None else max_ban_s
         self.backward_weight = backward_weight
         self.default_throughput = default_throughput
+        self.require_proof = require_proof
         self._stages: dict[int, dict[str, PeerState]] = {}
         self._penalized: dict[int, dict[str, PeerState]] = {}
         """Forgotten peers that had failed, per stage: restored if they announce themselves again."""
@@ -109,13 +117,27 @@ class Router:
                 continue
             value = announced[peer]
             throughput = value if math.isfinite(value) and value > 0 else self.default_throughput
-            new[peer] = PeerState(throughput=throughput, tie_rank=self.rng.random())
+            new[peer] = PeerState(throughput=throughput, tie_rank=self.rng.random(), proven=not self.require_proof)
         penalized.update({peer: st for peer, st in old.items() if peer not in new and st.failures})
         self._stages[stage] = new
 
     def peers(self, stage: int) -> list[str]:
         """The known peers of ``stage``, sorted by id."""
         return sorted(self._stages.get(stage, {}))
+
+    def proven_peers(self, stage: int) -> list[str]:
+        """The known peers of ``stage`` that may get work (every one, unless the router requires proof), sorted by id."""
+        return sorted(p for p, s in self._stages.get(stage, {}).items() if s.proven)
+
+    def unproven(self, stage: int, now: float) -> list[str]:
+        """The peers of ``stage`` still to answer once before they get work, not banned at ``now``, sorted by id."""
+        return sorted(p for p, s in self._stages.get(stage, {}).items() if not s.proven and s.banned_until <= now)
+
+    def prove(self, stage: int, peer: str) -> None:
+        """``peer`` answered: from now on it may get work (unknown, forgotten peers are ignored)."""
+        st = self._state(stage, peer)
+        if st is not None:
+            st.proven = True
 
     def available(self, stage: int, now: float) -> list[str]:
         """The peers of ``stage`` that are not banned at ``now``, sorted by id."""
@@ -141,7 +163,7 @@ class Router:
         best_peer = ""
         best_finish = best_rank = 0.0
         for peer, st in self._stages.get(stage, {}).items():
-            if st.banned_until > now or (exclude and peer in exclude):
+            if st.banned_until > now or not st.proven or (exclude and peer in exclude):
                 continue
             busy = st.busy_until
             finish = (busy if busy > now else now) + cost / st.throughput

@@ -33,12 +33,15 @@ from node0sim.protocol.messages import (
     BACKWARD,
     FORWARD,
     GET_STATE,
+    PROBE,
     TAIL,
     BackwardRequest,
     BackwardResponse,
     ForwardRequest,
     ForwardResponse,
     Payload,
+    ProbeRequest,
+    ProbeResponse,
     TailRequest,
     TailResponse,
     check_message,
@@ -254,6 +257,7 @@ class StageServer:
         if self.compute.is_tail:  # the fused tail call; a trainer may also call the tail's forward and backward
             self.rt.serve(TAIL, self.handle_tail)
         self.rt.serve(GET_STATE, self.handle_get_state)
+        self.rt.serve(PROBE, self.handle_probe)
         if self.direct is not None:
             self.direct.serve()
         self.averager.serve()
@@ -384,6 +388,11 @@ class StageServer:
         """Send this peer's parameters and optimizer state to a joiner."""
         self.check_request(request, StateRequest)
         return await self.state_transfer.export()
+
+    async def handle_probe(self, caller: str, request: ProbeRequest) -> ProbeResponse:
+        """Answer a trainer's probe: this server serves ``request.stage`` (another stage is refused)."""
+        self.check_request(request, ProbeRequest)
+        return ProbeResponse(self.stage)
 
     def _backward_lock(self) -> Any:
         """The optimizer lock's shared side with ``blocks_serving``; nothing to wait for without."""

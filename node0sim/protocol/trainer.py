@@ -17,12 +17,15 @@ from node0sim.protocol.direct import DIRECT_SCHEDULES, PIPELINES, Barrier, Direc
 from node0sim.protocol.messages import (
     BACKWARD,
     FORWARD,
+    PROBE,
     TAIL,
     BackwardRequest,
     BackwardResponse,
     ForwardRequest,
     ForwardResponse,
     Payload,
+    ProbeRequest,
+    ProbeResponse,
     TailRequest,
     TailResponse,
     check_message,
@@ -76,7 +79,8 @@ class TrainerConfig:
     ``tail_calls``: one of :data:`TAIL_CALLS`. ``pipeline``: one of :data:`PIPELINES` (``direct``: see ``direct.py``,
     with ``direct_schedule`` one of :data:`DIRECT_SCHEDULES`). ``max_abs_value`` and ``max_loss`` bound the values and
     the loss of a valid reply (``bounds.py``; the run sets ``train.max_abs_value`` and ``train.max_loss_ratio`` x ln V).
-    ``hedge_quantile``: see :meth:`Trainer._ask` (None: no hedging).
+    ``hedge_quantile``: see :meth:`Trainer._ask` (None: no hedging). ``probe_timeout_s``: see :meth:`Trainer.discover`
+    (None: every listed peer gets work at once).
     """
 
     micro_batches: int
@@ -96,6 +100,7 @@ class TrainerConfig:
     max_abs_value: float = math.inf
     max_loss: float = math.inf
     hedge_quantile: float | None = None
+    probe_timeout_s: float | None = None
 
 
 @dataclass
@@ -126,6 +131,8 @@ class TrainerStats:
     """Requests also sent to a second replica because the first had not answered by the hedge deadline."""
     hedges_won: int = 0
     """Hedged requests whose second replica gave the reply used (the first was cancelled)."""
+    failed_probes: int = 0
+    """Probes of newly listed peers that got no valid answer (``probe_timeout_s``): those peers got no work."""
     invalid_replies: int = 0
     """Replies refused (also counted as failed requests): of another class or layout, with non-finite or too large
     values, or an implausible loss."""
@@ -204,7 +211,10 @@ class Trainer:
         self.on_micro_batch = on_micro_batch
         self.layouts = layouts
         self.stats = TrainerStats()
-        self.router = Router(random.Random(rt.peer_id), ban_s=cfg.ban_s, max_ban_s=cfg.max_ban_s)
+        self.router = Router(random.Random(rt.peer_id), ban_s=cfg.ban_s, max_ban_s=cfg.max_ban_s,
+                             require_proof=cfg.probe_timeout_s is not None)
+        self._probes: dict[tuple[int, str], Task] = {}
+        """The probes in flight, by stage and peer."""
         self._micro_batch_ids = itertools.count(1)
         self._latencies: dict[tuple[int, str], deque[float]] = {}
         """The latest successful calls' latencies, per stage and method (for the hedge deadline)."""
@@ -218,6 +228,8 @@ class Trainer:
             await self._train()
         finally:
             discovery.cancel()
+            for probe in list(self._probes.values()):
+                probe.cancel()
         return self.stats
 
     async def _train(self) -> None:
@@ -245,7 +257,7 @@ class Trainer:
     async def _wait_for_pipeline(self) -> None:
         while True:
             await self.discover()
-            if all(self.router.peers(stage) for stage in range(self.num_stages)):
+            if all(self.router.proven_peers(stage) for stage in range(self.num_stages)):
                 return
             await self.rt.sleep(self.cfg.startup_poll_s)
 
@@ -255,9 +267,34 @@ class Trainer:
             await self.discover()
 
     async def discover(self) -> None:
-        """Refresh every stage's peers and their announced throughputs from the DHT."""
+        """Refresh every stage's peers and their announced throughputs from the DHT.
+
+        With ``cfg.probe_timeout_s``, a peer listed for the first time gets no work until it answered a probe (a
+        :class:`ProbeRequest` for its stage) within that time; one that does not is banned as after a failed request,
+        and probed again once the ban is over. Writing a stage record costs nothing, so without probes every entry, one
+        of many identities a single peer made, or a process that accepts calls and never answers, gets requests, and
+        each costs its micro-batch a retry or a request timeout. Probes run beside the training, never in its way.
+        """
         for stage, records in enumerate(await read_stages(self.rt, self.run_id, self.num_stages)):
             self.router.update_peers(stage, {p: r.throughput for p, r in records.items() if r.ready})
+            for peer in self.router.unproven(stage, self.rt.now()):
+                if (stage, peer) not in self._probes:
+                    self._probes[stage, peer] = self.rt.spawn(self._probe(stage, peer))
+
+    async def _probe(self, stage: int, peer: str) -> None:
+        """Ask ``peer`` whether it serves ``stage``: prove it in the router if it does, else ban it."""
+        try:
+            response = await self.rt.call(peer, PROBE, ProbeRequest(stage), self.cfg.probe_timeout_s)
+            answered = isinstance(response, ProbeResponse) and response.stage == stage
+        except RPCError:
+            answered = False
+        finally:
+            self._probes.pop((stage, peer), None)
+        if answered:
+            self.router.prove(stage, peer)
+        else:
+            self.stats.failed_probes += 1
+            self.router.report_failure(stage, peer, self.rt.now())
 
     async def _call(self, stage: int, method: str, request: Any, samples: int, backward: bool = False) -> Any:
         """Call the peer of ``stage`` expected to finish first; on failure ban it and retry on another.
