@@ -137,6 +137,9 @@ def incomplete_run(run: RunConfig, summary: dict, expected_steps: int | None = N
         causes.append(f"{refused} requests were refused")
     if no_peer:
         causes.append(f"{no_peer} attempts found no available peer of a stage (none, or all banned for train.ban_s)")
+    if summary["failed_probes"]:
+        causes.append(f"{summary['failed_probes']} probes of listed peers got no answer within train.probe_timeout_s="
+                      f"{train.probe_timeout_s:g} (those peers got no work)")
     if summary["dropped_micro_batches"]:
         causes.append(f"{summary['dropped_micro_batches']} micro-batches dropped after train.max_retries={train.max_retries}")
     if summary["micro_batches_in_flight"]:

@@ -250,6 +250,17 @@ def test_a_run_at_0_2_mbps_says_every_request_timed_out_and_why(tmp_path):
     assert incomplete_run(run, {**summary, "steps": 2}) is None
 
 
+def test_a_run_whose_probes_all_fail_says_so(tmp_path):
+    """A probe timeout below every round trip: no peer ever gets work, and the last line says why. With compression, as
+    the summary's dense twin then runs: it inherited the timeout and never started (the run hung; bug found trying it)."""
+    run = run_config("train.probe_timeout_s=0.001", "train.steps=2", "train.eval_batches=0", "train.max_sim_time_s=100",
+                     "compression=subspace")
+    summary = SimulatedRun(run, tmp_path, RunRecorder(tmp_path, 2, stream=None)).execute()
+    assert summary["steps"] == 0 and summary["failed_requests"] == 0 and summary["failed_probes"] > 0
+    assert (f"incomplete run: 0 of 2 steps; it stopped at train.max_sim_time_s=100; {summary['failed_probes']} probes of "
+            "listed peers got no answer within train.probe_timeout_s=0.001 (those peers got no work)") in incomplete_run(run, summary)
+
+
 @pytest.mark.slow
 def test_the_command_exits_non_zero_on_a_partial_run_unless_allowed(tmp_path):
     command = [sys.executable, "-m", "node0sim", MINIMAL, *SLOW_LINKS, "wandb.enabled=false"]

@@ -316,6 +316,7 @@ def dense_activation_bytes_per_token(run: RunConfig) -> float:
         topology=dataclasses.replace(run.topology, peers_per_stage=1, num_trainers=1, rebalance_period_s=0.0),
         train=dataclasses.replace(
             run.train, steps=1, batch_size=run.train.micro_batch_size, schedule="sync", max_sim_time_s=None, eval_batches=0,
+            probe_timeout_s=None,  # probes send no stage bytes; a timeout that fails them all would never let it start
         ),
     )
     with tempfile.TemporaryDirectory() as out:
