@@ -1,12 +1,14 @@
 """A soak run of the live swarm (documented, not in CI): churn and a lying peer on loopback, then the accounting.
 
-    .venv/bin/python tools/soak.py [--steps 3000] [--hedge-quantile 0.95] [--freeze-s 20] [--out DIR]
+    .venv/bin/python tools/soak.py [--steps 3000] [--hedge-quantile 0.95] [--probe-timeout-s 10] [--liar-kind nan|hang]
+                                   [--freeze-s 20] [--out DIR]
 
 Real processes on 127.0.0.1 (``swarm.local.LocalSwarm``, as in the live tests): a bootstrap, 2 stages x 2 servers and
 one trainer of the tiny model. At fractions of the trainer's ``--steps``:
 
 - 10%: a liar joins stage 1: a peer run by this script (``--liar``) that announces 1e6 samples/s and answers every tail
-  call with NaN input gradients and a loss of 0.001;
+  call with NaN input gradients and a loss of 0.001 (``--liar-kind nan``), or accepts every call and never answers
+  (``hang``: probes too, so with ``--probe-timeout-s`` the trainer never gives it work);
 - 25%: server s1p0 is frozen (SIGSTOP) for ``--freeze-s`` seconds, then resumed (SIGCONT);
 - 50%: server s0p1 is killed (SIGKILL);
 - 60%: server s0p2 joins stage 0 (it downloads the stage's state).
@@ -65,8 +67,22 @@ class _NaNTail(StageServer):
         return TailResponse(LIAR_LOSS, torch.full_like(request.inputs, math.nan))
 
 
-async def _run_liar(info_path: Path, report_path: Path) -> None:
-    """Join the run's stage 1 as the liar until SIGTERM; write how many calls it served to ``report_path`` every second."""
+class _HangingTail(_NaNTail):
+    """The liar of ``--liar-kind hang``: it accepts every call of its stage (a probe too) and never answers."""
+
+    async def _hang(self, caller, request):
+        _NaNTail.served += 1
+        await asyncio.Event().wait()
+
+    handle_forward = handle_backward = handle_tail = handle_probe = _hang
+
+
+LIARS = {"nan": _NaNTail, "hang": _HangingTail}
+
+
+async def _run_liar(kind: str, info_path: Path, report_path: Path) -> None:
+    """Join the run's stage 1 as the ``kind`` liar until SIGTERM; write how many calls it got to ``report_path`` every
+    second."""
     main = asyncio.current_task()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, main.cancel)
@@ -75,8 +91,8 @@ async def _run_liar(info_path: Path, report_path: Path) -> None:
     tail = stage_computes(run, model_config(run, vocabulary_size(run)))[-1]
     node = await LiveNode.start(NodeSettings(initial_peers=tuple(info["maddrs"])))
     try:
-        server = _NaNTail(node.runtime, run.run_id, tail, run.averaging, throughput=LIAR_THROUGHPUT,
-                          bandwidth_mbps=run.network.up_mbps, max_abs_value=run.train.max_abs_value)
+        server = LIARS[kind](node.runtime, run.run_id, tail, run.averaging, throughput=LIAR_THROUGHPUT,
+                             bandwidth_mbps=run.network.up_mbps, max_abs_value=run.train.max_abs_value)
         await server.start()
         while True:
             report_path.write_text(json.dumps({"peer_id": node.runtime.peer_id, "tail_calls_served": _NaNTail.served}))
@@ -102,7 +118,8 @@ def _phases(events: list[dict]) -> list[dict]:
             for a, b in zip(events, events[1:])]
 
 
-def soak(steps: int, freeze_s: float, hedge_quantile: float | None, out: Path) -> dict:
+def soak(steps: int, freeze_s: float, hedge_quantile: float | None, out: Path, probe_timeout_s: float | None = None,
+         liar_kind: str = "nan") -> dict:
     """Run the schedule of the module docstring; what happened, as written to ``soak.json``."""
     runtime_dir = Path(tempfile.mkdtemp(prefix="n0-"))  # short: unix socket paths are limited to 107 characters
     swarm = LocalSwarm(RUN, out / "peers", extra_env={"NODE0SIM_RUNTIME_DIR": str(runtime_dir)})
@@ -119,12 +136,14 @@ def soak(steps: int, freeze_s: float, hedge_quantile: float | None, out: Path) -
             if time.monotonic() > deadline:
                 raise SystemExit(f"the servers did not see each other within {READY_TIMEOUT_S:g} s (logs: {swarm.folder})")
             time.sleep(0.5)
-        hedge = [] if hedge_quantile is None else [f"train.hedge_quantile={hedge_quantile}"]
+        own = [f"train.{key}={value}" for key, value in (("hedge_quantile", hedge_quantile), ("probe_timeout_s", probe_timeout_s))
+               if value is not None]
         trainer = swarm.start("trainer", "trainer", f"hydra.run.dir={out / 'trainer'}", f"train.steps={steps}",
-                              "train.allow_partial=true", *hedge)
+                              "train.allow_partial=true", *own)
 
         def liar_joins() -> None:  # a process of the swarm's, so that swarm.stop() ends it too
-            command = [sys.executable, __file__, "--liar", str(swarm.folder / "bootstrap.json"), str(liar_report)]
+            command = [sys.executable, __file__, "--liar-kind", liar_kind, "--liar", str(swarm.folder / "bootstrap.json"),
+                       str(liar_report)]
             with open(swarm.folder / "liar.log", "ab") as output:
                 swarm.processes["liar"] = subprocess.Popen(command, env=swarm.env, stdout=output, stderr=subprocess.STDOUT)
 
@@ -133,7 +152,7 @@ def soak(steps: int, freeze_s: float, hedge_quantile: float | None, out: Path) -
             swarm.kill("s1p0", signal.SIGSTOP)
             frozen_at = time.monotonic()
 
-        schedule = [(0.10, "liar joins stage 1", liar_joins), (0.25, "s1p0 frozen (SIGSTOP)", freeze),
+        schedule = [(0.10, f"{liar_kind} liar joins stage 1", liar_joins), (0.25, "s1p0 frozen (SIGSTOP)", freeze),
                     (0.50, "s0p1 killed (SIGKILL)", lambda: swarm.kill("s0p1")),
                     (0.60, "s0p2 joins stage 0", lambda: swarm.start_server("s0p2", 0))]
         t0 = time.monotonic()
@@ -164,12 +183,14 @@ def soak(steps: int, freeze_s: float, hedge_quantile: float | None, out: Path) -
     per_step = compose_run_config(*RUN).train.micro_batches_per_step
     started, done, dropped = (summary.get(k, 0) for k in ("micro_batches_started", "micro_batches_done", "dropped_micro_batches"))
     return {
-        "steps_asked": steps, "freeze_s": freeze_s, "hedge_quantile": hedge_quantile, "events": events,
+        "steps_asked": steps, "freeze_s": freeze_s, "hedge_quantile": hedge_quantile, "probe_timeout_s": probe_timeout_s,
+        "liar_kind": liar_kind, "events": events,
         "phases": _phases(events),
         "trainer": {k: summary.get(k) for k in (
             "steps", "micro_batches_started", "micro_batches_done", "dropped_micro_batches", "micro_batches_in_flight",
             "failed_requests", "timed_out_requests", "no_peer_requests", "refused_requests", "lost_requests",
-            "invalid_replies", "retried_requests", "unaccumulated_retries", "hedged_requests", "hedges_won", "loss_first",
+            "invalid_replies", "retried_requests", "unaccumulated_retries", "hedged_requests", "hedges_won", "failed_probes",
+            "loss_first",
             "loss_last", "tokens_per_s", "wall_time_s")},
         "accounting_holds": bool(summary) and started == done + dropped and summary.get("steps") == done // per_step,
         "servers": {name: asdict(report) for name, report in swarm.reports().items()},
@@ -179,7 +200,8 @@ def soak(steps: int, freeze_s: float, hedge_quantile: float | None, out: Path) -
 
 
 def _print(report: dict) -> None:
-    print(f"soak: {report['steps_asked']} steps asked, hedge_quantile={report['hedge_quantile']}, freeze {report['freeze_s']:g} s")
+    print(f"soak: {report['steps_asked']} steps asked, hedge_quantile={report['hedge_quantile']}, probe_timeout_s="
+          f"{report['probe_timeout_s']}, {report['liar_kind']} liar, freeze {report['freeze_s']:g} s")
     for phase in report["phases"]:
         rate = "-" if phase["steps_per_s"] is None else f"{phase['steps_per_s']:.2f}"
         print(f"  {phase['from']:>24} -> {phase['to']:<24} {phase['steps']:>5} steps {phase['seconds']:6.1f} s {rate:>6} steps/s")
@@ -197,18 +219,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--freeze-s", type=float, default=20.0)
     parser.add_argument("--hedge-quantile", type=float, default=None)
+    parser.add_argument("--probe-timeout-s", type=float, default=None)
+    parser.add_argument("--liar-kind", choices=sorted(LIARS), default="nan")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--liar", nargs=2, metavar=("BOOTSTRAP_INFO", "REPORT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.liar:
         try:
-            asyncio.run(_run_liar(Path(args.liar[0]), Path(args.liar[1])))
+            asyncio.run(_run_liar(args.liar_kind, Path(args.liar[0]), Path(args.liar[1])))
         except asyncio.CancelledError:
             pass
         return
     out = args.out or Path(tempfile.mkdtemp(prefix="soak-"))
     out.mkdir(parents=True, exist_ok=True)
-    report = soak(args.steps, args.freeze_s, args.hedge_quantile, out)
+    report = soak(args.steps, args.freeze_s, args.hedge_quantile, out, args.probe_timeout_s, args.liar_kind)
     (out / "soak.json").write_text(json.dumps(report, indent=2))
     _print(report)
     print(f"  written: {out / 'soak.json'}")
