@@ -75,7 +75,7 @@ def test_a_live_trainer_of_several_is_complete_after_its_own_share_of_the_steps(
     done = {"steps": 8, "backend": "swarm"}
     assert incomplete_run(run, done, trainer_steps(run, 0)) is None
     assert incomplete_run(run, {**done, "steps": 7, "timed_out_requests": 0, "no_peer_requests": 0, "failed_requests": 0,
-                                "dropped_micro_batches": 0, "micro_batches_in_flight": 0},
+                                "failed_probes": 0, "dropped_micro_batches": 0, "micro_batches_in_flight": 0},
                           trainer_steps(run, 0)).startswith("incomplete run: 7 of 8 steps")
 
 
