@@ -271,9 +271,9 @@ class Trainer:
 
         With ``cfg.probe_timeout_s``, a peer listed for the first time gets no work until it answered a probe (a
         :class:`ProbeRequest` for its stage) within that time; one that does not is banned as after a failed request,
-        and probed again once the ban is over. Writing a stage record costs nothing, so without probes every entry, one
-        of many identities a single peer made, or a process that accepts calls and never answers, gets requests, and
-        each costs its micro-batch a retry or a request timeout. Probes run beside the training, never in its way.
+        and probed again once the ban is over. Writing a stage record costs nothing: without probes every entry gets
+        requests, also one of many identities a single peer made or a process that accepts calls and never answers,
+        and each such request costs its micro-batch a retry or a request timeout. Probes run beside the training.
         """
         for stage, records in enumerate(await read_stages(self.rt, self.run_id, self.num_stages)):
             self.router.update_peers(stage, {p: r.throughput for p, r in records.items() if r.ready})
