@@ -464,42 +464,58 @@ def test_a_joiner_receives_the_warm_started_q_with_the_state_on_both_backends(ba
 FREEZE_AFTER, FREEZE_S, MICRO_BATCHES = 30, 10.0, 60
 
 
+class _Freeze:
+    """One tail replica's freeze: armed once ``FREEZE_AFTER`` micro-batches are done, it falls on the first replica that
+    gets a call after that, which then answers nothing for ``FREEZE_S`` (every call to it meanwhile waits, as in a
+    SIGSTOPped process) and then runs each of those calls through. Falling on a call makes sure one is held whichever
+    replica the router prefers: a replica frozen at the moment of arming got no call during its freeze in 3 of 10 live
+    runs beside a busy loop (and in a fresh-clone CI run: no hedge won)."""
+
+    def __init__(self):
+        self.armed = False
+        self.replica: StageServer | None = None
+        self.thaw_at = -1.0
+
+
 class _FreezingTail(StageServer):
-    """A tail server that, once frozen, answers nothing for ``FREEZE_S`` (every call meanwhile waits, as in a SIGSTOPped
-    process), then runs each of those calls through."""
+    """A tail replica that may be the one :class:`_Freeze` falls on."""
 
-    thaw_at = -1.0
-
-    def freeze(self) -> None:
-        self.thaw_at = self.rt.now() + FREEZE_S
+    freeze: _Freeze
 
     async def handle_tail(self, caller, request):
-        if self.rt.now() < self.thaw_at:
-            await self.rt.sleep(self.thaw_at - self.rt.now())
+        freeze = self.freeze
+        if freeze.armed and freeze.replica is None:
+            freeze.replica, freeze.thaw_at = self, self.rt.now() + FREEZE_S
+        if freeze.replica is self and self.rt.now() < freeze.thaw_at:
+            await self.rt.sleep(freeze.thaw_at - self.rt.now())
         return await super().handle_tail(caller, request)
 
 
 def _frozen_replica_run(backend, hedge_quantile):
-    """2 stages, the tail served twice; one tail replica freezes once ``FREEZE_AFTER`` micro-batches are done (the trainer
-    has the latencies a hedge deadline needs). The trainer's stats, the time each micro-batch was done, the thaw time and
-    the samples each stage accumulated once the frozen calls have run."""
+    """2 stages, the tail served twice; one tail replica freezes at its first call once ``FREEZE_AFTER`` micro-batches
+    are done (the trainer has the latencies a hedge deadline needs). The trainer's stats, the time each micro-batch was
+    done, the thaw time and the samples each stage accumulated once the frozen calls have run."""
     batch = torch.randint(0, CFG.vocab_size, (2 * MICRO_BATCHES, 17), generator=torch.Generator().manual_seed(0))
     stages = build_stages(CFG, 2, seed=3)
 
     async def scenario(runtimes):
         servers = []
-        for name, stage, cls in (("s0", 0, StageServer), ("s1a", 1, StageServer), ("s1b", 1, _FreezingTail)):
+        freeze = _Freeze()
+        for name, stage, cls in (("s0", 0, StageServer), ("s1a", 1, _FreezingTail), ("s1b", 1, _FreezingTail)):
             compute = TensorStageCompute(stages[stage] if name != "s1b" else build_stages(CFG, 2, seed=3)[1], OptimConfig(),
                                          DenseCodec())
             servers.append(cls(runtimes[name], "run", compute, AveragingConfig(10**6, progress_period_s=5.0), throughput=1.0,
                                bandwidth_mbps=50))
-            runtimes[name].spawn(servers[-1].start())
-        frozen, done = servers[2], []
+            servers[-1].freeze = freeze
+        # every replica's record is stored before the trainer's first read: with one missing there (a loaded machine,
+        # a fresh-clone CI run), the trainer knew one tail replica until its next discovery, after the run
+        await runtimes["trainer"].gather([server.rt.spawn(server.start()) for server in servers])
+        done = []
 
         def on_micro_batch(record):
             done.append(record["time_s"])
             if len(done) == FREEZE_AFTER:
-                frozen.freeze()
+                freeze.armed = True
 
         trainer = Trainer(
             runtimes["trainer"], "run", 2, FixedBatch(batch, 2),
@@ -508,8 +524,8 @@ def _frozen_replica_run(backend, hedge_quantile):
             on_micro_batch,
         )
         stats = await trainer.run()
-        await trainer.rt.sleep(max(0.0, frozen.thaw_at - trainer.rt.now()) + 1.0)  # the frozen calls have run through
-        return stats, done, frozen.thaw_at, [servers[0].stats.samples, servers[1].stats.samples + frozen.stats.samples]
+        await trainer.rt.sleep(max(0.0, freeze.thaw_at - trainer.rt.now()) + 1.0)  # the frozen calls have run through
+        return stats, done, freeze.thaw_at, [servers[0].stats.samples, servers[1].stats.samples + servers[2].stats.samples]
 
     return run_scenario(backend, ["trainer", "s0", "s1a", "s1b"], scenario)
 
